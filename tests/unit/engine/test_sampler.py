@@ -1,0 +1,45 @@
+from collections import Counter
+
+import pytest
+
+from vlmtune.data.sampler import StepSampler
+
+
+def _rows(s: StepSampler, step: int, world: int) -> list[int]:
+    """All rows of one global step, in micro-batch order across ranks."""
+    per_rank = [s.micro_batches(step, r) for r in range(world)]
+    return [row for m in range(s.grad_accum) for r in range(world) for row in per_rank[r][m]]
+
+
+def test_global_batch_is_independent_of_the_split():
+    a = StepSampler(50, micro_batch=8, grad_accum=1, world_size=1, seed=3)
+    b = StepSampler(50, micro_batch=1, grad_accum=8, world_size=1, seed=3)
+    c = StepSampler(50, micro_batch=2, grad_accum=2, world_size=2, seed=3)
+    for step in range(10):
+        assert sorted(_rows(a, step, 1)) == sorted(_rows(b, step, 1)) == sorted(_rows(c, step, 2))
+
+
+def test_every_row_once_per_epoch_padded_by_wraparound():
+    s = StepSampler(10, micro_batch=2, grad_accum=2, world_size=1, seed=0)
+    assert s.steps_per_epoch == 3
+    seen = Counter(row for step in range(3) for row in _rows(s, step, 1))
+    assert set(seen) == set(range(10)) and sum(seen.values()) == 12
+    assert all(len(mb) == 2 for step in range(3) for mb in s.micro_batches(step, 0))
+
+
+def test_epochs_reshuffle_and_the_order_is_a_pure_function_of_seed_and_step():
+    s = StepSampler(64, micro_batch=4, grad_accum=2, world_size=1, seed=1)
+    epoch0 = [_rows(s, k, 1) for k in range(s.steps_per_epoch)]
+    epoch1 = [_rows(s, s.steps_per_epoch + k, 1) for k in range(s.steps_per_epoch)]
+    assert epoch0 != epoch1
+    fresh = StepSampler(64, micro_batch=4, grad_accum=2, world_size=1, seed=1)
+    assert _rows(fresh, s.steps_per_epoch + 3, 1) == epoch1[3]  # resume mid-epoch: same batch
+    other = StepSampler(64, micro_batch=4, grad_accum=2, world_size=1, seed=2)
+    assert _rows(other, 0, 1) != epoch0[0]
+
+
+def test_tiny_dataset_smaller_than_a_batch():
+    s = StepSampler(3, micro_batch=4, grad_accum=2, world_size=1, seed=0)
+    assert s.steps_per_epoch == 1 and sorted(set(_rows(s, 0, 1))) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        StepSampler(0, micro_batch=1, grad_accum=1, world_size=1, seed=0)

@@ -1,0 +1,183 @@
+"""Rules that span several recipe fields, and checks of the machine the recipe will run on.
+
+`cross_field_problems` needs only the recipe; `environment_problems` looks at files, installed packages and
+the output directory, without loading any weights (this is what `vlmtune validate` runs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from vlmtune.config.schema import Recipe
+from vlmtune.errors import UserError
+
+ACCELERATE_DISTRIBUTED_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
+
+
+def resolve_path(value: str | Path, base_dir: Path | None) -> Path:
+    """A recipe path: as given (absolute or from the working directory), else relative to the recipe file."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or base_dir is None:
+        return path.resolve() if path.exists() else path
+    candidate = base_dir / path
+    return candidate.resolve() if candidate.exists() else path
+
+
+def cross_field_problems(recipe: Recipe) -> list[str]:
+    """Combinations of valid values that cannot work together, each as `key.path: reason`."""
+    t, q, lora = recipe.train, recipe.quant, recipe.lora
+    problems = []
+    if t.mixed_precision == "fp16" and recipe.model.dtype == "bfloat16":
+        problems.append(
+            "train.mixed_precision: fp16 with model.dtype bfloat16 mixes two half types; "
+            "use mixed_precision bf16, or model.dtype float16/float32"
+        )
+    if t.mixed_precision == "bf16" and recipe.model.dtype == "float16":
+        problems.append("train.mixed_precision: bf16 with model.dtype float16; use model.dtype bfloat16")
+    if q is not None and q.bits == 8 and lora.use_dora:
+        problems.append(
+            "lora.use_dora: DoRA on 8-bit weights is not supported by peft; use quant.bits 4 or no quant"
+        )
+    if t.eval_every > 0 and not recipe.data.eval:
+        problems.append("train.eval_every: evaluation is scheduled but data.eval lists no source")
+    if (
+        recipe.checkpoint.every
+        and recipe.train.max_steps
+        and recipe.checkpoint.every > recipe.train.max_steps
+    ):
+        problems.append(
+            f"checkpoint.every: {recipe.checkpoint.every} is more than train.max_steps "
+            f"({recipe.train.max_steps}); no intermediate checkpoint would be written"
+        )
+    return problems
+
+
+def load_accelerate_config(recipe: Recipe) -> dict:
+    """The recipe's accelerate config file as a mapping ({} when the recipe names none)."""
+    name = recipe.launch.accelerate_config
+    if not name:
+        return {}
+    path = resolve_path(name, recipe._base_dir)
+    if not path.is_file():
+        raise UserError(
+            f"launch.accelerate_config: file not found: {name} (looked in {Path.cwd()}"
+            + (f" and {recipe._base_dir}" if recipe._base_dir else "")
+            + "); the shipped ones are in accelerate_configs/"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"launch.accelerate_config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"launch.accelerate_config: {path} must be a mapping")
+    dist = str(data.get("distributed_type", "NO"))
+    if dist not in ACCELERATE_DISTRIBUTED_TYPES:
+        raise UserError(
+            f"launch.accelerate_config: {path}: distributed_type {dist!r} is not one of "
+            f"{', '.join(ACCELERATE_DISTRIBUTED_TYPES)}"
+        )
+    return data
+
+
+def environment_problems(recipe: Recipe) -> list[str]:
+    """Everything that can be checked without loading weights: files, packages, writable output."""
+    problems: list[str] = []
+    base = recipe._base_dir
+
+    model_path = Path(recipe.model.path).expanduser()
+    local_looking = recipe.model.path.startswith((".", "/", "~")) or model_path.exists()
+    if local_looking:
+        resolved = resolve_path(recipe.model.path, base)
+        if not (resolved / "config.json").is_file():
+            problems.append(
+                f"model.path: {recipe.model.path} is not a model directory (no config.json there); "
+                "give a local model folder or a hub id such as Qwen/Qwen2.5-7B-Instruct"
+            )
+    elif recipe.model.path.count("/") > 1 or " " in recipe.model.path:
+        problems.append(
+            f"model.path: {recipe.model.path!r} is neither an existing folder nor a hub id (org/name)"
+        )
+
+    for split in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, split)):
+            if not resolve_path(src.path, base).exists():
+                problems.append(f"data.{split}.{i}.path: file not found: {src.path} (looked in {Path.cwd()})")
+
+    try:
+        accel = load_accelerate_config(recipe)
+    except UserError as exc:
+        problems.append(str(exc))
+        accel = {}
+    problems += _accelerate_problems(recipe, accel)
+
+    needs_bnb = recipe.quant is not None or recipe.train.optimizer != "adamw"
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("quant / train.optimizer: bitsandbytes is not installed (pip install bitsandbytes)")
+    if (
+        recipe.model.attn_implementation == "flash_attention_2"
+        and importlib.util.find_spec("flash_attn") is None
+    ):
+        problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package; use sdpa")
+    for tracker in recipe.train.report_to:
+        if tracker != "tensorboard" and importlib.util.find_spec(tracker) is None:
+            problems.append(f"train.report_to: {tracker} is not installed (pip install {tracker})")
+
+    resume = recipe.checkpoint.resume
+    if resume not in ("auto", "never"):
+        ckpt = resolve_path(resume, base)
+        if not (ckpt / "COMPLETE").is_file():
+            problems.append(
+                f"checkpoint.resume: {resume} is not a complete checkpoint (no COMPLETE marker); "
+                "use `auto` to take the newest complete one"
+            )
+
+    problem = _unwritable(Path(recipe.train.output_dir).expanduser())
+    if problem:
+        problems.append(f"train.output_dir: {problem}")
+    return problems
+
+
+def _accelerate_problems(recipe: Recipe, accel: dict) -> list[str]:
+    dist = str(accel.get("distributed_type", "NO"))
+    ds = accel.get("deepspeed_config") or {}
+    problems = []
+    if dist == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        problems.append("launch.accelerate_config: DeepSpeed config but deepspeed is not installed")
+    q = recipe.quant
+    sharded_params = (dist == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3) or dist == "FSDP"
+    if q is not None and sharded_params:
+        if q.bits == 8:
+            problems.append(
+                "quant.bits: 8-bit weights cannot be sharded by ZeRO-3 / FSDP; use 4-bit with "
+                "quant.storage_dtype bfloat16, or ZeRO-2 / DDP"
+            )
+        elif q.storage_dtype == "uint8":
+            problems.append(
+                "quant.storage_dtype: ZeRO-3 / FSDP shard 4-bit weights only when they are stored in the "
+                "float dtype of the model; set quant.storage_dtype: bfloat16"
+            )
+    return problems
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be written (its nearest existing parent is checked), or None."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"{path}: no existing parent directory"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path}: {probe} exists and is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".vlmtune-write-test-"):
+            pass
+    except OSError as exc:
+        return f"{path} is not writable ({exc.strerror}: {probe}); choose another train.output_dir"
+    if not os.access(probe, os.W_OK):
+        return f"{path} is not writable; choose another train.output_dir"
+    return None

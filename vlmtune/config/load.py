@@ -1,0 +1,239 @@
+"""Recipe loading: YAML files, `extends`, `key=value` overrides, validation with readable errors.
+
+Every leaf value remembers which file (or override) it came from, so an error can say where to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from vlmtune.config.checks import cross_field_problems
+from vlmtune.config.schema import Recipe
+from vlmtune.errors import RecipeError
+
+OVERRIDE_SOURCE = "command-line override"
+_MAX_EXTENDS_DEPTH = 16
+
+
+def load_recipe(path: str | Path | dict, overrides: list[str] | dict | None = None) -> Recipe:
+    """Load, merge and validate a recipe.
+
+    Args:
+        path: a recipe YAML file, or an already-parsed mapping (notebooks).
+        overrides: `["train.lr=1e-4", "lora.r=8"]` or `{"train.lr": 1e-4}`; applied after `extends`.
+
+    Raises:
+        RecipeError: listing every problem, each with its key path and the file it came from.
+    """
+    raw, origin = load_raw(path)
+    problems: list[str] = []
+    for key, value in _parse_overrides(overrides, problems):
+        _set_path(raw, key.split("."), value)
+        origin[key] = OVERRIDE_SOURCE
+    if problems:
+        raise RecipeError(problems, source=None if isinstance(path, dict) else str(path))
+    source = None if isinstance(path, dict) else str(path)
+    recipe = validate(raw, origin, source=source)
+    if source is not None:
+        recipe._base_dir = Path(path).expanduser().resolve().parent
+    return recipe
+
+
+def load_raw(path: str | Path | dict) -> tuple[dict, dict[str, str]]:
+    """The merged mapping (after `extends`) and a map from dotted key to the file that set it."""
+    if isinstance(path, dict):
+        raw = _deepcopy(path)
+        origin: dict[str, str] = {}
+        _record_origin(raw, "<dict>", origin)
+        return raw, origin
+    return _load_file(Path(path), chain=())
+
+
+def validate(raw: dict, origin: dict[str, str] | None = None, source: str | None = None) -> Recipe:
+    """Validate a merged mapping against the schema; collect every problem into one RecipeError."""
+    origin = origin or {}
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, origin) for err in exc.errors()]
+        raise RecipeError(list(dict.fromkeys(problems)), source=source) from None
+    problems = cross_field_problems(recipe)
+    if problems:
+        keyed = [p + _origin_of(p.split(":", 1)[0].split("."), origin) for p in problems]
+        raise RecipeError(keyed, source=source)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe as YAML (atomically)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+
+
+# --- files and extends -------------------------------------------------------------------------------
+
+
+def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    path = path.expanduser()
+    if not path.is_file():
+        where = f" (extended from {chain[-1]})" if chain else ""
+        raise RecipeError([f"recipe file not found: {path}{where}"])
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise RecipeError([f"`extends` forms a cycle: {cycle}"])
+    if len(chain) > _MAX_EXTENDS_DEPTH:
+        raise RecipeError([f"`extends` nests deeper than {_MAX_EXTENDS_DEPTH} files at {path}"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([f"{path}{at}: not valid YAML: {reason}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"])
+
+    parents = data.pop("extends", None)
+    if parents is None:
+        parents = []
+    elif isinstance(parents, str):
+        parents = [parents]
+    elif not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
+        raise RecipeError([f"{path}: `extends` must be a path or a list of paths (relative to this file)"])
+
+    merged: dict = {}
+    origin: dict[str, str] = {}
+    for parent in parents:
+        p_raw, p_origin = _load_file(path.parent / parent, (*chain, resolved))
+        _merge(merged, p_raw)
+        origin.update(p_origin)
+    own_origin: dict[str, str] = {}
+    _record_origin(data, str(path), own_origin)
+    _merge(merged, data)
+    origin.update(own_origin)
+    return merged, origin
+
+
+def _merge(dst: dict, src: dict) -> None:
+    """Deep-merge `src` into `dst`: maps merge, everything else (lists included) is replaced."""
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value)
+        else:
+            dst[key] = _deepcopy(value)
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def _record_origin(data: Any, source: str, origin: dict[str, str], prefix: str = "") -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            origin[dotted] = source
+            _record_origin(value, source, origin, dotted)
+
+
+# --- overrides -----------------------------------------------------------------------------------------
+
+
+def _parse_overrides(overrides: list[str] | dict | None, problems: list[str]) -> list[tuple[str, Any]]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return [(str(k), v) for k, v in overrides.items()]
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # not YAML: keep the literal string, the schema decides if that is valid
+        parsed.append((key, value))
+    return parsed
+
+
+def _set_path(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+# --- error messages ------------------------------------------------------------------------------------
+
+
+def _describe(err: dict, origin: dict[str, str]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    # pydantic appends the union member tried (e.g. "list[str]", "literal['all-linear']"); drop those.
+    loc = [p for p in loc if not (p.startswith(("list[", "literal[", "function-")) or p in ("str", "int"))]
+    dotted = ".".join(loc) or "<recipe>"
+    where = _origin_of(loc, origin)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1, cutoff=0.6)
+            hint = (
+                f"; did you mean `{close[0]}`?"
+                if close
+                else f"; valid keys: {', '.join(parent.model_fields)}"
+            )
+        return f"{dotted}: unknown key{hint}{where}"
+    if kind == "missing":
+        return f"{dotted}: required key is missing{where}"
+    given = err.get("input")
+    shown = f" (got {given!r})" if not isinstance(given, dict | list) else ""
+    return f"{dotted}: {err['msg']}{shown}{where}"
+
+
+def _origin_of(loc: list[str], origin: dict[str, str]) -> str:
+    for n in range(len(loc), 0, -1):
+        src = origin.get(".".join(loc[:n]))
+        if src:
+            return f" [in {src}]"
+    return ""
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    """The schema model that owns the mapping at `loc` (for did-you-mean suggestions)."""
+    model: Any = Recipe
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,209 @@
+"""The training loop: one optimizer step = one full accumulation window, normalised by trained tokens."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vlmtune.checkpoint.manager import CheckpointManager
+from vlmtune.config.schema import Recipe
+from vlmtune.data.sampler import StepSampler
+from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
+from vlmtune.engine.state import TrainState
+from vlmtune.logging import get_logger
+
+log = get_logger(__name__)
+
+IGNORE = -100
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over trained positions (labels are aligned with inputs)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+@dataclass
+class Components:
+    """What the loop works with, built by `vlmtune.train`."""
+
+    recipe: Recipe
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_data: object
+    eval_data: object | None
+    collator: object
+    checkpoints: CheckpointManager
+    metrics: MetricsWriter
+
+
+class Trainer:
+    def __init__(self, c: Components, total_steps: int) -> None:
+        self.c = c
+        self.acc = c.accelerator
+        t = c.recipe.train
+        self.sampler = StepSampler(
+            len(c.train_data),
+            micro_batch=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            world_size=self.acc.num_processes,
+            seed=t.seed,
+        )
+        self.state = TrainState(global_batch=self.sampler.global_batch, total_steps=total_steps)
+
+    # --- one step ------------------------------------------------------------------------------------
+
+    def _batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.c.collator([self.c.train_data[i] for i in rows])
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """Forward/backward every micro-batch of the window, then one optimizer step.
+
+        Each micro-batch's summed loss is divided by the trained-token count of the whole global window, so the
+        update is the same however the window is split into micro-batches and ranks. accelerate divides by
+        grad_accum and DDP averages over ranks; the `scale` factor undoes both.
+        """
+        acc, model = self.acc, self.c.model
+        local_tokens = sum(trained_tokens(mb["labels"]) for mb in micro_batches)
+        window_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
+        scale = acc.num_processes * acc.gradient_accumulation_steps / max(window_tokens, 1)
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            acc.sync_gradients = (
+                last  # gradients are all-reduced and the optimizer steps only at the window end
+            )
+            with nullcontext() if last else acc.no_sync(model):
+                logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                loss = token_loss_sum(logits, mb["labels"])
+                acc.backward(loss * scale)
+            loss_sum += loss.detach()
+
+        max_norm = self.c.recipe.train.max_grad_norm
+        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
+        self.c.optimizer.step()
+        skipped = acc.optimizer_step_was_skipped  # fp16 overflow: the scaler skipped it, the schedule waits
+        if not skipped:
+            self.c.scheduler.step()
+        self.c.optimizer.zero_grad(set_to_none=True)
+
+        total_loss = float(acc.reduce(loss_sum, "sum"))
+        inputs = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        return {
+            "loss_sum": total_loss,
+            "tokens": window_tokens,
+            "input_tokens": int(acc.reduce(torch.tensor(inputs, device=acc.device), "sum")),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "skipped": skipped,
+        }
+
+    # --- eval ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted loss and perplexity over the eval set, sharded across ranks."""
+        data, acc, model = self.c.eval_data, self.acc, self.c.model
+        mb = self.c.recipe.train.micro_batch_size
+        n_batches = math.ceil(len(data) / mb)
+        per_rank = math.ceil(n_batches / acc.num_processes)
+        model.eval()
+        loss_sum = torch.zeros((), device=acc.device)
+        tokens = torch.zeros((), device=acc.device)
+        for k in range(per_rank):
+            b = k * acc.num_processes + acc.process_index
+            # Ranks past the end still run a forward (weight 0) so sharded models gather parameters in step.
+            real = b < n_batches
+            rows = list(range(b * mb, min((b + 1) * mb, len(data)))) if real else [0]
+            batch = self._batch_from(data, rows)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if real:
+                loss_sum += token_loss_sum(logits, batch["labels"])
+                tokens += trained_tokens(batch["labels"])
+        model.train()
+        loss = float(acc.reduce(loss_sum, "sum")) / max(float(acc.reduce(tokens, "sum")), 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def _batch_from(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.c.collator([data[i] for i in rows])
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def fit(self, resume_from=None) -> dict:
+        c, acc, t, state = self.c, self.acc, self.c.recipe.train, self.state
+        total = state.total_steps
+        if resume_from is not None:
+            c.checkpoints.load(resume_from, c.model, c.optimizer, c.scheduler, state)
+            if state.global_batch != self.sampler.global_batch:
+                log.warning(
+                    "resuming with global batch %d (checkpoint used %d): the data order differs from the original",
+                    self.sampler.global_batch,
+                    state.global_batch,
+                )
+            state.global_batch, state.total_steps = self.sampler.global_batch, total
+            log.info("resumed from %s at step %d", resume_from, state.step)
+        c.metrics.rewind(state.step)
+
+        c.model.train()
+        every, final = c.recipe.checkpoint.every, {}
+        bar = tqdm(
+            total=total, initial=state.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True
+        )
+        window = {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "start": time.perf_counter()}
+        while state.step < total:
+            rows = self.sampler.micro_batches(state.step, acc.process_index)
+            out = self.train_step([self._batch(r) for r in rows])
+            state.step += 1
+            state.trained_tokens += out["tokens"]
+            state.skipped_steps += int(out["skipped"])
+            for key in ("loss_sum", "tokens", "input_tokens"):
+                window[key] += out[key]
+            bar.update(1)
+
+            record = None
+            if state.step % t.log_every == 0 or state.step == total:
+                record = self._record(out, window)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                window = {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "start": time.perf_counter()}
+            if c.eval_data is not None and (
+                (t.eval_every and state.step % t.eval_every == 0) or state.step == total
+            ):
+                record = {**(record or {"step": state.step}), **self.evaluate()}
+            if record is not None:
+                c.metrics.log(record)
+                final.update(record)
+            if every and state.step % every == 0 and state.step < total:
+                c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
+        bar.close()
+        if total > 0 and c.checkpoints.latest() != c.checkpoints.root / f"step-{total}":
+            c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
+        return final
+
+    def _record(self, out: dict, window: dict) -> dict:
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        state = self.state
+        return {
+            "step": state.step,
+            "epoch": round(state.step / self.sampler.steps_per_epoch, 4),
+            "loss": window["loss_sum"] / max(window["tokens"], 1),
+            "lr": self.c.scheduler.get_last_lr()[0],
+            "grad_norm": out["grad_norm"],
+            "trained_tokens": state.trained_tokens,
+            "tokens_per_sec": window["input_tokens"] / elapsed,
+            "peak_mem_mb": round(peak_memory_mb(self.acc.device), 1),
+            "skipped_steps": state.skipped_steps,
+        }

@@ -1,0 +1,41 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import get_scheduler
+
+from vlmtune.config.schema import TrainConfig
+
+_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (torch or bitsandbytes 8-bit / paged 8-bit) over the trainable parameters.
+
+    Weight decay applies to matrices only: biases and norm weights (e.g. in modules_to_save) are not decayed.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.adam_betas), "eps": cfg.adam_eps}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb  # lazy: importing bitsandbytes is slow and not always installed
+
+    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warmup for `warmup_ratio` of the steps, then cosine / linear decay or a constant rate."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    name = _SCHEDULERS[cfg.scheduler]
+    if name == "constant_with_warmup":
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -1,0 +1,79 @@
+"""Load the base model and its tokenizer as the recipe says (dtype, attention, revision, quantisation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from vlmtune.config.checks import resolve_path
+from vlmtune.config.schema import ModelConfig, QuantConfig
+from vlmtune.errors import UserError
+from vlmtune.logging import get_logger
+from vlmtune.model.quant import bnb_config
+
+log = get_logger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def model_location(cfg: ModelConfig, base_dir: Path | None = None) -> str:
+    """A local folder (resolved like every recipe path) or the hub id as given."""
+    local = resolve_path(cfg.path, base_dir)
+    return str(local) if local.exists() else cfg.path
+
+
+def load_tokenizer(cfg: ModelConfig, base_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token and the recipe's chat template when it gives one."""
+    where = (
+        model_location(cfg, base_dir)
+        if cfg.tokenizer_path is None
+        else str(resolve_path(cfg.tokenizer_path, base_dir))
+    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise UserError(f"model.path: cannot load a tokenizer from {where}: {_first_line(exc)}") from None
+    if cfg.chat_template:
+        template = cfg.chat_template
+        as_file = resolve_path(template, base_dir)
+        if template.endswith(".jinja") or (len(template) < 256 and as_file.is_file()):
+            if not as_file.is_file():
+                raise UserError(f"model.chat_template: file not found: {template}")
+            template = as_file.read_text()
+        tok.chat_template = template
+    if tok.pad_token_id is None:
+        # Padding is masked by attention_mask and labels, so any existing token can serve as pad.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(
+    cfg: ModelConfig, quant: QuantConfig | None, *, device: torch.device, base_dir: Path | None = None
+) -> PreTrainedModel:
+    """The base causal LM. Quantised weights are placed on `device` at load time (bitsandbytes needs that)."""
+    where = model_location(cfg, base_dir)
+    kwargs: dict = {
+        "revision": cfg.revision,
+        "dtype": DTYPES[cfg.dtype],
+        "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if quant is not None:
+        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path: cannot load {where}: {_first_line(exc)}") from None
+    model.config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
