@@ -33,4 +33,6 @@ def get_logger(name: str | None = None) -> logging.Logger:
         root.addHandler(handler)
         root.setLevel(os.environ.get("VLMTUNE_LOG_LEVEL", "INFO"))
         root.propagate = False
-    return root.getChild(name) if name else root
+    if not name or name == _LOGGER_NAME:
+        return root
+    return logging.getLogger(name if name.startswith(_LOGGER_NAME + ".") else f"{_LOGGER_NAME}.{name}")

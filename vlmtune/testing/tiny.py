@@ -186,6 +186,7 @@ def _write_build(out_dir: Path, *, seed: int, hidden_size: int, num_layers: int,
         num_key_value_heads=NUM_KEY_VALUE_HEADS,
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         tie_word_embeddings=False,
+        initializer_range=0.1,  # larger than the default so a frozen lm_head leaves LoRA room to lower the loss
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,58 @@
+"""Test-wide settings: offline, deterministic, small. Fixtures build a tiny random-init model once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from vlmtune.testing import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llm")
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir, tmp_path):
+    """A factory for a small CPU recipe (as a mapping) on the demo data; keyword sections are merged in."""
+
+    def make(**sections) -> dict:
+        recipe = {
+            "model": {"path": str(tiny_model_dir), "dtype": "float32"},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {
+                "train": [{"path": str(REPO / "data/demo/train.jsonl")}],
+                "max_length": 256,
+            },
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "micro_batch_size": 4,
+                "grad_accum": 1,
+                "lr": 1.0e-2,
+                "max_steps": 6,
+                "warmup_ratio": 0.0,
+                "mixed_precision": "no",
+                "gradient_checkpointing": False,
+                "log_every": 1,
+                "report_to": [],
+            },
+            "checkpoint": {"every": 0, "keep_last": 2},
+            "launch": {"accelerate_config": str(REPO / "accelerate_configs/cpu.yaml")},
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+                recipe[section] = {**recipe[section], **values}
+            else:
+                recipe[section] = values
+        return recipe
+
+    return make
