@@ -42,7 +42,16 @@ def test_train_loss_falls_and_adapter_reloads_in_plain_peft(tiny_recipe, tiny_mo
     assert last < first - 0.5, losses
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for key in ("step", "epoch", "loss", "lr", "grad_norm", "trained_tokens", "tokens_per_sec", "peak_mem_mb"):
+    for key in (
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "trained_tokens",
+        "tokens_per_sec",
+        "peak_mem_mb",
+    ):
         assert key in records[-1]
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
@@ -66,12 +75,17 @@ def test_train_loss_falls_and_adapter_reloads_in_plain_peft(tiny_recipe, tiny_mo
     assert not torch.allclose(before, after, atol=1e-4)  # the adapter changes the model
     torch.testing.assert_close(after, merged, atol=1e-5, rtol=1e-5)
     # The checkpoint's adapter at the last step is the final adapter.
-    _assert_same_tensors(_adapter(out), load_file(str(out / "checkpoints/step-20/adapter/adapter_model.safetensors")))
+    _assert_same_tensors(
+        _adapter(out), load_file(str(out / "checkpoints/step-20/adapter/adapter_model.safetensors"))
+    )
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, tmp_path, monkeypatch):
     sections = dict(lora={"dropout": 0.1}, train={"max_steps": 10}, checkpoint={"every": 4, "keep_last": 3})
-    ref = run(tiny_recipe(**sections) | {"train": {**tiny_recipe(**sections)["train"], "output_dir": str(tmp_path / "ref")}})
+    ref = run(
+        tiny_recipe(**sections)
+        | {"train": {**tiny_recipe(**sections)["train"], "output_dir": str(tmp_path / "ref")}}
+    )
 
     crashing = tiny_recipe(**sections)
     crashing["train"]["output_dir"] = str(tmp_path / "crash")
@@ -108,7 +122,9 @@ def test_micro_batch_times_accumulation_is_invariant(tiny_recipe, tmp_path):
         r["train"]["output_dir"] = str(tmp_path / f"mb{mb}_ga{ga}")
         outs.append(run(r).output_dir)
     for other in outs[1:]:
-        _assert_same_tensors(_adapter(outs[0]), _adapter(other), atol=1e-5)  # Adam amplifies fp noise on ~0 grads
+        _assert_same_tensors(
+            _adapter(outs[0]), _adapter(other), atol=1e-5
+        )  # Adam amplifies fp noise on ~0 grads
         a, b = _losses(outs[0]), _losses(other)
         assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in a)
 
@@ -142,7 +158,13 @@ def test_lora_variants_train_and_reload(lora, tiny_recipe, tiny_model_dir):
 def test_qlora_4bit_trains_on_cpu(tiny_recipe):
     pytest.importorskip("bitsandbytes")
     recipe = tiny_recipe(
-        quant={"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32", "storage_dtype": "uint8"},
+        quant={
+            "bits": 4,
+            "type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "float32",
+            "storage_dtype": "uint8",
+        },
         train={"max_steps": 12, "micro_batch_size": 8},
     )
     result = run(recipe)

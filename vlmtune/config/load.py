@@ -17,6 +17,37 @@ from vlmtune.config.schema import Recipe
 from vlmtune.errors import RecipeError
 
 OVERRIDE_SOURCE = "command-line override"
+
+# Names users bring from other toolkits, mapped to ours, for "did you mean" where spelling similarity fails.
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target": "target_modules",
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler",
+    "warmup": "warmup_ratio",
+    "bf16": "mixed_precision",
+    "fp16": "mixed_precision",
+    "output": "output_dir",
+    "save_steps": "every",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "model_name_or_path": "path",
+    "torch_dtype": "dtype",
+    "sequence_len": "max_length",
+    "max_seq_length": "max_length",
+    "datasets": "train",
+    "load_in_4bit": "bits",
+    "load_in_8bit": "bits",
+}
 _MAX_EXTENDS_DEPTH = 16
 
 
@@ -31,14 +62,17 @@ def load_recipe(path: str | Path | dict, overrides: list[str] | dict | None = No
         RecipeError: listing every problem, each with its key path and the file it came from.
     """
     raw, origin = load_raw(path)
+    source = None if isinstance(path, dict) else str(path)
     problems: list[str] = []
     for key, value in _parse_overrides(overrides, problems):
         _set_path(raw, key.split("."), value)
         origin[key] = OVERRIDE_SOURCE
+    try:
+        recipe = validate(raw, origin, source=source)
+    except RecipeError as exc:
+        raise RecipeError(problems + exc.problems, source=source) from None
     if problems:
-        raise RecipeError(problems, source=None if isinstance(path, dict) else str(path))
-    source = None if isinstance(path, dict) else str(path)
-    recipe = validate(raw, origin, source=source)
+        raise RecipeError(problems, source=source)
     if source is not None:
         recipe._base_dir = Path(path).expanduser().resolve().parent
     return recipe
@@ -192,7 +226,9 @@ def _describe(err: dict, origin: dict[str, str]) -> str:
         parent = _model_at(loc[:-1])
         hint = ""
         if parent is not None:
-            close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1, cutoff=0.6)
+            alias = _ALIASES.get(loc[-1])
+            close = [alias] if alias in parent.model_fields else []
+            close = close or difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1, cutoff=0.6)
             hint = (
                 f"; did you mean `{close[0]}`?"
                 if close
