@@ -171,3 +171,49 @@ def test_qlora_4bit_trains_on_cpu(tiny_recipe):
     losses = _losses(result.output_dir)
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 0.3, losses
     assert any("lora_A" in k for k in _adapter(result.output_dir))
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_recipe, tmp_path):
+    outs = []
+    for gc in (False, True):
+        r = tiny_recipe(train={"gradient_checkpointing": gc, "max_steps": 4}, lora={"dropout": 0.0})
+        r["train"]["output_dir"] = str(tmp_path / f"gc{gc}")
+        outs.append(run(r).output_dir)
+    a, b = _losses(outs[0]), _losses(outs[1])
+    assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in a)
+    _assert_same_tensors(_adapter(outs[0]), _adapter(outs[1]), atol=1e-5)
+
+
+def test_overflowed_fp16_steps_do_not_advance_the_schedule(tiny_recipe, monkeypatch):
+    """The loss scaler's skipped steps are counted and leave the LR schedule where it was."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    result = run(tiny_recipe(train={"max_steps": 3, "warmup_ratio": 0.0, "lr": 1e-3}))
+    records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [1, 2, 3]
+    assert all(r["lr"] == pytest.approx(1e-3) for r in records)  # cosine would have decayed it
+
+
+def test_tensorboard_events_are_written(tiny_recipe):
+    result = run(tiny_recipe(train={"max_steps": 2, "report_to": ["tensorboard"]}))
+    assert list((result.output_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_8bit_weights_train_on_cpu(tiny_recipe):
+    pytest.importorskip("bitsandbytes")
+    result = run(tiny_recipe(quant={"bits": 8}, train={"max_steps": 3}))
+    assert any("lora_B" in k for k in _adapter(result.output_dir))
+
+
+def test_importing_vlmtune_is_cheap():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vlmtune, vlmtune.train, vlmtune.cli, vlmtune.config.load;"
+        "heavy = [m for m in ('torch', 'accelerate', 'bitsandbytes', 'deepspeed', 'transformers') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -20,7 +20,9 @@ class ModelConfig(_Section):
     path: str = Field(description="Hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or local directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; flash_attention_2 needs the flash-attn package and a GPU."
+    )
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the model. Off unless you trust it."
     )
@@ -32,9 +34,13 @@ class ModelConfig(_Section):
 
 class QuantConfig(_Section):
     bits: Literal[4, 8] = Field(description="4 (QLoRA, NF4/FP4) or 8 (LLM.int8).")
-    type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4 is the QLoRA default).")
+    double_quant: bool = Field(
+        True, description="Quantise the quantisation constants too (saves ~0.4 bit/param)."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the 4-bit weights are dequantised to for matmuls."
+    )
     storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8",
         description="Dtype the packed 4-bit weights are stored in; bfloat16 lets ZeRO-3/FSDP shard them.",
@@ -42,14 +48,17 @@ class QuantConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: PositiveInt = 16
-    alpha: PositiveFloat = 32
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    r: PositiveInt = Field(16, description="LoRA rank.")
+    alpha: PositiveFloat = Field(
+        32,
+        description="LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).",
+    )
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="`all-linear`, or module name suffixes such as [q_proj, v_proj]."
     )
-    use_dora: bool = False
-    use_rslora: bool = False
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved.")
 
     @field_validator("target_modules")
@@ -64,7 +73,10 @@ class DataSource(_Section):
     path: str = Field(
         description=".jsonl, .json, .parquet, or a directory written by datasets' save_to_disk."
     )
-    format: Literal["messages", "sharegpt", "alpaca"] = "messages"
+    format: Literal["messages", "sharegpt", "alpaca"] = Field(
+        "messages",
+        description="Row layout: messages (role/content), sharegpt (from/value), alpaca (instruction/input/output).",
+    )
     weight: PositiveFloat = Field(
         1.0,
         description="Rows taken per epoch = round(weight × rows): 0.5 takes a seeded half, 2 repeats it twice.",
@@ -73,12 +85,22 @@ class DataSource(_Section):
 
 
 class DataConfig(_Section):
-    train: list[DataSource] = Field(min_length=1)
-    eval: list[DataSource] = Field(default_factory=list)
-    max_length: PositiveInt = 4096
-    on_overlength: Literal["drop", "raise", "truncate"] = "drop"
-    on_bad_row: Literal["raise", "skip"] = "raise"
-    train_on_prompt: bool = False
+    train: list[DataSource] = Field(min_length=1, description="Training sources, mixed by weight.")
+    eval: list[DataSource] = Field(
+        default_factory=list, description="Evaluation sources (loss and perplexity)."
+    )
+    max_length: PositiveInt = Field(4096, description="Longest tokenised conversation, in tokens.")
+    on_overlength: Literal["drop", "raise", "truncate"] = Field(
+        "drop",
+        description="Rows longer than max_length: drop (counted), raise (stop with the row), truncate (cut the end).",
+    )
+    on_bad_row: Literal["raise", "skip"] = Field(
+        "raise",
+        description="Malformed rows: raise (stop, naming file and row) or skip (counted per problem kind).",
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also train on system/user tokens (default: assistant turns only)."
+    )
     max_bad_fraction: float = Field(
         1.0,
         ge=0.0,
@@ -88,34 +110,53 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    output_dir: str
-    seed: int = 42
+    output_dir: str = Field(description="Run folder: recipe.yaml, metrics.jsonl, checkpoints/, adapter/.")
+    seed: int = Field(42, description="Seeds LoRA init, dropout and the data order.")
     epochs: PositiveFloat = Field(1, description="Passes over the data; ignored when max_steps is set.")
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides epochs.")
-    micro_batch_size: PositiveInt = 4
-    grad_accum: PositiveInt = 4
-    lr: PositiveFloat = 2.0e-4
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    micro_batch_size: PositiveInt = Field(4, description="Rows per forward pass per process.")
+    grad_accum: PositiveInt = Field(
+        4, description="Micro-batches per optimizer step; the loss is normalised over the whole window."
+    )
+    lr: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, lt=1.0, description="Fraction of steps with linear warmup from 0."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (matrices only).")
     max_grad_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the global gradient norm; null disables."
     )
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: PositiveFloat = 1e-8
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
-    gradient_checkpointing: bool = True
-    log_every: PositiveInt = 10
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, or bitsandbytes 8-bit / paged 8-bit AdamW."
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: PositiveFloat = Field(1e-8, description="AdamW epsilon.")
+    mixed_precision: Literal["bf16", "fp16", "no"] = Field(
+        "bf16", description="Autocast dtype; fp16 adds dynamic loss scaling (overflowed steps are skipped)."
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward (non-reentrant)."
+    )
+    log_every: PositiveInt = Field(10, description="Steps between metrics.jsonl / TensorBoard records.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end, if eval data).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"]
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers besides metrics.jsonl (which is always written).",
     )
 
 
 class CheckpointConfig(_Section):
     every: int = Field(500, ge=0, description="Save every N optimizer steps (0: only at the end).")
-    keep_last: PositiveInt = 3
+    keep_last: PositiveInt = Field(
+        3, description="Complete checkpoints kept; older ones go once a newer one is complete."
+    )
     resume: str = Field(
         "auto", description="`auto` (newest complete checkpoint), `never`, or a checkpoint path."
     )

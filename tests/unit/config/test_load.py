@@ -127,3 +127,14 @@ def test_shipped_recipes_exist():
     names = {str(p) for p in SHIPPED}
     assert {"recipes/7b_lora.yaml", "recipes/7b_qlora.yaml"} <= names
     assert any(n.startswith("recipes/demo/") for n in names)
+
+
+def test_recipe_reference_is_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", REPO / "scripts/gen_recipe_reference.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (REPO / "docs/recipe.md").read_text() == gen.render(), (
+        "run: python scripts/gen_recipe_reference.py"
+    )

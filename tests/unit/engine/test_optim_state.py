@@ -29,7 +29,7 @@ def test_warmup_then_schedule(name):
     if name == "constant":
         assert lrs[-1] == pytest.approx(1.0)
     else:
-        assert lrs[-1] < 0.2 and all(a >= b for a, b in itertools.pairwise(lrs))
+        assert lrs[-1] < 0.2 and all(a >= b for a, b in itertools.pairwise(lrs[2:]))
 
 
 def test_weight_decay_only_on_matrices_and_only_trainable():
