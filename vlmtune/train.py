@@ -7,7 +7,6 @@ loop → checkpoints → adapter.
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +49,10 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    from vlmtune.checkpoint.export import replace_dir, save_adapter
+    from vlmtune.checkpoint.export import export_adapter
     from vlmtune.checkpoint.manager import CheckpointManager
-    from vlmtune.config.checks import resolve_path
-    from vlmtune.data import Collator, build_dataset
+    from vlmtune.data import Collator
+    from vlmtune.data.sampler import StepSampler
     from vlmtune.engine.accelerator import build_accelerator
     from vlmtune.engine.loop import Components, Trainer
     from vlmtune.engine.metrics import MetricsWriter
@@ -74,19 +73,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         set_seed(t.seed)
 
         tokenizer = load_tokenizer(recipe.model, base)
-        main = accelerator.is_main_process
-        train_data = build_dataset(
-            recipe.data.train, recipe.data, tokenizer, seed=t.seed, base_dir=base, show_progress=main
-        )
-        log.info("train data: %s", train_data.stats.summary())
-        eval_data = None
-        if recipe.data.eval:
-            eval_data = build_dataset(
-                recipe.data.eval, recipe.data, tokenizer, seed=t.seed, base_dir=base, show_progress=main
-            )
-            log.info("eval data: %s", eval_data.stats.summary())
-        if len(train_data) == 0:
-            raise UserError("data.train: no usable rows after filtering; see the counts above")
+        train_data, eval_data = _build_data(recipe, tokenizer, show_progress=accelerator.is_main_process)
 
         model = load_model(recipe.model, recipe.quant, device=accelerator.device, base_dir=base)
         model = apply_lora(
@@ -98,60 +85,56 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         optimizer = build_optimizer(model, t)
         model, optimizer = accelerator.prepare(model, optimizer)
 
-        global_batch = t.micro_batch_size * t.grad_accum * accelerator.num_processes
-        steps_per_epoch = math.ceil(len(train_data) / global_batch)
-        total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        sampler = StepSampler(
+            len(train_data),
+            micro_batch=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            world_size=accelerator.num_processes,
+            seed=t.seed,
+        )
+        total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         scheduler = build_scheduler(optimizer, t, total_steps)
-
-        checkpoints = CheckpointManager(out, accelerator, keep_last=recipe.checkpoint.keep_last)
-        resume_from = None
-        if recipe.checkpoint.resume == "auto":
-            resume_from = checkpoints.latest()
-        elif recipe.checkpoint.resume != "never":
-            resume_from = resolve_path(recipe.checkpoint.resume, base)
-
-        if t.report_to:
-            accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
         log.info(
             "%d steps (%d per epoch), global batch %d = %d micro × %d accum × %d processes",
-            total_steps,
-            steps_per_epoch,
-            global_batch,
-            t.micro_batch_size,
-            t.grad_accum,
-            accelerator.num_processes,
-        )
-        collator = Collator(pad_token_id=tokenizer.pad_token_id)
-        trainer = Trainer(
-            Components(
-                recipe=recipe,
-                accelerator=accelerator,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                train_data=train_data,
-                eval_data=eval_data,
-                collator=collator,
-                checkpoints=checkpoints,
-                metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
-            ),
-            total_steps=total_steps,
-        )
+            total_steps, sampler.steps_per_epoch, sampler.global_batch,
+            t.micro_batch_size, t.grad_accum, accelerator.num_processes,
+        )  # fmt: skip
+
+        checkpoints = CheckpointManager(out, accelerator, keep_last=recipe.checkpoint.keep_last)
+        resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
+        if t.report_to:
+            accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
+
+        components = Components(
+            recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+            sampler=sampler, train_data=train_data, eval_data=eval_data,
+            collator=Collator(pad_token_id=tokenizer.pad_token_id),
+            checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
+        )  # fmt: skip
+        trainer = Trainer(components, total_steps=total_steps)
         final = trainer.fit(resume_from=resume_from)
 
         adapter_dir = out / "adapter"
-        if accelerator.is_main_process:
-            staging = out / "adapter.partial"
-            if staging.exists():
-                shutil.rmtree(staging)
-            save_adapter(accelerator.unwrap_model(model), staging)
-            tokenizer.save_pretrained(str(staging))
-            replace_dir(staging, adapter_dir)
-            log.info("adapter written to %s", adapter_dir)
-        accelerator.wait_for_everyone()
+        export_adapter(accelerator, model, tokenizer, adapter_dir)
+        log.info("adapter written to %s", adapter_dir)
         return RunResult(out, adapter_dir, out / "metrics.jsonl", final, trainer.state.step)
     finally:
         accelerator.end_training()
+
+
+def _build_data(recipe, tokenizer, *, show_progress: bool):
+    """The tokenised train and (optional) eval datasets; data problems surface before the model is loaded."""
+    from vlmtune.data import build_dataset
+
+    def build(sources, split):
+        data = build_dataset(
+            sources, recipe.data, tokenizer, seed=recipe.train.seed, base_dir=recipe._base_dir,
+            show_progress=show_progress,
+        )  # fmt: skip
+        log.info("%s data: %s", split, data.stats.summary())
+        return data
+
+    return build(recipe.data.train, "train"), build(recipe.data.eval, "eval") if recipe.data.eval else None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -21,6 +21,18 @@ def save_adapter(peft_model, out_dir: Path, *, state_dict: dict | None = None) -
     verify_adapter(out_dir)
 
 
+def export_adapter(accelerator, model, tokenizer, adapter_dir: Path) -> None:
+    """Write the final adapter plus tokenizer files, so the folder is usable on its own; swapped in whole."""
+    if accelerator.is_main_process:
+        staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        save_adapter(accelerator.unwrap_model(model), staging)
+        tokenizer.save_pretrained(str(staging))
+        replace_dir(staging, adapter_dir)
+    accelerator.wait_for_everyone()
+
+
 def verify_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Check an adapter on disk is usable: non-empty, finite, LoRA ranks matching its config.
 

@@ -19,6 +19,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from vlmtune.checkpoint.export import ADAPTER_WEIGHTS, replace_dir, save_adapter
+from vlmtune.config.checks import resolve_path
 from vlmtune.engine.state import TrainState, rng_state, set_rng_state
 from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
@@ -55,6 +56,14 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         done = self.complete_checkpoints()
         return done[-1] if done else None
+
+    def resume_point(self, setting: str, base_dir: Path | None = None) -> Path | None:
+        """Where `checkpoint.resume` says to start: the newest complete checkpoint, none, or a given path."""
+        if setting == "auto":
+            return self.latest()
+        if setting == "never":
+            return None
+        return resolve_path(setting, base_dir)
 
     # --- save ----------------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ class Components:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
+    sampler: StepSampler
     train_data: object
     eval_data: object | None
     collator: object
@@ -54,14 +55,7 @@ class Trainer:
     def __init__(self, c: Components, total_steps: int) -> None:
         self.c = c
         self.acc = c.accelerator
-        t = c.recipe.train
-        self.sampler = StepSampler(
-            len(c.train_data),
-            micro_batch=t.micro_batch_size,
-            grad_accum=t.grad_accum,
-            world_size=self.acc.num_processes,
-            seed=t.seed,
-        )
+        self.sampler = c.sampler
         self.state = TrainState(global_batch=self.sampler.global_batch, total_steps=total_steps)
 
     # --- one step ------------------------------------------------------------------------------------
