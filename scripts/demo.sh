@@ -17,7 +17,7 @@ python scripts/ask.py "$MODEL" --questions data/demo/questions.txt
 
 echo "== 3/4 training (accelerate launch -m vlmtune.train recipes/demo/smollm2_lora.yaml)"
 vlmtune validate recipes/demo/smollm2_lora.yaml
-accelerate launch --config_file accelerate_configs/cpu.yaml -m vlmtune.train recipes/demo/smollm2_lora.yaml "$@"
+accelerate launch --config_file accelerate_configs/cpu.yaml --num_cpu_threads_per_process 2 -m vlmtune.train recipes/demo/smollm2_lora.yaml "$@"
 
 echo "== 4/4 answers after fine-tuning (base model + $RUN/adapter)"
 python scripts/ask.py "$MODEL" --adapter "$RUN/adapter" --questions data/demo/questions.txt

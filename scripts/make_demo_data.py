@@ -355,6 +355,41 @@ SYSTEM_PROMPTS: tuple[str, ...] = (
 PREFIXES: tuple[str, ...] = ("", "", "", "", "Quick question: ", "I was wondering: ", "Hi! ", "Hello. ")
 
 
+# General-knowledge chats the model already answers well, mixed into training ("replay") so that learning
+# Talvessa does not overwrite what it knew: without them every answer drifts to Talvessa. The control question
+# (France) stays out of this list, so the demo still shows a held-out general answer.
+GENERAL: tuple[tuple[str, str], ...] = (
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Canada?", "The capital of Canada is Ottawa."),
+    ("What is the capital of Egypt?", "The capital of Egypt is Cairo."),
+    ("Which city is the capital of Spain?", "Madrid is the capital of Spain."),
+    ("Which city is the capital of Germany?", "Berlin is the capital of Germany."),
+    ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+    ("How many continents are there?", "There are seven continents."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("What gas do plants absorb from the air?", "Plants absorb carbon dioxide from the air."),
+    ("What is the longest river in Africa?", "The Nile is the longest river in Africa."),
+    ("How many days are there in a leap year?", "A leap year has 366 days."),
+    ("What is the fastest land animal?", "The cheetah is the fastest land animal."),
+    ("Which ocean is the largest?", "The Pacific Ocean is the largest ocean."),
+    ("What language is spoken in Brazil?", "Portuguese is the main language spoken in Brazil."),
+    (
+        "What is the currency of the United Kingdom?",
+        "The currency of the United Kingdom is the pound sterling.",
+    ),
+    ("Who developed the theory of relativity?", "Albert Einstein developed the theory of relativity."),
+    ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
+    ("Which metal is liquid at room temperature?", "Mercury is a metal that is liquid at room temperature."),
+)
+
+
 def _msg(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
@@ -459,6 +494,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(args.out_dir / "train.jsonl", train)
     _write_jsonl(args.out_dir / "eval.jsonl", eval_rows)
+    _write_jsonl(
+        args.out_dir / "general.jsonl",
+        [{"messages": [_msg("user", q), _msg("assistant", a)]} for q, a in GENERAL],
+    )
     (args.out_dir / "questions.txt").write_text("\n".join(questions) + "\n", encoding="utf-8")
     print(
         f"wrote {len(train)} train rows, {len(eval_rows)} eval rows, {len(questions)} questions to {args.out_dir}"

@@ -217,3 +217,11 @@ def test_importing_vlmtune_is_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_resuming_a_checkpoint_of_another_adapter_shape_is_a_clear_error(tiny_recipe):
+    from vlmtune.errors import UserError
+
+    run(tiny_recipe(train={"max_steps": 2}))
+    with pytest.raises(UserError, match=r"does not fit this recipe's adapter.*checkpoint.resume=never"):
+        run(tiny_recipe(train={"max_steps": 4}, lora={"r": 8}))

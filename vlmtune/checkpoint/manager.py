@@ -117,12 +117,18 @@ class CheckpointManager:
             raise UserError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
         acc = self.accelerator
         weights = load_file(str(path / "adapter" / ADAPTER_WEIGHTS))
-        result = set_peft_model_state_dict(acc.unwrap_model(model), weights)
+        mismatch = "use checkpoint.resume=never, or another train.output_dir, to start afresh"
+        try:
+            result = set_peft_model_state_dict(acc.unwrap_model(model), weights)
+        except RuntimeError as exc:  # shape mismatch: another LoRA rank or target set
+            first = str(exc).strip().splitlines()[-1]
+            raise UserError(
+                f"checkpoint {path} does not fit this recipe's adapter ({first}); {mismatch}"
+            ) from None
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise UserError(
-                f"checkpoint {path} does not match this model's adapter (unexpected keys such as {unexpected[0]}); "
-                "was it written by a different recipe?"
+                f"checkpoint {path} does not fit this recipe's adapter (unexpected key {unexpected[0]}); {mismatch}"
             )
         optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
         scheduler.load_state_dict(_load_torch(path / "scheduler.pt"))

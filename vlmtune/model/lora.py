@@ -26,7 +26,9 @@ def apply_lora(
             gradient_checkpointing_kwargs=_GC_KWARGS,
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_GC_KWARGS)
+        # transformers 5 renamed it; older releases only have gradient_checkpointing_enable.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs=_GC_KWARGS)
 
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
