@@ -26,9 +26,7 @@ def apply_lora(
             gradient_checkpointing_kwargs=_GC_KWARGS,
         )
     elif gradient_checkpointing:
-        # transformers 5 renamed it; older releases only have gradient_checkpointing_enable.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs=_GC_KWARGS)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_GC_KWARGS)
 
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
