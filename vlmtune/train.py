@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtune.errors import EXIT_USER_ERROR, RecipeError, UserError
-from vlmtune.logging import get_logger
+from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger()
+
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
 
 @dataclass
@@ -157,11 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(argv[0], argv[1:])
     except UserError as exc:
-        from vlmtune.logging import is_main_process
-
         if is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if is_main_process():
+            print(
+                "\ninterrupted: run the same command again to resume from the newest complete checkpoint",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
     log.info("done: %d steps; adapter in %s", result.steps, result.adapter_dir)
     return 0
 
