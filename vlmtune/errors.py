@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again": stopped on request after a complete checkpoint; requeue it
+EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 
 
 class UserError(Exception):
@@ -21,3 +23,11 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     """A data file or row cannot be used. The message names the file and row."""
+
+
+class Preempted(Exception):
+    """The run stopped early on request (signal or STOP file) after saving a complete checkpoint."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        self.step = step
+        super().__init__(f"stopped at step {step} ({reason}) after saving a checkpoint; run again to resume")

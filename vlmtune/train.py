@@ -11,12 +11,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.errors import EXIT_USER_ERROR, RecipeError, UserError
+from vlmtune.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    Preempted,
+    RecipeError,
+    UserError,
+)
 from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger()
-
-EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
 
 @dataclass
@@ -162,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as exc:
+        if is_main_process():
+            print(f"preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         if is_main_process():
             print(

@@ -156,3 +156,37 @@ def test_bad_data_row_names_file_and_row(tiny_recipe, tmp_path):
     proc = _cli("-m", "vlmtune.train", str(path), "data.on_bad_row=skip", "train.max_steps=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "8 examples" in proc.stderr and "skipped" in proc.stderr
+
+
+def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(tiny_recipe, tmp_path):
+    import signal
+    import time
+
+    recipe = _write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(train={"max_steps": 400}, checkpoint={"every": 0})
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmtune.train", str(recipe)],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "preempted: stopped at step" in stderr and "Traceback" not in stderr
+    (ckpt,) = (tmp_path / "run/checkpoints").iterdir()
+    stopped_at = int(ckpt.name.removeprefix("step-"))
+    assert 3 <= stopped_at < 400 and (ckpt / "COMPLETE").is_file()
+    assert len(metrics.read_text().splitlines()) == stopped_at  # nothing logged past the checkpoint
+
+    again = _cli("-m", "vlmtune.train", str(recipe))
+    assert again.returncode == 0 and f"at step {stopped_at}" in again.stderr
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 401))

@@ -225,3 +225,43 @@ def test_resuming_a_checkpoint_of_another_adapter_shape_is_a_clear_error(tiny_re
     run(tiny_recipe(train={"max_steps": 2}))
     with pytest.raises(UserError, match=r"does not fit this recipe's adapter.*checkpoint.resume=never"):
         run(tiny_recipe(train={"max_steps": 4}, lora={"r": 8}))
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1", "SIGTERM", "stop-file"])
+def test_preemption_checkpoints_at_the_step_boundary_and_resumes_exactly(
+    how, tiny_recipe, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    from vlmtune.errors import Preempted
+
+    sections = dict(train={"max_steps": 8}, checkpoint={"every": 0})
+    ref = run(
+        tiny_recipe(**sections)
+        | {"train": {**tiny_recipe(**sections)["train"], "output_dir": str(tmp_path / "ref")}}
+    )
+    recipe = tiny_recipe(**sections)
+    out = Path(recipe["train"]["output_dir"])
+    original = Trainer.train_step
+
+    def ask_to_stop_during_step_3(self, micro_batches):
+        if self.state.step == 2:
+            if how == "stop-file":
+                (out / "STOP").touch()
+            else:
+                os.kill(os.getpid(), getattr(signal, how))
+        return original(self, micro_batches)
+
+    monkeypatch.setattr(Trainer, "train_step", ask_to_stop_during_step_3)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stopped at step 3"):
+        run(recipe)
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # handlers are restored after the run
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
+    assert (out / "checkpoints/step-3/COMPLETE").is_file() and not (out / "STOP").exists()
+
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run(recipe).steps == 8
+    assert _losses(out) == pytest.approx(_losses(ref.output_dir), abs=1e-6)
+    _assert_same_tensors(_adapter(ref.output_dir), _adapter(out), atol=1e-6)

@@ -15,7 +15,9 @@ from vlmtune.checkpoint.manager import CheckpointManager
 from vlmtune.config.schema import Recipe
 from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
+from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
+from vlmtune.errors import Preempted
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
@@ -157,35 +159,47 @@ class Trainer:
         bar = tqdm(
             total=total, initial=state.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True
         )
-        window = {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "start": time.perf_counter()}
-        while state.step < total:
-            rows = self.sampler.micro_batches(state.step, acc.process_index)
-            out = self.train_step([self._batch(r) for r in rows])
-            state.step += 1
-            state.trained_tokens += out["tokens"]
-            state.skipped_steps += int(out["skipped"])
-            for key in ("loss_sum", "tokens", "input_tokens"):
-                window[key] += out[key]
-            bar.update(1)
+        window = self._new_window()
+        with StopWatcher(c.checkpoints.root.parent) as stop:
+            while state.step < total:
+                rows = self.sampler.micro_batches(state.step, acc.process_index)
+                out = self.train_step([self._batch(r) for r in rows])
+                state.step += 1
+                state.trained_tokens += out["tokens"]
+                state.skipped_steps += int(out["skipped"])
+                for key in ("loss_sum", "tokens", "input_tokens"):
+                    window[key] += out[key]
+                bar.update(1)
 
-            record = None
-            if state.step % t.log_every == 0 or state.step == total:
-                record = self._record(out, window)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                window = {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "start": time.perf_counter()}
-            if c.eval_data is not None and (
-                (t.eval_every and state.step % t.eval_every == 0) or state.step == total
-            ):
-                record = {**(record or {"step": state.step}), **self.evaluate()}
-            if record is not None:
-                c.metrics.log(record)
-                final.update(record)
-            if every and state.step % every == 0 and state.step < total:
-                c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
+                record = None
+                if state.step % t.log_every == 0 or state.step == total:
+                    record = self._record(out, window)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    window = self._new_window()
+                if c.eval_data is not None and (
+                    (t.eval_every and state.step % t.eval_every == 0) or state.step == total
+                ):
+                    record = {**(record or {"step": state.step}), **self.evaluate()}
+                if record is not None:
+                    c.metrics.log(record)
+                    final.update(record)
+                saved = every and state.step % every == 0 and state.step < total
+                if saved:
+                    c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
+                if state.step < total and stop.agreed(acc):
+                    if not saved:
+                        c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
+                    stop.clear(acc)
+                    bar.close()
+                    raise Preempted(state.step, stop.reason or "another rank was asked to stop")
         bar.close()
         if total > 0 and c.checkpoints.latest() != c.checkpoints.root / f"step-{total}":
             c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
         return final
+
+    @staticmethod
+    def _new_window() -> dict:
+        return {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "start": time.perf_counter()}
 
     def _record(self, out: dict, window: dict) -> dict:
         elapsed = max(time.perf_counter() - window["start"], 1e-9)

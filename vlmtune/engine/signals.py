@@ -1,0 +1,52 @@
+"""Preemption: SIGTERM, SIGUSR1 or a STOP file ask the run to checkpoint at the next step boundary and exit.
+
+Signals reach ranks unevenly (a launcher may forward them to some workers only), so every step the ranks agree
+by a max-reduce of their flags: if any rank was asked, all stop after the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+STOP_FILE = "STOP"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopWatcher:
+    """Collects stop requests (signals, a STOP file in the output folder); `agreed` decides for all ranks."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.stop_file = output_dir / STOP_FILE
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopWatcher:
+        # Handlers can only be installed from the main thread (a notebook cell running in another thread cannot).
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank when any rank was asked to stop (a collective: call it on all ranks)."""
+        if self.reason is None and self.stop_file.exists():
+            self.reason = f"{self.stop_file} exists"
+        flag = torch.tensor(int(self.reason is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+    def clear(self, accelerator) -> None:
+        """Forget a honoured STOP file, so the resumed run does not stop again at once."""
+        if accelerator.is_main_process and self.stop_file.exists():
+            self.stop_file.unlink()
