@@ -4,6 +4,7 @@ from __future__ import annotations
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again": stopped on request after a complete checkpoint; requeue it
+EXIT_DIVERGED = 3  # non-finite loss or gradients under train.nonfinite=abort, or too many in a row
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 
 
@@ -31,3 +32,7 @@ class Preempted(Exception):
     def __init__(self, step: int, reason: str) -> None:
         self.step = step
         super().__init__(f"stopped at step {step} ({reason}) after saving a checkpoint; run again to resume")
+
+
+class TrainingDiverged(Exception):
+    """Training produced non-finite losses or gradients beyond what train.nonfinite allows."""

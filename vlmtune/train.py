@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtune.errors import (
+    EXIT_DIVERGED,
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
     Preempted,
     RecipeError,
+    TrainingDiverged,
     UserError,
 )
 from vlmtune.logging import get_logger, is_main_process
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingDiverged as exc:
+        if is_main_process():
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     except Preempted as exc:
         if is_main_process():
             print(f"preempted: {exc}", file=sys.stderr)

@@ -265,3 +265,41 @@ def test_preemption_checkpoints_at_the_step_boundary_and_resumes_exactly(
     assert run(recipe).steps == 8
     assert _losses(out) == pytest.approx(_losses(ref.output_dir), abs=1e-6)
     _assert_same_tensors(_adapter(ref.output_dir), _adapter(out), atol=1e-6)
+
+
+def _nan_from_call(monkeypatch, first: int, last: int) -> None:
+    """Make the loss NaN on calls first..last of the loop's loss function (one call per step here)."""
+    import vlmtune.engine.loop as loop
+
+    calls = {"n": 0}
+    original = loop.token_loss_sum
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = original(logits, labels)
+        return loss * float("nan") if first <= calls["n"] <= last else loss
+
+    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_recipe, monkeypatch):
+    _nan_from_call(monkeypatch, 3, 3)
+    result = run(tiny_recipe(train={"max_steps": 6, "nonfinite": "skip"}))
+    records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert records[2]["lr"] == records[1]["lr"]  # the skipped step left the schedule where it was
+    assert all(torch.isfinite(t).all() for t in _adapter(result.output_dir).values())
+
+
+@pytest.mark.parametrize(("policy", "nan_calls", "stop_step"), [("abort", (2, 2), 2), ("skip", (2, 99), 5)])
+def test_nonfinite_abort_and_too_many_in_a_row_stop_with_diagnostics(
+    policy, nan_calls, stop_step, tiny_recipe, monkeypatch
+):
+    from vlmtune.errors import TrainingDiverged
+
+    _nan_from_call(monkeypatch, *nan_calls)
+    recipe = tiny_recipe(train={"max_steps": 8, "nonfinite": policy, "max_nonfinite_in_a_row": 3})
+    with pytest.raises(TrainingDiverged, match=f"step {stop_step}"):
+        run(recipe)
+    diag = json.loads((Path(recipe["train"]["output_dir"]) / f"nonfinite-step-{stop_step}.json").read_text())
+    assert diag["step"] == stop_step and diag["rank0_rows"]

@@ -144,6 +144,13 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward (non-reentrant)."
     )
+    nonfinite: Literal["skip", "abort"] = Field(
+        "skip",
+        description="A NaN/Inf loss or gradient norm: skip the update (counted), or abort with diagnostics.",
+    )
+    max_nonfinite_in_a_row: PositiveInt = Field(
+        5, description="With nonfinite: skip, abort after more than this many non-finite steps in a row."
+    )
     log_every: PositiveInt = Field(10, description="Steps between metrics.jsonl / TensorBoard records.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end, if eval data).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -17,7 +18,7 @@ from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
-from vlmtune.errors import Preempted
+from vlmtune.errors import Preempted, TrainingDiverged
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
@@ -80,9 +81,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            acc.sync_gradients = (
-                last  # gradients are all-reduced and the optimizer steps only at the window end
-            )
+            acc.sync_gradients = last  # all-reduce gradients and step only at the end of the window
             with nullcontext() if last else acc.no_sync(model):
                 logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
                 loss = token_loss_sum(logits, mb["labels"])
@@ -90,22 +89,58 @@ class Trainer:
             loss_sum += loss.detach()
 
         max_norm = self.c.recipe.train.max_grad_norm
-        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
-        self.c.optimizer.step()
-        skipped = acc.optimizer_step_was_skipped  # fp16 overflow: the scaler skipped it, the schedule waits
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf))
+        # Both values are global (summed loss, all-reduced gradients), so every rank takes the same decision.
+        total_loss = float(acc.reduce(loss_sum, "sum"))
+        nonfinite = acc.scaler is None and not (math.isfinite(total_loss) and math.isfinite(grad_norm))
+        if nonfinite:
+            skipped = True  # an fp16 scaler handles overflow itself; without one, never apply NaN/Inf
+        else:
+            self.c.optimizer.step()
+            skipped = acc.optimizer_step_was_skipped  # fp16 overflow: the scaler skipped it
         if not skipped:
-            self.c.scheduler.step()
+            self.c.scheduler.step()  # a skipped step does not advance the schedule
         self.c.optimizer.zero_grad(set_to_none=True)
 
-        total_loss = float(acc.reduce(loss_sum, "sum"))
         inputs = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         return {
             "loss_sum": total_loss,
             "tokens": window_tokens,
             "input_tokens": int(acc.reduce(torch.tensor(inputs, device=acc.device), "sum")),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "skipped": skipped,
+            "nonfinite": nonfinite,
         }
+
+    def _handle_nonfinite(self, out: dict, rows: list[list[int]]) -> None:
+        """Apply train.nonfinite: skip (count; stop after too many in a row) or abort (diagnostics, stop)."""
+        t, state = self.c.recipe.train, self.state
+        if not out["nonfinite"]:
+            state.nonfinite_in_a_row = 0
+            return
+        state.nonfinite_steps += 1
+        state.nonfinite_in_a_row += 1
+        where = f"step {state.step}: loss {out['loss_sum']}, grad_norm {out['grad_norm']}"
+        log.warning("non-finite %s; update skipped (%d so far)", where, state.nonfinite_steps)
+        if t.nonfinite == "abort" or state.nonfinite_in_a_row > t.max_nonfinite_in_a_row:
+            path = self.c.checkpoints.root.parent / f"nonfinite-step-{state.step}.json"
+            if self.acc.is_main_process:
+                diag = {
+                    "step": state.step,
+                    "loss_sum": str(out["loss_sum"]),
+                    "grad_norm": str(out["grad_norm"]),
+                }
+                diag |= {
+                    "in_a_row": state.nonfinite_in_a_row,
+                    "rank0_rows": rows,
+                    "lr": self.c.scheduler.get_last_lr(),
+                }
+                path.write_text(json.dumps(diag, indent=2))
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at {where} ({state.nonfinite_in_a_row} in a row, "
+                f"train.nonfinite={t.nonfinite}); diagnostics in {path}. Lower train.lr, check the data rows "
+                "listed there, or use mixed_precision bf16 instead of fp16"
+            )
 
     # --- eval ----------------------------------------------------------------------------------------
 
@@ -165,6 +200,7 @@ class Trainer:
                 rows = self.sampler.micro_batches(state.step, acc.process_index)
                 out = self.train_step([self._batch(r) for r in rows])
                 state.step += 1
+                self._handle_nonfinite(out, rows)
                 state.trained_tokens += out["tokens"]
                 state.skipped_steps += int(out["skipped"])
                 for key in ("loss_sum", "tokens", "input_tokens"):
@@ -214,4 +250,5 @@ class Trainer:
             "tokens_per_sec": window["input_tokens"] / elapsed,
             "peak_mem_mb": round(peak_memory_mb(self.acc.device), 1),
             "skipped_steps": state.skipped_steps,
+            "nonfinite_steps": state.nonfinite_steps,
         }

@@ -13,7 +13,9 @@ import torch
 class TrainState:
     step: int = 0  # optimizer steps done; the data position is derived from it (see data/sampler.py)
     trained_tokens: int = 0
-    skipped_steps: int = 0  # fp16 overflow steps skipped by the loss scaler
+    skipped_steps: int = 0  # steps without an update: fp16 overflow, or non-finite loss / gradients
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
     global_batch: int = 0  # recorded so a resume with a different batch layout is noticed
     total_steps: int = 0
 
