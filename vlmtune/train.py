@@ -42,6 +42,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
 
     Raises:
         UserError: for problems in the recipe, data or environment (the message says what and where).
+        Preempted: stopped on request (signal or STOP file) after saving a checkpoint; run again to resume.
+        TrainingDiverged: non-finite losses or gradients beyond what `train.nonfinite` allows.
     """
     from vlmtune.config.checks import environment_problems, load_accelerate_config
     from vlmtune.config.load import dump_recipe, load_recipe
