@@ -17,7 +17,6 @@ from vlmtune.config.schema import Recipe
 from vlmtune.errors import RecipeError
 
 OVERRIDE_SOURCE = "command-line override"
-_YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 # Names users bring from other toolkits, mapped to ours, for "did you mean" where spelling similarity fails.
 _ALIASES = {
@@ -200,8 +199,6 @@ def _parse_overrides(overrides: list[str] | dict | None, problems: list[str]) ->
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text  # not YAML: keep the literal string, the schema decides if that is valid
-        if text.strip().lower() in _YAML11_BOOL_WORDS:
-            value = text.strip()  # `mixed_precision=no` means the string "no", not False
         parsed.append((key, value))
     return parsed
 

@@ -136,11 +136,6 @@ class TrainConfig(_Section):
         "bf16", description="Autocast dtype; fp16 adds dynamic loss scaling (overflowed steps are skipped)."
     )
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _unquoted_no(cls, value):
-        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
-
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward (non-reentrant)."
     )
@@ -157,6 +152,11 @@ class TrainConfig(_Section):
         default_factory=lambda: ["tensorboard"],
         description="Trackers besides metrics.jsonl (which is always written).",
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
 
 class CheckpointConfig(_Section):

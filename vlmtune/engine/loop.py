@@ -61,11 +61,11 @@ class Trainer:
         self.sampler = c.sampler
         self.state = TrainState(global_batch=self.sampler.global_batch, total_steps=total_steps)
 
-    # --- one step ------------------------------------------------------------------------------------
-
-    def _batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.c.collator([self.c.train_data[i] for i in rows])
+    def _batch(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.c.collator([data[i] for i in rows])
         return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    # --- one step ------------------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
         """Forward/backward every micro-batch of the window, then one optimizer step.
@@ -129,11 +129,9 @@ class Trainer:
                     "step": state.step,
                     "loss_sum": str(out["loss_sum"]),
                     "grad_norm": str(out["grad_norm"]),
-                }
-                diag |= {
                     "in_a_row": state.nonfinite_in_a_row,
-                    "rank0_rows": rows,
                     "lr": self.c.scheduler.get_last_lr(),
+                    "rank0_rows": rows,
                 }
                 path.write_text(json.dumps(diag, indent=2))
             raise TrainingDiverged(
@@ -159,7 +157,7 @@ class Trainer:
             # Ranks past the end still run a forward (weight 0) so sharded models gather parameters in step.
             real = b < n_batches
             rows = list(range(b * mb, min((b + 1) * mb, len(data)))) if real else [0]
-            batch = self._batch_from(data, rows)
+            batch = self._batch(data, rows)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if real:
                 loss_sum += token_loss_sum(logits, batch["labels"])
@@ -167,10 +165,6 @@ class Trainer:
         model.train()
         loss = float(acc.reduce(loss_sum, "sum")) / max(float(acc.reduce(tokens, "sum")), 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-    def _batch_from(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.c.collator([data[i] for i in rows])
-        return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -198,7 +192,7 @@ class Trainer:
         with StopWatcher(c.checkpoints.root.parent) as stop:
             while state.step < total:
                 rows = self.sampler.micro_batches(state.step, acc.process_index)
-                out = self.train_step([self._batch(r) for r in rows])
+                out = self.train_step([self._batch(c.train_data, r) for r in rows])
                 state.step += 1
                 self._handle_nonfinite(out, rows)
                 state.trained_tokens += out["tokens"]

@@ -138,3 +138,13 @@ def test_recipe_reference_is_current():
     assert (REPO / "docs/recipe.md").read_text() == gen.render(), (
         "run: python scripts/gen_recipe_reference.py"
     )
+
+
+def test_unquoted_no_means_no_mixed_precision(tmp_path):
+    text = (
+        "model: {path: org/model}\ndata: {train: [{path: train.jsonl}]}\n"
+        f"train: {{output_dir: {tmp_path / 'out'}, mixed_precision: no}}\n"
+    )
+    assert load_recipe(_write(tmp_path / "r.yaml", text)).train.mixed_precision == "no"
+    overridden = load_recipe(_write(tmp_path / "q.yaml", _minimal(tmp_path)), ["train.mixed_precision=no"])
+    assert overridden.train.mixed_precision == "no"
