@@ -2,6 +2,8 @@
 
 vlmtune validate RECIPE [key=value ...]   check a recipe without loading weights
 vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one process)
+vlmtune launch RECIPE [key=value ...] [--nodes N --node-rank R --main-ip IP ...]
+                                          `accelerate launch` composed from the recipe, for one node or many
 """
 
 from __future__ import annotations
@@ -49,6 +51,27 @@ def _train(args: argparse.Namespace) -> int:
     return train_main([args.recipe, *args.overrides])
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from vlmtune.launch import format_plan, plan_launch, run_plan
+
+    plan = plan_launch(
+        args.recipe, args.overrides, nodes=args.nodes, node_rank=args.node_rank, main_ip=args.main_ip,
+        main_port=args.main_port, procs_per_node=args.procs_per_node,
+    )  # fmt: skip
+    print(format_plan(plan), file=sys.stderr)
+    return 0 if args.dry_run else run_plan(plan)
+
+
+LAUNCH_EXAMPLES = """examples:
+  vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
+  vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
+  vlmtune launch recipes/7b_lora.yaml --nodes 2 --node-rank 1 --main-ip 10.0.0.1   # on the second of two nodes
+  vlmtune launch recipes/7b_lora.yaml --dry-run             # print the command only
+
+SIGTERM / SIGUSR1 to this command make the run checkpoint at the next step and exit 75 (resume: run it again).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmtune", description="LoRA / QLoRA fine-tuning of LLMs and VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
         p.set_defaults(fn=fn)
+    p = sub.add_parser(
+        "launch",
+        help="start the recipe with `accelerate launch` on this node (one of --nodes)",
+        epilog=LAUNCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
+    p.add_argument(
+        "--nodes", type=int, help="machines in the job (default: the accelerate config's num_machines)"
+    )
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 on the main node")
+    p.add_argument("--main-ip", help="address of the rank-0 node (required with --nodes > 1)")
+    p.add_argument("--main-port", type=int, help="rendezvous port on the rank-0 node (default 29500)")
+    p.add_argument(
+        "--procs-per-node",
+        type=int,
+        help="processes (GPUs) per node (default: from the config or visible GPUs)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
+    p.set_defaults(fn=_launch)
     return parser
 
 

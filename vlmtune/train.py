@@ -64,7 +64,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from vlmtune.checkpoint.manager import CheckpointManager
     from vlmtune.data import Collator
     from vlmtune.data.sampler import StepSampler
-    from vlmtune.engine.accelerator import build_accelerator
+    from vlmtune.engine.accelerator import STEP_TIMEOUT, build_accelerator
+    from vlmtune.engine.distributed import check_sharding, configure_ddp, set_collective_timeout
     from vlmtune.engine.loop import Components, Trainer
     from vlmtune.engine.metrics import MetricsWriter
     from vlmtune.engine.optim import build_optimizer, build_scheduler
@@ -94,7 +95,10 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             gradient_checkpointing=t.gradient_checkpointing,
         )
         optimizer = build_optimizer(model, t)
+        configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
+        check_sharding(accelerator, model, accel_cfg)
+        set_collective_timeout(accelerator, STEP_TIMEOUT)
 
         sampler = StepSampler(
             len(train_data),
@@ -161,7 +165,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    code = _main(sys.argv[1:] if argv is None else argv)
+    _report_exit_code(code)
+    return code
+
+
+def _report_exit_code(code: int) -> None:
+    """Tell `vlmtune launch` this rank's exit code: torchrun reports any worker failure as exit 1, which would
+    hide a preemption (75, requeue) or a user error (2) from the scheduler."""
+    import os
+
+    folder = os.environ.get("VLMTUNE_EXIT_DIR")
+    if folder:
+        Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: accelerate launch -m vlmtune.train RECIPE.yaml [section.key=value ...]")
         return 0 if argv else EXIT_USER_ERROR

@@ -23,11 +23,16 @@ def save_adapter(peft_model, out_dir: Path, *, state_dict: dict | None = None) -
 
 def export_adapter(accelerator, model, tokenizer, adapter_dir: Path) -> None:
     """Write the final adapter plus tokenizer files, so the folder is usable on its own; swapped in whole."""
+    from vlmtune.engine.distributed import trainable_state_dict
+
+    weights = trainable_state_dict(
+        accelerator, model
+    )  # a collective under ZeRO-3 / FSDP2: every rank calls it
     if accelerator.is_main_process:
         staging = adapter_dir.with_name(adapter_dir.name + ".partial")
         if staging.exists():
             shutil.rmtree(staging)
-        save_adapter(accelerator.unwrap_model(model), staging)
+        save_adapter(accelerator.unwrap_model(model), staging, state_dict=weights)
         tokenizer.save_pretrained(str(staging))
         replace_dir(staging, adapter_dir)
     accelerator.wait_for_everyone()

@@ -3,6 +3,12 @@
 A checkpoint is written into `step-<N>.partial/` by every rank, then rank 0 writes `COMPLETE` (last, fsynced)
 and renames the folder into place. A crash at any moment leaves either a complete checkpoint or a `.partial`
 folder that resume ignores. Old checkpoints are removed only after the new one is complete.
+
+Layout: `adapter/` (standard PEFT files, gathered from shards; what a user can take away), `trainer_state.json`,
+`scheduler.pt`, `rng/rank-<i>.pt`, and the optimizer state in the form the sharding needs:
+`optimizer.pt` (one process or DDP: replicated, written by rank 0), `deepspeed/` (ZeRO: DeepSpeed's own per-rank
+partitions of the trainable weights and optimizer) or `sharded/` (FSDP2: a torch.distributed.checkpoint of the
+trainable weights and optimizer, DTensor shards per rank).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from safetensors.torch import load_file
 
 from vlmtune.checkpoint.export import ADAPTER_WEIGHTS, replace_dir, save_adapter
 from vlmtune.config.checks import resolve_path
+from vlmtune.engine.distributed import strategy, trainable_state_dict
 from vlmtune.engine.state import TrainState, rng_state, set_rng_state
 from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
@@ -77,21 +84,23 @@ class CheckpointManager:
             (partial / "rng").mkdir(parents=True)
         acc.wait_for_everyone()
 
-        unwrapped = acc.unwrap_model(model)
+        kind = strategy(acc)
+        adapter = trainable_state_dict(acc, model)  # a collective under ZeRO-3 / FSDP2
         if acc.is_main_process:
-            save_adapter(unwrapped, partial / "adapter")
-            _save_torch(optimizer.state_dict(), partial / "optimizer.pt")
+            save_adapter(acc.unwrap_model(model), partial / "adapter", state_dict=adapter)
             _save_torch(scheduler.state_dict(), partial / "scheduler.pt")
             if acc.scaler is not None:
                 _save_torch(acc.scaler.state_dict(), partial / "scaler.pt")
             _write_json(partial / "trainer_state.json", state.state_dict())
+        _save_optimizer(kind, acc, model, optimizer, partial)
         _save_torch(rng_state(), partial / "rng" / f"rank-{acc.process_index}.pt")
         acc.wait_for_everyone()
 
         if acc.is_main_process:
             _fsync_tree(partial)
             _write_json(
-                partial / MARKER, {"step": step, "time": time.time(), "world_size": acc.num_processes}
+                partial / MARKER,
+                {"step": step, "time": time.time(), "world_size": acc.num_processes, "strategy": kind},
             )
             _fsync_dir(partial)
             replace_dir(partial, final)
@@ -116,21 +125,29 @@ class CheckpointManager:
         if not is_complete(path):
             raise UserError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
         acc = self.accelerator
-        weights = load_file(str(path / "adapter" / ADAPTER_WEIGHTS))
+        kind = strategy(acc)
+        saved = json.loads((path / MARKER).read_text())
+        saved_kind, saved_world = saved.get("strategy", "none"), saved.get("world_size", 1)
+        if _family(saved_kind) != _family(kind) or (kind == "deepspeed" and saved_world != acc.num_processes):
+            raise UserError(
+                f"checkpoint {path} was saved under {saved_kind} with {saved_world} process(es); this run uses "
+                f"{kind} with {acc.num_processes}. Resume with the same accelerate config and process count, "
+                "or start afresh with checkpoint.resume=never (the adapter in that checkpoint is standard PEFT)"
+            )
         mismatch = "use checkpoint.resume=never, or another train.output_dir, to start afresh"
         try:
-            result = set_peft_model_state_dict(acc.unwrap_model(model), weights)
+            if kind == "deepspeed":
+                _load_deepspeed(model, path)
+            elif kind == "fsdp2":
+                _load_sharded(model, optimizer, path)
+            else:
+                self._load_adapter(model, path, mismatch)
+                optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
         except RuntimeError as exc:  # shape mismatch: another LoRA rank or target set
-            first = str(exc).strip().splitlines()[-1]
+            first = str(exc).strip().splitlines()[-1][:300]
             raise UserError(
                 f"checkpoint {path} does not fit this recipe's adapter ({first}); {mismatch}"
             ) from None
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise UserError(
-                f"checkpoint {path} does not fit this recipe's adapter (unexpected key {unexpected[0]}); {mismatch}"
-            )
-        optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
         scheduler.load_state_dict(_load_torch(path / "scheduler.pt"))
         if acc.scaler is not None and (path / "scaler.pt").is_file():
             acc.scaler.load_state_dict(_load_torch(path / "scaler.pt"))
@@ -144,6 +161,73 @@ class CheckpointManager:
             )
             rng_file = path / "rng" / "rank-0.pt"
         set_rng_state(_load_torch(rng_file))
+
+    def _load_adapter(self, model, path: Path, mismatch: str) -> None:
+        weights = load_file(str(path / "adapter" / ADAPTER_WEIGHTS))
+        result = set_peft_model_state_dict(self.accelerator.unwrap_model(model), weights)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise UserError(
+                f"checkpoint {path} does not fit this recipe's adapter (unexpected key {unexpected[0]}); {mismatch}"
+            )
+
+
+def _family(kind: str) -> str:
+    """Checkpoints are interchangeable between one process and DDP (replicated state), not across shardings."""
+    return "replicated" if kind in ("none", "ddp") else kind
+
+
+def _save_optimizer(kind: str, acc, model, optimizer, partial: Path) -> None:
+    if kind == "deepspeed":
+        # Each rank writes its own partition; frozen base weights are left out (they come from the model files).
+        model.save_checkpoint(
+            str(partial / "deepspeed"), tag="state", exclude_frozen_parameters=True, save_latest=False
+        )
+    elif kind == "fsdp2":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(partial / "sharded"))
+    elif acc.is_main_process:
+        _save_torch(optimizer.state_dict(), partial / "optimizer.pt")  # replicated on every rank
+
+
+def _sharded_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(ignore_frozen_params=True)
+    optim = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    return {
+        "model": get_model_state_dict(model, options=opts),
+        "optimizer": get_optimizer_state_dict(model, optim, options=opts),
+    }
+
+
+def _load_sharded(model, optimizer, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _sharded_state(model, optimizer)  # the shapes and shardings to read into
+    dcp.load(state, checkpoint_id=str(path / "sharded"))
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_model_state_dict(model, state["model"], options=opts)
+    optim = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(model, optim, state["optimizer"], options=opts)
+
+
+def _load_deepspeed(model, path: Path) -> None:
+    loaded, _ = model.load_checkpoint(
+        str(path / "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=False
+    )
+    if loaded is None:
+        raise UserError(f"checkpoint {path}: DeepSpeed found no state under {path / 'deepspeed'}")
 
 
 def _save_torch(obj, path: Path) -> None:

@@ -16,10 +16,18 @@ from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, In
 
 from vlmtune.config.checks import resolve_path
 from vlmtune.config.schema import Recipe
+from vlmtune.engine.distributed import enable_fsdp_on_cpu
 from vlmtune.errors import UserError
 
-# Loading a large model on rank 0 while the others wait can exceed NCCL's default 10 minutes.
-DEFAULT_PG_TIMEOUT = timedelta(minutes=int(os.environ.get("VLMTUNE_PG_TIMEOUT_MIN", "60")))
+
+def _minutes(var: str, default: int) -> timedelta:
+    return timedelta(minutes=float(os.environ.get(var, default)))
+
+
+# Collectives wait this long while the model loads (ranks can wait minutes for rank 0 or a slow disk) ...
+LOAD_TIMEOUT = _minutes("VLMTUNE_LOAD_TIMEOUT_MIN", 60)
+# ... and this long once training runs: a dead or stuck rank then fails the job in minutes, with a message.
+STEP_TIMEOUT = _minutes("VLMTUNE_TIMEOUT_MIN", 10)
 
 
 def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
@@ -31,11 +39,14 @@ def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
     # An explicit backend makes accelerate initialise a process group, so name one only for multi-process runs.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     backend = "gloo" if on_cpu and distributed else None
+    # Raise on a failed collective instead of hanging (read by torch when the NCCL group is created).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     kwargs: dict = {
         "mixed_precision": t.mixed_precision,
         "gradient_accumulation_steps": t.grad_accum,
-        "kwargs_handlers": [InitProcessGroupKwargs(backend=backend, timeout=DEFAULT_PG_TIMEOUT)],
-        "cpu": on_cpu,
+        "kwargs_handlers": [InitProcessGroupKwargs(backend=backend, timeout=LOAD_TIMEOUT)],
+        # accelerate turns DeepSpeed off when asked for `cpu`; without GPUs it runs on the CPU all the same.
+        "cpu": on_cpu and dist != "DEEPSPEED",
     }
     if t.report_to:
         kwargs["log_with"] = list(t.report_to)
@@ -46,7 +57,10 @@ def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
         kwargs["fsdp_plugin"] = _fsdp_plugin(accel_cfg.get("fsdp_config") or {})
     if t.mixed_precision == "fp16" and on_cpu:
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if dist == "FSDP" and on_cpu and distributed:
+        enable_fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
+    return accelerator
 
 
 def check_launch(accel_cfg: dict) -> None:
@@ -60,12 +74,14 @@ def check_launch(accel_cfg: dict) -> None:
             f"the launcher enables {kind} but the recipe's launch.accelerate_config says distributed_type {dist}; "
             "launch with the recipe's config (`vlmtune launch RECIPE`) or change launch.accelerate_config"
         )
-    expected = accel_cfg.get("num_processes")
+    expected = int(accel_cfg.get("num_processes") or 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if expected is not None and dist != "NO" and int(expected) != world:
+    # More or fewer processes than the file says is a normal override (`--num_processes`, more nodes); one
+    # process when the config wants several means the launcher never read the config.
+    if dist != "NO" and expected > 1 and world == 1:
         raise UserError(
-            f"the recipe's accelerate config expects num_processes {expected} but this launch has {world} "
-            f"process(es); use `accelerate launch --config_file <that file>` or `vlmtune launch RECIPE`"
+            f"the recipe's accelerate config expects {expected} processes ({dist}) but this is a single-process "
+            "launch; use `vlmtune launch RECIPE` or `accelerate launch --config_file <that file>`"
         )
 
 
@@ -84,15 +100,48 @@ def _deepspeed_plugin(recipe: Recipe, ds: dict) -> DeepSpeedPlugin:
             gradient_accumulation_steps=t.grad_accum,
             gradient_clipping=t.max_grad_norm or 0.0,
         )
+    cfg = plugin.deepspeed_config
     # We feed batches ourselves (no prepared DataLoader), so DeepSpeed must be told the micro-batch size.
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    plugin.deepspeed_config["gradient_accumulation_steps"] = t.grad_accum
+    cfg["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    cfg["gradient_accumulation_steps"] = t.grad_accum
+    cfg["gradient_clipping"] = t.max_grad_norm or 0.0  # the recipe decides, also over a JSON file's value
+    if t.mixed_precision == "bf16":
+        # Skip a step whose gradient norm is NaN/Inf (DeepSpeed does so for fp32 and fp16, for bf16 only if asked).
+        cfg.setdefault("bf16", {})["check_grad_overflow"] = True
+    # Offloaded optimizer state: a LoRA's few million parameters step fast enough with torch's AdamW on the CPU,
+    # which also keeps results equal to the other launch modes (DeepSpeedCPUAdam needs a ~1 min JIT build).
+    cfg["zero_force_ds_cpu_optimizer"] = False
     return plugin
 
 
+# accelerate's config file keys (without their `fsdp_` prefix) → FullyShardedDataParallelPlugin arguments.
+_FSDP_RENAMED = {
+    "version": "fsdp_version",
+    "offload_params": "cpu_offload",
+    "transformer_layer_cls_to_wrap": "transformer_cls_names_to_wrap",
+}
+_FSDP_SAME = {
+    "reshard_after_forward", "auto_wrap_policy", "state_dict_type", "cpu_ram_efficient_loading",
+    "activation_checkpointing", "sync_module_states", "use_orig_params", "forward_prefetch", "backward_prefetch",
+    "sharding_strategy", "min_num_params",
+}  # fmt: skip
+
+
 def _fsdp_plugin(fsdp: dict) -> FullyShardedDataParallelPlugin:
-    # accelerate's config file prefixes every key with `fsdp_`; the plugin takes them without it.
-    kwargs = {k.removeprefix("fsdp_"): v for k, v in fsdp.items()}
-    kwargs.setdefault("version", 2)
-    kwargs["fsdp_version"] = kwargs.pop("version")
+    kwargs = {}
+    for key, value in fsdp.items():
+        name = key.removeprefix("fsdp_")
+        if name not in _FSDP_RENAMED and name not in _FSDP_SAME:
+            known = ", ".join(sorted("fsdp_" + k for k in (*_FSDP_RENAMED, *_FSDP_SAME)))
+            raise UserError(f"accelerate config fsdp_config: unknown key {key!r}; known keys: {known}")
+        kwargs[_FSDP_RENAMED.get(name, name)] = value
+    if isinstance(kwargs.get("auto_wrap_policy"), str):
+        kwargs["auto_wrap_policy"] = kwargs["auto_wrap_policy"].lower()
+    if isinstance(kwargs.get("transformer_cls_names_to_wrap"), str):
+        kwargs["transformer_cls_names_to_wrap"] = kwargs["transformer_cls_names_to_wrap"].split(",")
+    kwargs["fsdp_version"] = int(kwargs.get("fsdp_version", 2))
+    if kwargs["fsdp_version"] != 2:
+        raise UserError(
+            "accelerate config fsdp_config.fsdp_version: vlmtune supports FSDP2 only (set it to 2)"
+        )
     return FullyShardedDataParallelPlugin(**kwargs)

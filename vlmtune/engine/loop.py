@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from vlmtune.checkpoint.manager import CheckpointManager
 from vlmtune.config.schema import Recipe
 from vlmtune.data.sampler import StepSampler
+from vlmtune.engine.distributed import params_without_grad, strategy, unused_parameters_error
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
@@ -60,6 +61,14 @@ class Trainer:
         self.acc = c.accelerator
         self.sampler = c.sampler
         self.state = TrainState(global_batch=self.sampler.global_batch, total_steps=total_steps)
+        self.strategy = strategy(self.acc)
+        # fp16 overflow is the loss scaler's business (accelerate's, or DeepSpeed's own), not the NaN policy's.
+        self.loss_scaling = self.acc.scaler is not None or (
+            self.strategy == "deepspeed" and self.acc.mixed_precision == "fp16"
+        )
+        self._no_grad: list[
+            str
+        ] = []  # trainable parameters the first step left without gradient (DDP errors)
 
     def _batch(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
         batch = self.c.collator([data[i] for i in rows])
@@ -71,9 +80,19 @@ class Trainer:
         """Forward/backward every micro-batch of the window, then one optimizer step.
 
         Each micro-batch's summed loss is divided by the trained-token count of the whole global window, so the
-        update is the same however the window is split into micro-batches and ranks. accelerate divides by
-        grad_accum and DDP averages over ranks; the `scale` factor undoes both.
+        update is the same however the window is split into micro-batches and ranks. accelerate (or DeepSpeed)
+        divides by grad_accum and DDP / ZeRO / FSDP average over ranks; the `scale` factor undoes both. Under
+        DeepSpeed the optimizer steps inside the last `backward` (and skips a non-finite step itself).
         """
+        try:
+            return self._train_step(micro_batches)
+        except RuntimeError as exc:
+            err = unused_parameters_error(exc, self._no_grad)
+            if err is None:
+                raise
+            raise err from None
+
+    def _train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
         acc, model = self.acc, self.c.model
         local_tokens = sum(trained_tokens(mb["labels"]) for mb in micro_batches)
         window_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
@@ -88,13 +107,16 @@ class Trainer:
                 acc.backward(loss * scale)
             loss_sum += loss.detach()
 
+        if self.strategy == "ddp" and self.state.step == 0:
+            self._no_grad = params_without_grad(model)
         max_norm = self.c.recipe.train.max_grad_norm
-        grad_norm = float(acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf))
+        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         # Both values are global (summed loss, all-reduced gradients), so every rank takes the same decision.
         total_loss = float(acc.reduce(loss_sum, "sum"))
-        nonfinite = acc.scaler is None and not (math.isfinite(total_loss) and math.isfinite(grad_norm))
+        nonfinite = not self.loss_scaling and not (math.isfinite(total_loss) and math.isfinite(grad_norm))
         if nonfinite:
-            skipped = True  # an fp16 scaler handles overflow itself; without one, never apply NaN/Inf
+            skipped = True  # never apply NaN/Inf (DeepSpeed has already skipped it: see _deepspeed_plugin)
         else:
             self.c.optimizer.step()
             skipped = acc.optimizer_step_was_skipped  # fp16 overflow: the scaler skipped it

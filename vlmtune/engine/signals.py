@@ -6,14 +6,18 @@ by a max-reduce of their flags: if any rank was asked, all stop after the same s
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
 
 STOP_FILE = "STOP"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Set by `vlmtune launch` to when it started: a STOP file older than the launch was meant for an earlier run.
+LAUNCH_TIME_ENV = "VLMTUNE_LAUNCH_TIME"
 
 
 class StopWatcher:
@@ -25,6 +29,7 @@ class StopWatcher:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopWatcher:
+        self._drop_stale_stop_file()
         # Handlers can only be installed from the main thread (a notebook cell running in another thread cannot).
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
@@ -35,6 +40,15 @@ class StopWatcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def _drop_stale_stop_file(self) -> None:
+        """A STOP file from before this launch (left when a run ended right after it appeared) is not for us."""
+        started = float(os.environ.get(LAUNCH_TIME_ENV, time.time()))
+        try:
+            if self.stop_file.stat().st_mtime < started:
+                self.stop_file.unlink()
+        except FileNotFoundError:
+            pass
 
     def _on_signal(self, signum: int, frame) -> None:
         self.reason = signal.Signals(signum).name

@@ -18,8 +18,10 @@ def test_launcher_sharding_that_contradicts_the_recipe_is_refused(monkeypatch):
     check_launch({"distributed_type": "DEEPSPEED"})
 
 
-def test_process_count_must_match(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="expects num_processes 8 but this launch has 2"):
-        check_launch({"distributed_type": "MULTI_GPU", "num_processes": 8})
-    check_launch({"distributed_type": "MULTI_GPU", "num_processes": 2})
+def test_a_single_process_launch_of_a_multi_process_config_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError, match=r"expects 8 processes .* single-process launch"):
+        check_launch({"distributed_type": "DEEPSPEED", "num_processes": 8})
+    # Another process count than the file's is an ordinary override (more nodes, fewer GPUs).
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    check_launch({"distributed_type": "DEEPSPEED", "num_processes": 8})

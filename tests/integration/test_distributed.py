@@ -1,0 +1,176 @@
+"""Two CPU processes (gloo) under each shipped sharding config train like one process with the same global batch,
+save a complete, standard adapter, and resume exactly.
+
+Launched through `vlmtune launch`, from the shipped accelerate configs with only the process count and precision
+changed for CPU, so the configs users get are the ones tested.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "accelerate_configs"
+
+# config file → what the run must report after prepare()
+STRATEGIES = {
+    "ddp": "ddp over 2 process(es)",
+    "zero2": "deepspeed over 2 process(es), ZeRO-2",
+    "zero3": "deepspeed over 2 process(es), ZeRO-3",
+    "zero3_offload": "deepspeed over 2 process(es), ZeRO-3",
+    "fsdp2": "fsdp2 over 2 process(es)",
+}
+
+
+def cpu_config(name: str, out_dir: Path, processes: int = 2) -> Path:
+    """The shipped config `name`, for `processes` CPU processes in fp32."""
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    cfg.update(num_processes=processes, mixed_precision="no")
+    cfg.pop("gpu_ids", None)
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    recipe: Path, *overrides: str, procs: int, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
+    cmd = [sys.executable, "-m", "vlmtune.cli", "launch", str(recipe), *overrides]
+    cmd += ["--procs-per-node", str(procs), "--main-port", str(free_port()), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter/adapter_model.safetensors"))
+
+
+def max_diff(x: dict, y: dict) -> float:
+    assert x.keys() == y.keys()
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tiny_model_dir, tmp_path_factory) -> Path:
+    from tests.conftest import REPO as repo
+
+    tmp = tmp_path_factory.mktemp("dist")
+    recipe = {
+        "model": {"path": str(tiny_model_dir), "dtype": "float32"},
+        # No dropout and a small lr: Adam would magnify float noise in near-zero gradients into visible differences.
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": [{"path": str(repo / "data/demo/train.jsonl")}], "max_length": 256},
+        "train": {
+            "output_dir": str(tmp / "unused"), "micro_batch_size": 2, "grad_accum": 2, "lr": 1.0e-3,
+            "max_steps": 6, "warmup_ratio": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
+            "log_every": 1, "report_to": [],
+        },
+        "checkpoint": {"every": 3, "keep_last": 3},
+        "launch": {"accelerate_config": str(CONFIGS / "cpu.yaml")},
+    }  # fmt: skip
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(recipe_file) -> Path:
+    """One process, micro-batch 4 × accumulation 2: the same global batch of 8 as 2 processes × 2 × 2."""
+    out = recipe_file.parent / "single"
+    launch(recipe_file, f"train.output_dir={out}", "train.micro_batch_size=4", procs=1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_two_processes_match_one_and_resume_exactly(name, recipe_file, reference, tmp_path):
+    config = cpu_config(name, tmp_path)
+    out = tmp_path / "run"
+    args = (f"train.output_dir={out}", f"launch.accelerate_config={config}")
+    proc = launch(recipe_file, *args, "train.gradient_checkpointing=true", procs=2)
+    assert STRATEGIES[name] in proc.stderr
+    assert "global batch 8 = 2 micro × 2 accum × 2 processes" in proc.stderr
+    assert proc.stderr.count("saved checkpoint") == 2  # rank 0 alone reports
+
+    # Same losses and adapter as one process; the adapter is complete (gathered from shards) and standard.
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-5)
+    final = adapter(out)
+    assert max_diff(final, adapter(reference)) < 2e-5
+    assert all(t.numel() > 0 for t in final.values())
+    ckpt = out / "checkpoints/step-6"
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+
+    # Lose everything after step 3, as a crash would, and resume with the same two processes.
+    shutil.rmtree(ckpt)
+    shutil.rmtree(out / "adapter")
+    proc = launch(recipe_file, *args, "train.gradient_checkpointing=true", procs=2)
+    assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
+    assert max_diff(adapter(out), final) < 1e-6
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_launchers_as_two_nodes_match_one_node(recipe_file, reference, tmp_path):
+    """`vlmtune launch --nodes 2 --node-rank 0|1` on one machine behaves like one node with two processes."""
+    config = cpu_config("ddp", tmp_path)
+    out = tmp_path / "run"
+    port = str(free_port())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "vlmtune.cli", "launch", str(recipe_file), f"train.output_dir={out}"]
+    base += [f"launch.accelerate_config={config}", "--nodes", "2", "--procs-per-node", "1"]
+    base += ["--main-ip", "127.0.0.1", "--main-port", port]
+    nodes = [
+        subprocess.Popen(
+            [*base, "--node-rank", str(rank)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[1] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "ddp over 2 process(es)" in logs[0]
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-5)
+    assert max_diff(adapter(out), adapter(reference)) < 2e-5
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_refuses_another_process_count(recipe_file, tmp_path):
+    config = cpu_config("zero2", tmp_path)
+    out = tmp_path / "run"
+    launch(
+        recipe_file,
+        f"train.output_dir={out}",
+        f"launch.accelerate_config={config}",
+        "train.max_steps=3",
+        procs=2,
+    )
+    one = cpu_config("zero2", tmp_path / "one", processes=1) if (tmp_path / "one").mkdir() is None else None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vlmtune.cli", "launch", str(recipe_file), f"train.output_dir={out}"]
+    cmd += [f"launch.accelerate_config={one}", "train.max_steps=6", "--procs-per-node", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "saved under deepspeed with 2 process(es)" in proc.stderr
+    assert (out / "checkpoints/step-3/COMPLETE").is_file()  # nothing damaged

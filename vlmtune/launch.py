@@ -1,0 +1,161 @@
+"""`vlmtune launch`: compose `accelerate launch` from the recipe, so nothing is hand-edited per node.
+
+The recipe names its accelerate config; this module adds the machine count, this machine's rank, the rendezvous
+and the process count (from the flags, else the config, else the visible GPUs), plus environment defaults that
+turn silent hangs into errors. It then runs the launcher as a child and supervises it: SIGTERM / SIGUSR1 (a
+scheduler's preemption warning) become a STOP file in the run's output folder, which every rank honours at the
+next step boundary (checkpoint, exit 75). Launchers neither forward SIGUSR1 nor wait long after SIGTERM, so
+signalling the workers directly would lose the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmtune.engine.signals import LAUNCH_TIME_ENV, SIGNALS, STOP_FILE
+from vlmtune.errors import UserError
+from vlmtune.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_PORT = 29500
+
+# Defaults for every worker; a value already in the environment wins. See docs/distributed.md.
+DIST_ENV_DEFAULTS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed or hung collective raises instead of blocking forever
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # and says which collective it was
+    "NCCL_DEBUG": "WARN",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class LaunchPlan:
+    command: list[str]
+    env: dict[str, str]  # only what differs from the caller's environment
+    output_dir: Path
+    world_size: int
+
+
+def plan_launch(
+    recipe_path: str,
+    overrides: list[str],
+    *,
+    nodes: int | None = None,
+    node_rank: int = 0,
+    main_ip: str | None = None,
+    main_port: int | None = None,
+    procs_per_node: int | None = None,
+) -> LaunchPlan:
+    """The `accelerate launch` command and environment that run the recipe on this node."""
+    from vlmtune.config.checks import environment_problems, load_accelerate_config, resolve_path
+    from vlmtune.config.load import load_recipe
+    from vlmtune.errors import RecipeError
+
+    recipe = load_recipe(recipe_path, overrides)
+    problems = environment_problems(recipe)
+    if problems:
+        raise RecipeError(problems, source=recipe_path)
+    cfg = load_accelerate_config(recipe)
+    dist = str(cfg.get("distributed_type", "NO"))
+
+    nodes = nodes or int(cfg.get("num_machines", 1) or 1)
+    if not 0 <= node_rank < nodes:
+        raise UserError(f"--node-rank {node_rank} is outside 0..{nodes - 1} for {nodes} node(s)")
+    on_cpu = bool(cfg.get("use_cpu")) or _gpu_count() == 0
+    if procs_per_node is None:
+        configured = cfg.get("num_processes")
+        if dist == "NO":
+            procs_per_node = 1
+        elif configured and not on_cpu:
+            procs_per_node = min(int(configured) // nodes or 1, _gpu_count())
+        else:
+            procs_per_node = int(configured) // nodes if configured else max(_gpu_count(), 1)
+    world = nodes * procs_per_node
+    if nodes > 1 and not main_ip:
+        raise UserError("--main-ip is required with more than one node (the address of the node with rank 0)")
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    config_file = recipe.launch.accelerate_config
+    if config_file:
+        cmd += ["--config_file", str(resolve_path(config_file, recipe._base_dir))]
+    cmd += ["--num_machines", str(nodes), "--num_processes", str(world), "--machine_rank", str(node_rank)]
+    cmd += [
+        "--main_process_ip",
+        main_ip or "127.0.0.1",
+        "--main_process_port",
+        str(main_port or DEFAULT_PORT),
+    ]
+    env = {k: v for k, v in DIST_ENV_DEFAULTS.items() if k not in os.environ}
+    if world > 1 and dist in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        cmd.append("--multi_gpu")  # plain DDP; with ACCELERATE_USE_CPU this is gloo DDP on CPU
+    if dist == "DEEPSPEED" and nodes > 1:
+        cmd += ["--deepspeed_multinode_launcher", "standard"]  # one launcher per node, no pdsh / hostfile
+    if on_cpu:
+        if (
+            dist != "DEEPSPEED"
+        ):  # accelerate turns DeepSpeed off when told to use the CPU; it runs there anyway
+            env["ACCELERATE_USE_CPU"] = "true"
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Processes sharing the cores each with all threads run many times slower (seen: 13× with DeepSpeed).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs_per_node))
+    cmd += ["-m", "vlmtune.train", recipe_path, *overrides]
+    output_dir = Path(recipe.train.output_dir).expanduser().resolve()
+    return LaunchPlan(command=cmd, env=env, output_dir=output_dir, world_size=world)
+
+
+def run_plan(plan: LaunchPlan) -> int:
+    """Run the launcher and return the workers' exit code; preemption signals become a STOP file for them."""
+    stop_file = plan.output_dir / STOP_FILE
+
+    def request_stop(signum, _frame) -> None:
+        log.warning("%s received: asking the run to checkpoint and stop", signal.Signals(signum).name)
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        stop_file.write_text(f"{signal.Signals(signum).name}\n")
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in SIGNALS}
+    with tempfile.TemporaryDirectory(prefix="vlmtune-exit-") as exit_dir:
+        env = {**os.environ, **plan.env, "VLMTUNE_EXIT_DIR": exit_dir, LAUNCH_TIME_ENV: str(time.time())}
+        # Its own session: a scheduler signalling the job step reaches this supervisor, which decides for the
+        # workers, rather than killing the launcher mid-checkpoint.
+        child = subprocess.Popen(plan.command, env=env, start_new_session=True)
+        try:
+            while True:
+                try:
+                    code = child.wait()
+                    break
+                except KeyboardInterrupt:
+                    child.send_signal(signal.SIGINT)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return code and _workers_exit_code(Path(exit_dir), code)
+
+
+def _workers_exit_code(exit_dir: Path, launcher_code: int) -> int:
+    """The first non-zero code a worker reported (by rank), else the launcher's own."""
+    reported = sorted(exit_dir.glob("rank-*"), key=lambda p: int(p.name.split("-")[1]))
+    codes = [int(p.read_text() or 0) for p in reported]
+    return next((c for c in codes if c), launcher_code)
+
+
+def format_plan(plan: LaunchPlan) -> str:
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
+    return f"{env} {shlex.join(plan.command)}".strip()
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no usable CUDA means CPU
+        return 0
