@@ -8,9 +8,11 @@ changed for CPU, so the configs users get are the ones tested.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,65 @@ def test_a_sharded_checkpoint_refuses_another_process_count(recipe_file, tmp_pat
     assert proc.returncode == 2
     assert "saved under deepspeed with 2 process(es)" in proc.stderr
     assert (out / "checkpoints/step-3/COMPLETE").is_file()  # nothing damaged
+
+
+QLORA = "quant={bits: 4, compute_dtype: float32, storage_dtype: float32}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_qlora_with_sharded_weights_matches_one_process(name, recipe_file, tmp_path):
+    """4-bit weights stored in the model's float dtype can be sharded; the result equals unsharded QLoRA."""
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    steps = ("train.max_steps=3", "checkpoint.every=0")
+    launch(recipe_file, f"train.output_dir={single}", "train.micro_batch_size=4", QLORA, *steps, procs=1)
+    config = cpu_config(name, tmp_path)
+    proc = launch(
+        recipe_file,
+        f"train.output_dir={sharded}",
+        f"launch.accelerate_config={config}",
+        QLORA,
+        *steps,
+        procs=2,
+    )
+    assert STRATEGIES[name] in proc.stderr
+    assert losses(sharded) == pytest.approx(losses(single), abs=1e-5)
+    assert max_diff(adapter(sharded), adapter(single)) < 2e-5
+
+
+@pytest.mark.slow
+def test_preempting_the_launcher_checkpoints_exits_75_and_resumes(recipe_file, tmp_path):
+    """SIGUSR1 to `vlmtune launch` (what a scheduler sends): every rank stops at the same step with a checkpoint,
+    the launcher exits 75 (not torchrun's 1), and the same command resumes to the uninterrupted result."""
+    config = cpu_config("ddp", tmp_path)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    common = (f"launch.accelerate_config={config}", "train.max_steps=40", "checkpoint.every=0")
+    launch(recipe_file, f"train.output_dir={whole}", *common, procs=2)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmtune.cli",
+        "launch",
+        str(recipe_file),
+        f"train.output_dir={cut}",
+        *common,
+    ]
+    cmd += ["--procs-per-node", "2", "--main-port", str(free_port())]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 75, err[-3000:]
+    [ckpt] = (cut / "checkpoints").iterdir()
+    assert 2 <= int(ckpt.name.split("-")[1]) < 40
+    assert not (cut / "STOP").exists()
+
+    proc = launch(recipe_file, f"train.output_dir={cut}", *common, procs=2)
+    assert "resumed from" in proc.stderr
+    assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
+    assert max_diff(adapter(cut), adapter(whole)) < 1e-6

@@ -111,7 +111,35 @@ CATALOGUE = {
         ),
         "quant.bits: 8-bit weights cannot be sharded by ZeRO-3",
     ),
+    "4-bit stored as uint8 under FSDP2": (
+        lambda r: (
+            r.update(quant={"bits": 4, "storage_dtype": "uint8"})
+            or r["launch"].update(accelerate_config=str(REPO / "accelerate_configs/fsdp2.yaml"))
+        ),
+        "quant.storage_dtype: ZeRO-3 / FSDP shard 4-bit weights only when they are stored in the model's float "
+        "dtype; set quant.storage_dtype: float32",
+    ),
+    "FSDP1 config": (
+        lambda r: r["launch"].update(
+            accelerate_config=_accel_file(r, {"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 1}})
+        ),
+        "fsdp_version 1: vlmtune supports FSDP2 only",
+    ),
+    "typo in fsdp_config": (
+        lambda r: r["launch"].update(
+            accelerate_config=_accel_file(
+                r, {"distributed_type": "FSDP", "fsdp_config": {"fsdp_reshard_after_froward": True}}
+            )
+        ),
+        "unknown fsdp_config key 'fsdp_reshard_after_froward'",
+    ),
 }
+
+
+def _accel_file(recipe: dict, cfg: dict) -> str:
+    path = Path(recipe["train"]["output_dir"]).parent / "accel.yaml"
+    path.write_text(yaml.safe_dump({"num_processes": 2, **cfg}))
+    return str(path)
 
 
 @pytest.mark.parametrize("case", list(CATALOGUE), ids=list(CATALOGUE))

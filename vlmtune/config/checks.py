@@ -142,10 +142,36 @@ def environment_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
+# accelerate config file `fsdp_config` keys (without their `fsdp_` prefix) → FullyShardedDataParallelPlugin fields.
+FSDP_KEYS = {
+    "version": "fsdp_version", "offload_params": "cpu_offload",
+    "transformer_layer_cls_to_wrap": "transformer_cls_names_to_wrap",
+    **{k: k for k in (
+        "reshard_after_forward", "auto_wrap_policy", "state_dict_type", "cpu_ram_efficient_loading",
+        "activation_checkpointing", "sync_module_states", "use_orig_params", "forward_prefetch",
+        "backward_prefetch", "sharding_strategy", "min_num_params",
+    )},
+}  # fmt: skip
+
+
+def fsdp_problems(fsdp: dict) -> list[str]:
+    problems = []
+    for key in fsdp:
+        if key.removeprefix("fsdp_") not in FSDP_KEYS:
+            known = ", ".join(sorted("fsdp_" + k for k in FSDP_KEYS))
+            problems.append(f"launch.accelerate_config: unknown fsdp_config key {key!r} (known: {known})")
+    version = fsdp.get("fsdp_version", fsdp.get("version", 2))
+    if str(version) != "2":
+        problems.append(
+            f"launch.accelerate_config: fsdp_version {version}: vlmtune supports FSDP2 only; set fsdp_version: 2"
+        )
+    return problems
+
+
 def _accelerate_problems(recipe: Recipe, accel: dict) -> list[str]:
     dist = str(accel.get("distributed_type", "NO"))
     ds = accel.get("deepspeed_config") or {}
-    problems = []
+    problems = fsdp_problems(accel.get("fsdp_config") or {}) if dist == "FSDP" else []
     if dist == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         problems.append("launch.accelerate_config: DeepSpeed config but deepspeed is not installed")
     q = recipe.quant
@@ -156,10 +182,10 @@ def _accelerate_problems(recipe: Recipe, accel: dict) -> list[str]:
                 "quant.bits: 8-bit weights cannot be sharded by ZeRO-3 / FSDP; use 4-bit with "
                 "quant.storage_dtype bfloat16, or ZeRO-2 / DDP"
             )
-        elif q.storage_dtype == "uint8":
+        elif q.storage_dtype != recipe.model.dtype:
             problems.append(
-                "quant.storage_dtype: ZeRO-3 / FSDP shard 4-bit weights only when they are stored in the "
-                "float dtype of the model; set quant.storage_dtype: bfloat16"
+                f"quant.storage_dtype: ZeRO-3 / FSDP shard 4-bit weights only when they are stored in the "
+                f"model's float dtype; set quant.storage_dtype: {recipe.model.dtype} (now {q.storage_dtype})"
             )
     return problems
 

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
-from vlmtune.config.checks import resolve_path
+from vlmtune.config.checks import FSDP_KEYS, fsdp_problems, resolve_path
 from vlmtune.config.schema import Recipe
 from vlmtune.engine.distributed import enable_fsdp_on_cpu
 from vlmtune.errors import UserError
@@ -54,7 +54,10 @@ def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
     if dist == "DEEPSPEED":
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(recipe, accel_cfg.get("deepspeed_config") or {})
     elif dist == "FSDP":
-        kwargs["fsdp_plugin"] = _fsdp_plugin(accel_cfg.get("fsdp_config") or {})
+        fsdp = accel_cfg.get("fsdp_config") or {}
+        if problems := fsdp_problems(fsdp):
+            raise UserError("; ".join(problems))
+        kwargs["fsdp_plugin"] = _fsdp_plugin(fsdp)
     if t.mixed_precision == "fp16" and on_cpu:
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
     accelerator = Accelerator(**kwargs)
@@ -114,34 +117,11 @@ def _deepspeed_plugin(recipe: Recipe, ds: dict) -> DeepSpeedPlugin:
     return plugin
 
 
-# accelerate's config file keys (without their `fsdp_` prefix) → FullyShardedDataParallelPlugin arguments.
-_FSDP_RENAMED = {
-    "version": "fsdp_version",
-    "offload_params": "cpu_offload",
-    "transformer_layer_cls_to_wrap": "transformer_cls_names_to_wrap",
-}
-_FSDP_SAME = {
-    "reshard_after_forward", "auto_wrap_policy", "state_dict_type", "cpu_ram_efficient_loading",
-    "activation_checkpointing", "sync_module_states", "use_orig_params", "forward_prefetch", "backward_prefetch",
-    "sharding_strategy", "min_num_params",
-}  # fmt: skip
-
-
 def _fsdp_plugin(fsdp: dict) -> FullyShardedDataParallelPlugin:
-    kwargs = {}
-    for key, value in fsdp.items():
-        name = key.removeprefix("fsdp_")
-        if name not in _FSDP_RENAMED and name not in _FSDP_SAME:
-            known = ", ".join(sorted("fsdp_" + k for k in (*_FSDP_RENAMED, *_FSDP_SAME)))
-            raise UserError(f"accelerate config fsdp_config: unknown key {key!r}; known keys: {known}")
-        kwargs[_FSDP_RENAMED.get(name, name)] = value
+    kwargs = {FSDP_KEYS[k.removeprefix("fsdp_")]: v for k, v in fsdp.items()}  # keys checked by fsdp_problems
     if isinstance(kwargs.get("auto_wrap_policy"), str):
         kwargs["auto_wrap_policy"] = kwargs["auto_wrap_policy"].lower()
     if isinstance(kwargs.get("transformer_cls_names_to_wrap"), str):
         kwargs["transformer_cls_names_to_wrap"] = kwargs["transformer_cls_names_to_wrap"].split(",")
-    kwargs["fsdp_version"] = int(kwargs.get("fsdp_version", 2))
-    if kwargs["fsdp_version"] != 2:
-        raise UserError(
-            "accelerate config fsdp_config.fsdp_version: vlmtune supports FSDP2 only (set it to 2)"
-        )
+    kwargs["fsdp_version"] = 2
     return FullyShardedDataParallelPlugin(**kwargs)

@@ -65,7 +65,10 @@ def load_model(
     }
     if quant is not None:
         kwargs["quantization_config"] = bnb_config(quant)
-        kwargs["device_map"] = {"": device}
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the weights itself
+            kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:

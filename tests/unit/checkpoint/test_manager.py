@@ -14,6 +14,7 @@ from vlmtune.errors import UserError
 class _OneProcess:
     """The slice of accelerate.Accelerator that the manager uses, for one process."""
 
+    distributed_type = "NO"
     is_main_process = True
     process_index = 0
     num_processes = 1

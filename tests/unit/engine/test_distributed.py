@@ -1,0 +1,68 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from vlmtune.engine.distributed import (
+    check_sharding,
+    configure_ddp,
+    params_without_grad,
+    strategy,
+    unused_parameters_error,
+)
+from vlmtune.errors import UserError
+
+
+def _acc(dist=DistributedType.MULTI_GPU, n=2):
+    return SimpleNamespace(distributed_type=dist, num_processes=n, ddp_handler=None)
+
+
+class _VLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision_tower = torch.nn.Linear(2, 2)
+        self.language_model = torch.nn.Linear(2, 2)
+
+    def forward(self, x, image=None):
+        return self.language_model(x if image is None else x + self.vision_tower(image))
+
+
+def test_strategy_names():
+    assert strategy(_acc(DistributedType.NO, 1)) == "none"
+    assert strategy(_acc(DistributedType.MULTI_CPU, 2)) == "ddp"
+    assert strategy(_acc(DistributedType.DEEPSPEED)) == "deepspeed"
+    assert strategy(_acc(DistributedType.FSDP)) == "fsdp2"
+
+
+def test_unused_parameter_detection_is_on_only_when_a_trainable_part_can_be_skipped():
+    model, acc = _VLM(), _acc()
+    assert configure_ddp(acc, model) == ["vision_tower.weight", "vision_tower.bias"]
+    assert acc.ddp_handler.find_unused_parameters
+    model.vision_tower.requires_grad_(False)  # a frozen tower needs no detection
+    assert configure_ddp(acc, model) == [] and not acc.ddp_handler.find_unused_parameters
+
+
+def test_ddps_unused_parameter_error_names_the_parameters():
+    model = _VLM()
+    model(torch.ones(1, 2)).sum().backward()  # a text-only batch: the tower gets no gradient
+    names = params_without_grad(model)
+    assert names == ["vision_tower.weight", "vision_tower.bias"]
+    ddp_error = RuntimeError(
+        "Expected to have finished reduction in the prior iteration before starting a new one"
+    )
+    err = unused_parameters_error(ddp_error, names)
+    assert isinstance(err, UserError) and "vision_tower.weight, vision_tower.bias" in str(err)
+    assert unused_parameters_error(RuntimeError("CUDA out of memory"), names) is None
+
+
+def test_a_silent_fallback_to_ddp_is_caught_after_prepare():
+    with pytest.raises(UserError, match="asks for fsdp2 but ddp is in effect"):
+        check_sharding(_acc(DistributedType.MULTI_CPU), torch.nn.Linear(2, 2), {"distributed_type": "FSDP"})
+    with pytest.raises(UserError, match="asks for deepspeed but none is in effect"):
+        check_sharding(_acc(DistributedType.NO, 1), torch.nn.Linear(2, 2), {"distributed_type": "DEEPSPEED"})
+    with pytest.raises(UserError, match="not DistributedDataParallel"):
+        check_sharding(
+            _acc(DistributedType.MULTI_GPU), torch.nn.Linear(2, 2), {"distributed_type": "MULTI_GPU"}
+        )
+    check_sharding(_acc(DistributedType.NO, 1), torch.nn.Linear(2, 2), {"distributed_type": "NO"})
