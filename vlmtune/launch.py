@@ -83,7 +83,7 @@ def plan_launch(
     if nodes > 1 and not main_ip:
         raise UserError("--main-ip is required with more than one node (the address of the node with rank 0)")
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [sys.executable, "-m", "vlmtune.launch"]  # `accelerate launch`, see accelerate_launch()
     config_file = recipe.launch.accelerate_config
     if config_file:
         cmd += ["--config_file", str(resolve_path(config_file, recipe._base_dir))]
@@ -152,6 +152,25 @@ def format_plan(plan: LaunchPlan) -> str:
     return f"{env} {shlex.join(plan.command)}".strip()
 
 
+def accelerate_launch(argv: list[str]) -> int:
+    """`accelerate launch argv`, minus torchrun's traceback when workers fail.
+
+    The workers have printed their own error (or traceback, for a bug); torchrun's `ChildFailedError` stack on
+    top of it only buries it. One line names the failed ranks instead, and `vlmtune launch` reports the
+    workers' own exit codes.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        failed = ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(exc.failures.items()))
+        print(f"launcher: workers stopped ({failed})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _gpu_count() -> int:
     try:
         import torch
@@ -159,3 +178,7 @@ def _gpu_count() -> int:
         return torch.cuda.device_count()
     except Exception:  # no usable CUDA means CPU
         return 0
+
+
+if __name__ == "__main__":
+    sys.exit(accelerate_launch(sys.argv[1:]))

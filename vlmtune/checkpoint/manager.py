@@ -128,7 +128,8 @@ class CheckpointManager:
         kind = strategy(acc)
         saved = json.loads((path / MARKER).read_text())
         saved_kind, saved_world = saved.get("strategy", "none"), saved.get("world_size", 1)
-        if _family(saved_kind) != _family(kind) or (kind == "deepspeed" and saved_world != acc.num_processes):
+        sharded = kind in ("deepspeed", "fsdp2")  # per-rank files: the same process count is needed
+        if _family(saved_kind) != _family(kind) or (sharded and saved_world != acc.num_processes):
             raise UserError(
                 f"checkpoint {path} was saved under {saved_kind} with {saved_world} process(es); this run uses "
                 f"{kind} with {acc.num_processes}. Resume with the same accelerate config and process count, "

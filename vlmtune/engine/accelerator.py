@@ -18,6 +18,9 @@ from vlmtune.config.checks import FSDP_KEYS, fsdp_problems, resolve_path
 from vlmtune.config.schema import Recipe
 from vlmtune.engine.distributed import enable_fsdp_on_cpu
 from vlmtune.errors import UserError
+from vlmtune.logging import get_logger
+
+log = get_logger(__name__)
 
 
 def _minutes(var: str, default: int) -> timedelta:
@@ -63,6 +66,11 @@ def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
     accelerator = Accelerator(**kwargs)
     if dist == "FSDP" and on_cpu and distributed:
         enable_fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
+    if accelerator.mixed_precision != t.mixed_precision:  # accelerate drops it for multi-process CPU runs
+        log.warning(
+            "train.mixed_precision %s is not in effect here (%s): this run trains in %s",
+            t.mixed_precision, accelerator.distributed_type, accelerator.mixed_precision,
+        )  # fmt: skip
     return accelerator
 
 
