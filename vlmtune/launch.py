@@ -94,6 +94,8 @@ def plan_launch(
         "--main_process_port",
         str(main_port or DEFAULT_PORT),
     ]
+    # The recipe decides the precision; under DeepSpeed the config file's value would otherwise win.
+    cmd += ["--mixed_precision", recipe.train.mixed_precision]
     env = {k: v for k, v in DIST_ENV_DEFAULTS.items() if k not in os.environ}
     if world > 1 and dist in ("NO", "MULTI_GPU", "MULTI_CPU"):
         cmd.append("--multi_gpu")  # plain DDP; with ACCELERATE_USE_CPU this is gloo DDP on CPU
@@ -124,9 +126,11 @@ def run_plan(plan: LaunchPlan) -> int:
     previous = {sig: signal.signal(sig, request_stop) for sig in SIGNALS}
     with tempfile.TemporaryDirectory(prefix="vlmtune-exit-") as exit_dir:
         env = {**os.environ, **plan.env, "VLMTUNE_EXIT_DIR": exit_dir, LAUNCH_TIME_ENV: str(time.time())}
-        # Its own session: a scheduler signalling the job step reaches this supervisor, which decides for the
-        # workers, rather than killing the launcher mid-checkpoint.
-        child = subprocess.Popen(plan.command, env=env, start_new_session=True)
+        # Schedulers signal every process of the job step (Slurm's proctrack does, whatever the session), and
+        # SIGUSR1 would kill the launcher, orphaning the workers mid-checkpoint. So the launcher and workers
+        # start with it ignored; the workers install their own handler once training runs, and this supervisor
+        # turns it into a STOP file that every rank honours.
+        child = subprocess.Popen(plan.command, env=env, start_new_session=True, preexec_fn=_ignore_sigusr1)
         try:
             while True:
                 try:
@@ -138,6 +142,10 @@ def run_plan(plan: LaunchPlan) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return code and _workers_exit_code(Path(exit_dir), code)
+
+
+def _ignore_sigusr1() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _workers_exit_code(exit_dir: Path, launcher_code: int) -> int:

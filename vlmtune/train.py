@@ -174,10 +174,12 @@ def _report_exit_code(code: int) -> None:
     """Tell `vlmtune launch` this rank's exit code: torchrun reports any worker failure as exit 1, which would
     hide a preemption (75, requeue) or a user error (2) from the scheduler."""
     import os
+    from contextlib import suppress
 
     folder = os.environ.get("VLMTUNE_EXIT_DIR")
     if folder:
-        Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+        with suppress(OSError):  # the launcher is gone (killed): nobody is left to read it
+            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
 def _main(argv: list[str]) -> int:

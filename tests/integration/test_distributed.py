@@ -238,3 +238,19 @@ def test_preempting_the_launcher_checkpoints_exits_75_and_resumes(recipe_file, t
     assert "resumed from" in proc.stderr
     assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
     assert max_diff(adapter(cut), adapter(whole)) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_the_recipes_bf16_is_in_effect_under_sharding(name, recipe_file, reference, tmp_path):
+    """The recipe's precision wins over the accelerate config's (DeepSpeed would otherwise take the file's)."""
+    config = cpu_config(name, tmp_path)  # the file says mixed_precision: "no"
+    out = tmp_path / "run"
+    bf16 = ("train.mixed_precision=bf16", "model.dtype=bfloat16", "train.max_steps=3", "checkpoint.every=0")
+    proc = launch(
+        recipe_file, f"train.output_dir={out}", f"launch.accelerate_config={config}", *bf16, procs=2
+    )
+    assert "is not in effect" not in proc.stderr
+    got, fp32 = losses(out), losses(reference)[:3]
+    assert got != pytest.approx(fp32, abs=1e-6)  # really in bf16 ...
+    assert got == pytest.approx(fp32, abs=5e-3)  # ... and still the same training

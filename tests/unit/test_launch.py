@@ -37,6 +37,7 @@ def test_multi_node_deepspeed_gets_rank_rendezvous_and_one_launcher_per_node(tmp
     )
     assert (_flag(cmd, "--main_process_ip"), _flag(cmd, "--main_process_port")) == ("10.0.0.1", "1234")
     assert _flag(cmd, "--deepspeed_multinode_launcher") == "standard"
+    assert _flag(cmd, "--mixed_precision") == "no"  # the recipe's, whatever the config file says
     assert _flag(cmd, "--config_file") == str(tmp_path / "accel.yaml")
     assert cmd[-4:] == ["-m", "vlmtune.train", recipe, "train.lr=1e-4"]
     assert "--multi_gpu" not in cmd and plan.world_size == 16

@@ -118,7 +118,9 @@ def _deepspeed_plugin(recipe: Recipe, ds: dict) -> DeepSpeedPlugin:
     cfg["gradient_clipping"] = t.max_grad_norm or 0.0  # the recipe decides, also over a JSON file's value
     if t.mixed_precision == "bf16":
         # Skip a step whose gradient norm is NaN/Inf (DeepSpeed does so for fp32 and fp16, for bf16 only if asked).
-        cfg.setdefault("bf16", {})["check_grad_overflow"] = True
+        bf16 = cfg.setdefault("bf16", {})
+        bf16.setdefault("enabled", True)  # accelerate fills "enabled" only when the section is absent
+        bf16["check_grad_overflow"] = True
     # Offloaded optimizer state: a LoRA's few million parameters step fast enough with torch's AdamW on the CPU,
     # which also keeps results equal to the other launch modes (DeepSpeedCPUAdam needs a ~1 min JIT build).
     cfg["zero_force_ds_cpu_optimizer"] = False
