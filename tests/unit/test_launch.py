@@ -5,8 +5,11 @@ import sys
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from vlmtune.errors import UserError
 from vlmtune.launch import _workers_exit_code, format_plan, plan_launch
+
+CONFIGS = REPO / "accelerate_configs"
 
 
 def _recipe(tmp_path, tiny_recipe, accel: dict) -> str:
@@ -53,6 +56,19 @@ def test_ddp_on_cpu_uses_multi_gpu_with_the_cpu_switch_and_splits_threads(tmp_pa
     assert plan.env["ACCELERATE_USE_CPU"] == "true" and int(plan.env["OMP_NUM_THREADS"]) >= 1
     assert plan.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert "ACCELERATE_USE_CPU=true" in format_plan(plan)
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_accelerate_config_validates_and_launches(config, tmp_path, tiny_recipe):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(launch={"accelerate_config": str(config)})))
+    cfg = yaml.safe_load(config.read_text())
+    nodes = int(cfg.get("num_machines", 1))
+    plan = plan_launch(
+        str(recipe), [], nodes=nodes, main_ip="10.0.0.1" if nodes > 1 else None, procs_per_node=2
+    )
+    assert _flag(plan.command, "--config_file") == str(config)
+    assert plan.world_size == nodes * 2
 
 
 def test_flags_that_cannot_work_are_refused(tmp_path, tiny_recipe):

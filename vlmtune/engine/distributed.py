@@ -165,11 +165,10 @@ def trainable_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
 
 def set_collective_timeout(accelerator, timeout: timedelta) -> None:
     """Change the default process group's timeout once loading is over (a hang then fails in minutes, not hours)."""
-    if accelerator.num_processes < 2 or not torch.distributed.is_initialized():
+    dist = torch.distributed
+    if accelerator.num_processes < 2 or not dist.is_initialized():
         return
     try:
-        from torch.distributed.distributed_c10d import _get_default_group, _set_pg_timeout
-
-        _set_pg_timeout(timeout, _get_default_group())
-    except (ImportError, AttributeError, RuntimeError) as exc:  # private API: degrade to the loading timeout
+        dist.set_timeout(timeout)
+    except (AttributeError, RuntimeError) as exc:  # older torch, or a backend without it: keep the loading one
         log.warning("could not shorten the collective timeout (%s); keeping the loading timeout", exc)

@@ -1,3 +1,4 @@
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -66,3 +67,23 @@ def test_a_silent_fallback_to_ddp_is_caught_after_prepare():
             _acc(DistributedType.MULTI_GPU), torch.nn.Linear(2, 2), {"distributed_type": "MULTI_GPU"}
         )
     check_sharding(_acc(DistributedType.NO, 1), torch.nn.Linear(2, 2), {"distributed_type": "NO"})
+
+
+def test_the_collective_timeout_is_shortened_after_loading(monkeypatch):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from vlmtune.engine.distributed import set_collective_timeout
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(minutes=60))
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        set_collective_timeout(_acc(n=2), timedelta(minutes=3))
+        assert backend.options._timeout == timedelta(minutes=3)
+    finally:
+        dist.destroy_process_group()
