@@ -90,12 +90,8 @@ def check_sharding(accelerator, model, accel_cfg: dict) -> None:
             f"sharding check failed after prepare(): {problem} ({world} process(es)). Launch with "
             "`vlmtune launch RECIPE` (or `accelerate launch --config_file <the recipe's accelerate config>`)"
         )
-    log.info(
-        "distributed: %s over %d process(es)%s",
-        have,
-        world,
-        f", ZeRO-{zero_stage(accelerator)}" * (have == "deepspeed"),
-    )
+    stage = f", ZeRO-{zero_stage(accelerator)}" if have == "deepspeed" else ""
+    log.info("distributed: %s over %d process(es)%s", have, world, stage)
 
 
 # Parts of a model that a forward may skip (a vision tower or projector on a text-only batch). Their trainable
@@ -170,5 +166,5 @@ def set_collective_timeout(accelerator, timeout: timedelta) -> None:
         return
     try:
         dist.set_timeout(timeout)
-    except (AttributeError, RuntimeError) as exc:  # older torch, or a backend without it: keep the loading one
+    except (AttributeError, RuntimeError) as exc:  # older torch, or a backend without it
         log.warning("could not shorten the collective timeout (%s); keeping the loading timeout", exc)

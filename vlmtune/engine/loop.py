@@ -66,9 +66,8 @@ class Trainer:
         self.loss_scaling = self.acc.scaler is not None or (
             self.strategy == "deepspeed" and self.acc.mixed_precision == "fp16"
         )
-        self._no_grad: list[
-            str
-        ] = []  # trainable parameters the first step left without gradient (DDP errors)
+        # Trainable parameters the first step left without a gradient, named if DDP then fails on them.
+        self._no_grad: list[str] = []
 
     def _batch(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
         batch = self.c.collator([data[i] for i in rows])
