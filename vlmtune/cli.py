@@ -2,6 +2,7 @@
 
 vlmtune validate RECIPE [key=value ...]   check a recipe without loading weights
 vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one process)
+vlmtune data-check RECIPE [key=value ...] [--show N]   scan all data: problems, lengths, what training would do
 vlmtune launch RECIPE [key=value ...] [--nodes N --node-rank R --main-ip IP ...]
                                           `accelerate launch` composed from the recipe, for one node or many
 """
@@ -43,6 +44,33 @@ def _validate(args: argparse.Namespace) -> int:
     )
     print(f"  output     {t.output_dir}")
     return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlmtune.config.load import load_recipe
+    from vlmtune.data.check import format_report, render_example, scan, verdict, write_problems
+    from vlmtune.model.load import load_tokenizer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tokenizer = load_tokenizer(recipe.model, recipe._base_dir)
+    reports = scan(recipe, tokenizer)
+    print(format_report(recipe, reports))
+    path = Path(args.bad_rows or Path(recipe.train.output_dir).expanduser() / "data-check" / "bad_rows.jsonl")
+    n = write_problems(reports, path)
+    if n:
+        print(f"problem rows: {path} ({n})")
+    train = next((r.dataset for r in reports if r.name == "train" and r.dataset), None)
+    for i in range(min(args.show, len(train) if train else 0)):
+        print(f"\n--- train example {i} ({len(train[i]['input_ids'])} tokens; trained tokens marked) ---")
+        print(render_example(train[i], tokenizer))
+    failures = verdict(recipe, reports)
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if not failures:
+        print("ok: training would accept this data")
+    return EXIT_USER_ERROR if failures else 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -92,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
         p.set_defaults(fn=fn)
     p = sub.add_parser(
+        "data-check",
+        help="scan all of a recipe's data: problems per kind, token lengths, what training would do",
+        epilog="examples:\n  vlmtune data-check recipes/7b_lora.yaml --show 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument(
+        "--show", type=int, default=0, metavar="N", help="print N training examples, trained tokens marked"
+    )
+    p.add_argument(
+        "--bad-rows", help="where to write the problem rows (default <output_dir>/data-check/bad_rows.jsonl)"
+    )
+    p.set_defaults(fn=_data_check)
+    p = sub.add_parser(
         "launch",
         help="start the recipe with `accelerate launch` on this node (one of --nodes)",
         epilog=LAUNCH_EXAMPLES,
@@ -116,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`vlmtune launch r.yaml --nodes 2 train.lr=1e-4`).
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except UserError as exc:

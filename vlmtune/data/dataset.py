@@ -85,6 +85,7 @@ def build_dataset(
     seed: int,
     base_dir: Path | None = None,
     show_progress: bool = False,
+    problems: list[dict] | None = None,
 ) -> TokenizedDataset:
     """Read, check, tokenise and mix `sources` into one dataset (training or evaluation alike).
 
@@ -95,6 +96,8 @@ def build_dataset(
         seed: Seeds the subsets drawn for fractional weights, so every process builds the same dataset.
         base_dir: The recipe's folder; relative paths not found from the working directory are looked up here.
         show_progress: Draw progress bars (pass True on the main process only).
+        problems: If given, every skipped, dropped or truncated row is appended as
+            `{"where", "kind", "problem", "tokens"}` (for `vlmtune data-check`).
 
     Returns:
         The examples: each source's whole copies and seeded subset, in source order, then file order.
@@ -107,7 +110,7 @@ def build_dataset(
     if not sources:
         raise DataError("no data sources given; list at least one under data.train (or data.eval)")
     check_tokenizer(tokenizer)
-    builder = _Builder(cfg, tokenizer, show_progress)
+    builder = _Builder(cfg, tokenizer, show_progress, problems)
     index: list[int] = []
     with datasets_progress(show_progress):
         for k, (source, name) in enumerate(zip(sources, _names(sources), strict=True)):
@@ -137,10 +140,13 @@ def build_dataset(
 class _Builder:
     """Encodes the rows of each source into shared flat token storage, applying the row policies."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, show_progress: bool) -> None:
+    def __init__(
+        self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, show_progress: bool, problems: list | None
+    ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.show_progress = show_progress
+        self.problems = problems
         self.tracker = BadRowTracker(cfg.on_bad_row, cfg.max_bad_fraction)
         self.stats = DataStats()
         self._tokens: list[np.ndarray] = []
@@ -162,6 +168,7 @@ class _Builder:
                 ids, trained = self._encode_row(row, fmt)
             except BadRow as bad:
                 self.tracker.handle(bad, source.where(i))
+                self._note(source.where(i), bad.kind, bad.problem)
                 continue
             except ChatTemplateError as exc:
                 raise ChatTemplateError(f"{source.where(i)}: {exc}") from None
@@ -209,10 +216,16 @@ class _Builder:
             )
         if self.cfg.on_overlength == "truncate" and any(trained[:max_length]):
             self.stats.truncated += 1
+            self._note(where, "truncated", f"cut from {len(ids)} to {max_length} tokens", len(ids))
             return ids[:max_length], trained[:max_length]
         # Dropped outright, or truncation would leave only prompt: nothing to learn from.
         self.stats.dropped_overlength += 1
+        self._note(where, "overlength", f"{len(ids)} tokens, more than max_length {max_length}", len(ids))
         return None
+
+    def _note(self, where: str, kind: str, problem: str, tokens: int | None = None) -> None:
+        if self.problems is not None:
+            self.problems.append({"where": where, "kind": kind, "problem": problem, "tokens": tokens})
 
 
 def _names(sources: list[DataSource]) -> list[str]:

@@ -1,0 +1,162 @@
+"""`vlmtune data-check`: scan all of a recipe's data before training and say what training would do with it.
+
+Every row is read and tokenised with the recipe's tokenizer and template, whatever the recipe's policies, so one
+bad row does not hide the next: problems are counted per kind, written one per line to a JSONL file, and token
+lengths are summarised as a histogram. The verdict then applies the recipe's own policies (`on_bad_row`,
+`max_bad_fraction`, `on_overlength`): it fails exactly when training would stop on this data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlmtune.config.schema import Recipe
+from vlmtune.data.dataset import IGNORE_INDEX, TokenizedDataset, build_dataset
+from vlmtune.errors import DataError
+
+_BAR = 40  # characters of the longest histogram bar
+
+
+@dataclass
+class SplitReport:
+    name: str
+    dataset: TokenizedDataset | None
+    problems: list[dict] = field(default_factory=list)
+    error: str | None = None  # a problem that stops even the scan (missing file, no examples)
+
+    @property
+    def rows_read(self) -> int:
+        return self.dataset.stats.rows_read if self.dataset else 0
+
+    def counts(self) -> Counter:
+        return Counter(p["kind"] for p in self.problems)
+
+
+def scan(recipe: Recipe, tokenizer, *, show_progress: bool = True) -> list[SplitReport]:
+    """Read and tokenise every train and eval row, collecting problems instead of stopping at the first."""
+    # Scan everything: skip bad rows, drop rows that would raise for length; the verdict applies the real policies.
+    on_overlength = "drop" if recipe.data.on_overlength == "raise" else recipe.data.on_overlength
+    lenient = recipe.data.model_copy(
+        update={"on_bad_row": "skip", "max_bad_fraction": 1.0, "on_overlength": on_overlength}
+    )
+    reports = []
+    for name, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        if not sources:
+            continue
+        report = SplitReport(name, None)
+        try:
+            report.dataset = build_dataset(
+                sources, lenient, tokenizer, seed=recipe.train.seed, base_dir=recipe._base_dir,
+                show_progress=show_progress, problems=report.problems,
+            )  # fmt: skip
+        except DataError as exc:
+            report.error = str(exc)
+        reports.append(report)
+    return reports
+
+
+def verdict(recipe: Recipe, reports: list[SplitReport]) -> list[str]:
+    """Why training would stop on this data (empty: it would not)."""
+    d, failures = recipe.data, []
+    for r in reports:
+        if r.error:
+            failures.append(f"{r.name}: {r.error}")
+            continue
+        counts = r.counts()
+        bad = sum(n for kind, n in counts.items() if kind not in ("overlength", "truncated"))
+        first_bad = next((p for p in r.problems if p["kind"] not in ("overlength", "truncated")), None)
+        if bad and d.on_bad_row == "raise":
+            failures.append(
+                f"{r.name}: {bad} bad row(s) and data.on_bad_row is raise: training stops at the first "
+                f"({first_bad['where']}: {first_bad['problem']}); fix them or set data.on_bad_row: skip"
+            )
+        elif bad and bad / max(r.rows_read, 1) > d.max_bad_fraction:
+            failures.append(
+                f"{r.name}: {bad} of {r.rows_read} rows are bad ({bad / r.rows_read:.1%}), more than "
+                f"data.max_bad_fraction={d.max_bad_fraction}"
+            )
+        if counts["overlength"] and d.on_overlength == "raise":
+            failures.append(
+                f"{r.name}: {counts['overlength']} row(s) longer than data.max_length={d.max_length} and "
+                "data.on_overlength is raise; set it to drop or truncate, or raise max_length"
+            )
+    return failures
+
+
+def write_problems(reports: list[SplitReport], path: Path) -> int:
+    """All problem rows, one JSON object per line (with the split); returns how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w") as f:
+        for r in reports:
+            for p in r.problems:
+                f.write(json.dumps({"split": r.name, **p}) + "\n")
+                n += 1
+    return n
+
+
+def format_report(recipe: Recipe, reports: list[SplitReport]) -> str:
+    lines = []
+    for r in reports:
+        if r.error:
+            lines.append(f"{r.name}: cannot be used: {r.error}")
+            continue
+        s = r.dataset.stats
+        lines.append(f"{r.name}: {s.rows_read:,} rows read → {s.rows_used:,} examples")
+        counts = r.counts()
+        if counts:
+            kinds = ", ".join(f"{kind}: {n:,}" for kind, n in counts.most_common())
+            lines.append(f"  problems: {kinds}")
+        share = s.trained_tokens / s.total_tokens if s.total_tokens else 0.0
+        lines.append(f"  tokens: {s.total_tokens:,}, trained {s.trained_tokens:,} ({share:.1%})")
+        lengths = r.dataset.lengths + [p["tokens"] for p in r.problems if p["kind"] == "overlength"]
+        lines += _histogram(lengths, recipe.data.max_length)
+    return "\n".join(lines)
+
+
+def _histogram(lengths: list[int], max_length: int) -> list[str]:
+    """Token lengths in power-of-two bins, with the bins past max_length flagged."""
+    if not lengths:
+        return []
+    arr = np.asarray(lengths)
+    q = np.percentile(arr, [50, 95, 99])
+    out = [f"  length: min {arr.min()}, median {q[0]:.0f}, p95 {q[1]:.0f}, p99 {q[2]:.0f}, max {arr.max()}"]
+    top = 2 ** math.ceil(math.log2(max(int(arr.max()), 2)))
+    edges = [0] + [2**k for k in range(4, int(math.log2(top)) + 1)]
+    counts = np.histogram(arr, bins=[*edges[:-1], edges[-1] + 1])[0]
+    peak = max(int(counts.max()), 1)
+    for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True):
+        flag = "  > max_length" if lo >= max_length else ""
+        bar = "█" * max(round(_BAR * int(n) / peak), 1 if n else 0)
+        out.append(f"  {lo:>7,}–{hi:<7,} {bar:<{_BAR}} {int(n):,}{flag}")
+    return out
+
+
+def render_example(example: dict, tokenizer, *, color: bool | None = None) -> str:
+    """An example's text with the trained tokens marked: green on a terminal, ⟦…⟧ elsewhere."""
+    color = sys.stdout.isatty() if color is None else color
+    start, end = ("\033[32m", "\033[0m") if color else ("⟦", "⟧")
+    ids, labels = example["input_ids"], example["labels"]
+    pieces, run, trained = [], [], False
+    for tok, lab in zip(ids, labels, strict=True):
+        is_trained = lab != IGNORE_INDEX
+        if run and is_trained != trained:
+            pieces.append(_span(tokenizer, run, trained, start, end))
+            run = []
+        run.append(tok)
+        trained = is_trained
+    if run:
+        pieces.append(_span(tokenizer, run, trained, start, end))
+    return "".join(pieces)
+
+
+def _span(tokenizer, ids: list[int], trained: bool, start: str, end: str) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return f"{start}{text}{end}" if trained else text

@@ -1,0 +1,322 @@
+"""Everything vlmtune knows about each vision-language model family, in one registry.
+
+A `Family` says how to recognise a checkpoint (its config `model_type`), which class loads it, where its three
+parts live (vision tower, projector, language model: module-name prefixes, checked on the built models), what a
+prompt writes for an image and which tokens the processor expands that into, how image size is controlled, and
+the processor quirks the data pipeline has to respect. Adding a family is one entry in `FAMILIES` and one
+tiny-model builder in `vlmtune.testing.tiny_vlm`; the parametrised tests then cover it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from vlmtune.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Part = Literal["vision", "projector", "language"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One vision-language model family.
+
+    Module prefixes are dotted paths from the top of the loaded model (`XForConditionalGeneration`); they also
+    match inside wrappers (`base_model.model.` of PEFT, `module.` of DDP) because matching is on whole
+    dotted components. A parameter belongs to the first part whose prefix it falls under, in the order
+    projector, vision, language: Qwen's merger sits inside `model.visual` but is the projector.
+
+    Attributes:
+        name: Registry key, as written in `model.family`.
+        model_types: Config `model_type` values of checkpoints of this family.
+        model_class: Name of the transformers class that loads a checkpoint with its LM head.
+        vision: Module prefixes of the vision tower.
+        projector: Module prefixes of the projector / connector between tower and language model.
+        language: Module prefixes of the language model, its output head included.
+        image_placeholder: What a prompt (chat template) writes for one image; the processor expands it.
+        image_tokens: Tokens that fill the expanded image span in `input_ids` (never trained, never cut).
+        size_keys: Recipe image-size keys this family takes, each mapped to its key in the image processor's
+            `size` dict. Empty: the size is fixed by the vision config.
+        nested_images: The processor wants one list of images per sample, not one flat list per batch.
+        chat_template: Hub checkpoints ship a chat template (PaliGemma's do not; pass one or use prefix/suffix).
+        suffix_labels: The processor builds labels itself from `suffix=` (PaliGemma's prefix-LM API).
+        token_type_ids: What the processor's `token_type_ids` mean to the model: `image` marks image tokens
+            (attended bidirectionally; Gemma 3 needs them when training), `prefix` marks with 0 a prefix that is
+            attended bidirectionally (PaliGemma: the trained response must be 1, or it sees its own future).
+        needs_images: The processor refuses a sample without an image.
+        notes: Anything else the data pipeline must know.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    vision: tuple[str, ...]
+    projector: tuple[str, ...]
+    language: tuple[str, ...]
+    image_placeholder: str
+    image_tokens: tuple[str, ...]
+    model_class: str = "AutoModelForImageTextToText"
+    size_keys: dict[str, str] = field(default_factory=dict)
+    nested_images: bool = False
+    chat_template: bool = True
+    suffix_labels: bool = False
+    token_type_ids: Literal["image", "prefix"] | None = None
+    needs_images: bool = False
+    notes: str = ""
+
+    def load_class(self) -> type:
+        """The transformers class named by `model_class` (imports transformers)."""
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def image_token_ids(self, tokenizer: Any) -> list[int]:
+        """Ids of `image_tokens` in `tokenizer` (a tokenizer or a processor holding one).
+
+        Raises:
+            UserError: when the tokenizer lacks one of them (a processor from another family, or a broken one).
+        """
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in self.image_tokens if t not in vocab]
+        if missing:
+            raise UserError(
+                f"the tokenizer has no {', '.join(missing)} token(s), which {self.name} models use for images; "
+                "is model.family right, and does the checkpoint ship its processor?"
+            )
+        return [vocab[t] for t in self.image_tokens]
+
+
+_QWEN_SIZE = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
+_QWEN_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+_QWEN_NOTES = (
+    "pixel_values are flattened patches of all images in the batch, (sum of t*h*w, 3*2*patch^2), with "
+    "image_grid_thw (n_images, 3); tokens per image = t*h*w / merge_size^2."
+)
+_LLAVA_PARTS = {
+    "vision": ("model.vision_tower",),
+    "projector": ("model.multi_modal_projector",),
+    "language": ("model.language_model", "lm_head"),
+}
+# LLaVA-NeXT / OneVision add `image_newline`, a learned separator between rows of image features.
+_ANYRES_PARTS = {**_LLAVA_PARTS, "projector": ("model.multi_modal_projector", "model.image_newline")}
+_IDEFICS_PARTS = {
+    "vision": ("model.vision_model",),
+    "projector": ("model.connector",),
+    "language": ("model.text_model", "lm_head"),
+}
+_IDEFICS_TOKENS = ("<fake_token_around_image>", "<global-img>", "<image>")
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="qwen2_vl",
+            model_types=("qwen2_vl",),
+            vision=("model.visual",),
+            projector=("model.visual.merger",),
+            language=("model.language_model", "lm_head"),
+            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            image_tokens=_QWEN_TOKENS,
+            size_keys=_QWEN_SIZE,
+            notes=_QWEN_NOTES,
+        ),
+        Family(
+            name="qwen2_5_vl",
+            model_types=("qwen2_5_vl",),
+            vision=("model.visual",),
+            projector=("model.visual.merger",),
+            language=("model.language_model", "lm_head"),
+            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            image_tokens=_QWEN_TOKENS,
+            size_keys=_QWEN_SIZE,
+            notes=_QWEN_NOTES,
+        ),
+        Family(
+            name="qwen3_vl",
+            model_types=("qwen3_vl",),
+            vision=("model.visual",),
+            projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+            language=("model.language_model", "lm_head"),
+            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            image_tokens=_QWEN_TOKENS,
+            size_keys=_QWEN_SIZE,
+            notes=_QWEN_NOTES + " Patch 16, so sizes round to multiples of 32 pixels.",
+        ),
+        Family(
+            name="llava",
+            model_types=("llava",),
+            **_LLAVA_PARTS,
+            image_placeholder="<image>",
+            image_tokens=("<image>",),
+        ),
+        Family(
+            name="llava_next",
+            model_types=("llava_next",),
+            **_ANYRES_PARTS,
+            image_placeholder="<image>",
+            image_tokens=("<image>",),
+            notes="anyres: pixel_values (n_images, n_tiles, 3, H, W) with image_sizes; tokens depend on size.",
+        ),
+        Family(
+            name="llava_onevision",
+            model_types=("llava_onevision",),
+            **_ANYRES_PARTS,
+            image_placeholder="<image>",
+            image_tokens=("<image>",),
+            notes="anyres as llava_next, SigLIP tower.",
+        ),
+        Family(
+            name="idefics3",
+            model_types=("idefics3",),
+            **_IDEFICS_PARTS,
+            image_placeholder="<image>",
+            image_tokens=_IDEFICS_TOKENS,
+            size_keys={"longest_edge": "longest_edge"},
+            nested_images=True,
+            notes="pixel_values (batch, max_images, 3, H, W) with pixel_attention_mask; row/col tokens when split.",
+        ),
+        Family(
+            name="smolvlm",
+            model_types=("smolvlm",),
+            **_IDEFICS_PARTS,
+            image_placeholder="<image>",
+            image_tokens=_IDEFICS_TOKENS,
+            size_keys={"longest_edge": "longest_edge"},
+            nested_images=True,
+            notes="as idefics3; the processor imports num2words.",
+        ),
+        Family(
+            name="paligemma",
+            model_types=("paligemma",),
+            **_LLAVA_PARTS,
+            image_placeholder="<image>",
+            image_tokens=("<image>",),
+            chat_template=False,
+            suffix_labels=True,
+            token_type_ids="prefix",
+            needs_images=True,
+            notes="the processor adds 1,152 <loc>/<seg> tokens, inserts bos after the last <image> and appends '\\n'.",
+        ),
+        Family(
+            name="gemma3",
+            model_types=("gemma3",),
+            **_LLAVA_PARTS,
+            image_placeholder="<start_of_image>",
+            image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+            nested_images=True,
+            token_type_ids="image",
+        ),
+        Family(
+            name="mllama",
+            model_types=("mllama",),
+            vision=("model.vision_model",),
+            projector=("model.multi_modal_projector",),
+            language=("model.language_model", "lm_head"),
+            image_placeholder="<|image|>",
+            image_tokens=("<|image|>",),
+            nested_images=True,
+            notes="images enter through cross-attention: one <|image|> token per image, plus aspect_ratio_ids, "
+            "aspect_ratio_mask and cross_attention_mask; the processor prepends bos when the text lacks it.",
+        ),
+        Family(
+            name="internvl",
+            model_types=("internvl",),
+            **_LLAVA_PARTS,
+            image_placeholder="<IMG_CONTEXT>",
+            image_tokens=("<img>", "<IMG_CONTEXT>", "</img>"),
+            notes="pixel_values (n_tiles, 3, H, W) over the batch; tiles per image from crop_to_patches.",
+        ),
+    )
+}
+
+
+def get_family(name: str) -> Family:
+    """The registered family called `name`.
+
+    Raises:
+        UserError: for an unknown name, listing the supported ones.
+    """
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UserError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}") from None
+
+
+def find_family(config: Any) -> Family | None:
+    """The family of a model config (or a dict holding `model_type`), or None for a text-only model."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
+def detect_family(config: Any) -> Family:
+    """The family of a vision-language model config.
+
+    Raises:
+        UserError: when the config's `model_type` is not a supported vision-language family.
+    """
+    family = find_family(config)
+    if family is None:
+        model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+        raise UserError(
+            f"model_type {model_type!r} is not a supported vision-language model family; "
+            f"supported: {', '.join(FAMILIES)} (or set model.family)"
+        )
+    return family
+
+
+def _under(prefixes: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(p) for p in prefixes)
+    return re.compile(rf"(?:^|\.)(?:{alternatives})(?:\.|$)")
+
+
+def part_of(param_name: str, family: Family) -> Part:
+    """Which part of the model a parameter (or module) name belongs to.
+
+    Raises:
+        ValueError: for a name under none of the family's prefixes (a registry entry out of date).
+    """
+    for part, prefixes in (
+        ("projector", family.projector),
+        ("vision", family.vision),
+        ("language", family.language),
+    ):
+        if _under(prefixes).search(param_name):
+            return part  # type: ignore[return-value]
+    raise ValueError(f"{param_name!r} is in none of the {family.name} parts; update vlmtune.model.families")
+
+
+def lm_lora_targets(model: nn.Module, family: Family) -> str:
+    """A PEFT `target_modules` regex for every linear layer of the language model, and nothing else.
+
+    What `all-linear` means for a VLM: PEFT's own `all-linear` also adapts the vision tower and projector.
+    The output head is left out, as PEFT's `all-linear` leaves it out. The regex names the layer kinds
+    found (q_proj, down_proj, ...) under the language-model prefix, so it also matches a quantised copy.
+
+    Raises:
+        ValueError: when the model has no linear layer in its language model (a wrong family).
+    """
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    leaves = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head and _part_or_none(name, family) == "language"
+        }
+    )
+    if not leaves:
+        raise ValueError(f"no linear layer under {family.language} in this model; is it a {family.name} model?")
+    lm = "|".join(re.escape(p) for p in family.language if p != "lm_head")
+    return rf"(?:.*\.)?(?:{lm})\.(?:.*\.)?(?:{'|'.join(leaves)})"
+
+
+def _part_or_none(name: str, family: Family) -> Part | None:
+    try:
+        return part_of(name, family)
+    except ValueError:
+        return None
