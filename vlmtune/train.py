@@ -61,7 +61,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from accelerate.utils import set_seed
 
     from vlmtune.checkpoint.export import export_adapter
-    from vlmtune.checkpoint.manager import CheckpointManager
+    from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
     from vlmtune.data import Collator
     from vlmtune.data.sampler import StepSampler
     from vlmtune.engine.accelerator import STEP_TIMEOUT, build_accelerator
@@ -78,10 +78,6 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     accelerator = build_accelerator(recipe, accel_cfg)
     try:
         out = Path(t.output_dir).expanduser().resolve()
-        if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            dump_recipe(recipe, out / "recipe.yaml")
-        accelerator.wait_for_everyone()
         set_seed(t.seed)
 
         tokenizer = load_tokenizer(recipe.model, base)
@@ -117,6 +113,12 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
 
         checkpoints = CheckpointManager(out, accelerator, keep_last=recipe.checkpoint.keep_last)
         resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
+        # Only now, with data and model known good, is anything written: a rejected run leaves the folder as it was.
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            check_free_space(out, model, recipe.checkpoint.keep_last)
+            dump_recipe(recipe, out / "recipe.yaml")
+        accelerator.wait_for_everyone()
         if t.report_to:
             accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
 

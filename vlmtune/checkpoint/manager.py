@@ -75,6 +75,25 @@ class CheckpointManager:
     # --- save ----------------------------------------------------------------------------------------
 
     def save(self, step: int, model, optimizer, scheduler, state: TrainState) -> Path:
+        """Write a complete checkpoint (a collective: every rank calls it).
+
+        Raises:
+            UserError: the disk is full or unwritable; the partial folder is removed and older checkpoints kept.
+        """
+        try:
+            return self._save(step, model, optimizer, scheduler, state)
+        except OSError as exc:
+            partial = self.root / f"step-{step}.partial"
+            if self.accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            kept = self.latest()
+            raise UserError(
+                f"could not write checkpoint step-{step} in {self.root}: {exc.strerror or exc}. "
+                + (f"The last complete checkpoint, {kept.name}, is intact: " if kept else "")
+                + "free disk space (or lower checkpoint.keep_last) and run again to resume"
+            ) from None
+
+    def _save(self, step: int, model, optimizer, scheduler, state: TrainState) -> Path:
         acc = self.accelerator
         final = self.root / f"step-{step}"
         partial = self.root / f"step-{step}.partial"
@@ -171,6 +190,31 @@ class CheckpointManager:
             raise UserError(
                 f"checkpoint {path} does not fit this recipe's adapter (unexpected key {unexpected[0]}); {mismatch}"
             )
+
+
+def check_free_space(output_dir: Path, model, keep_last: int) -> None:
+    """Refuse to start when the checkpoints this run will keep cannot fit on the output disk.
+
+    Per checkpoint: the trainable weights (fp32) and Adam's two moments, so 12 bytes per trainable parameter;
+    `keep_last` of them plus the one being written, plus the final adapter. Frozen weights are never saved.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    need = 12 * trainable * (keep_last + 1) + 4 * trainable
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        raise UserError(
+            f"train.output_dir: {output_dir} has {_size(free)} free, but this run's checkpoints need "
+            f"about {_size(need)} ({keep_last} kept + 1 being written, {trainable:,} trainable "
+            "parameters); free space, lower checkpoint.keep_last, or choose another output_dir"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 def _family(kind: str) -> str:

@@ -117,3 +117,40 @@ def test_replace_dir_swaps_in_the_new_folder(tmp_path):
     assert (tmp_path / "dst" / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
         "dst"
     ]
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import vlmtune.checkpoint.manager as manager
+
+    model = _model(0)
+    opt, sched = _trio(model)
+    mgr = CheckpointManager(tmp_path, _OneProcess(), keep_last=2)
+    first = mgr.save(1, model, opt, sched, TrainState(step=1))
+
+    def disk_full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manager, "_save_torch", disk_full)
+    with pytest.raises(
+        UserError, match=r"step-2 .*No space left on device\. The last complete checkpoint, step-1"
+    ):
+        mgr.save(2, model, opt, sched, TrainState(step=2))
+    assert mgr.latest() == first and (first / "COMPLETE").is_file()
+    assert not (tmp_path / "checkpoints/step-2.partial").exists()
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from vlmtune.checkpoint.manager import check_free_space
+
+    usage = namedtuple("usage", "total used free")
+    model = _model(0)  # LoRA rank 2 on Linear(8, 8) and Linear(8, 4): 56 trainable parameters
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
+    check_free_space(tmp_path, model, keep_last=3)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 1000))
+    with pytest.raises(UserError, match=r"has 1,000\.0 B free.*about 2\.8 KiB \(3 kept \+ 1 being written, 56 trainable"):
+        check_free_space(tmp_path, model, keep_last=3)
