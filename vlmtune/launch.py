@@ -124,24 +124,21 @@ def run_plan(plan: LaunchPlan) -> int:
         stop_file.write_text(f"{signal.Signals(signum).name}\n")
 
     previous = {sig: signal.signal(sig, request_stop) for sig in SIGNALS}
-    with tempfile.TemporaryDirectory(prefix="vlmtune-exit-") as exit_dir:
-        env = {**os.environ, **plan.env, "VLMTUNE_EXIT_DIR": exit_dir, LAUNCH_TIME_ENV: str(time.time())}
-        # Schedulers signal every process of the job step (Slurm's proctrack does, whatever the session), and
-        # SIGUSR1 would kill the launcher, orphaning the workers mid-checkpoint. So the launcher and workers
-        # start with it ignored; the workers install their own handler once training runs, and this supervisor
-        # turns it into a STOP file that every rank honours.
-        child = subprocess.Popen(plan.command, env=env, start_new_session=True, preexec_fn=_ignore_sigusr1)
-        try:
-            while True:
-                try:
-                    code = child.wait()
-                    break
-                except KeyboardInterrupt:
-                    child.send_signal(signal.SIGINT)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return code and _workers_exit_code(Path(exit_dir), code)
+    env = {**os.environ, **plan.env, LAUNCH_TIME_ENV: str(time.time())}
+    # Schedulers signal every process of the job step (Slurm's proctrack does, whatever the session), and
+    # SIGUSR1 would kill the launcher, orphaning the workers mid-checkpoint. So the launcher and workers start
+    # with it ignored; the workers install their own handler once training runs, and this supervisor turns it
+    # into a STOP file that every rank honours.
+    child = subprocess.Popen(plan.command, env=env, start_new_session=True, preexec_fn=_ignore_sigusr1)
+    try:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                child.send_signal(signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _ignore_sigusr1() -> None:
@@ -161,21 +158,27 @@ def format_plan(plan: LaunchPlan) -> str:
 
 
 def accelerate_launch(argv: list[str]) -> int:
-    """`accelerate launch argv`, minus torchrun's traceback when workers fail.
+    """`accelerate launch argv`, returning the workers' own exit code, without torchrun's traceback.
 
-    The workers have printed their own error (or traceback, for a bug); torchrun's `ChildFailedError` stack on
-    top of it only buries it. One line names the failed ranks instead, and `vlmtune launch` reports the
-    workers' own exit codes.
+    torchrun reports any worker failure as exit 1, which would hide a preemption (75: requeue) or a user error
+    (2) from a scheduler, so each worker writes its code into a folder named by `VLMTUNE_EXIT_DIR`. The workers
+    have printed their own error (or traceback, for a bug); torchrun's `ChildFailedError` stack on top only
+    buries it, so one line names the failed ranks instead.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    try:
-        launch_command(launch_command_parser().parse_args(argv))
-    except ChildFailedError as exc:
-        failed = ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(exc.failures.items()))
-        print(f"launcher: workers stopped ({failed})", file=sys.stderr)
-        return 1
+    args = launch_command_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="vlmtune-exit-") as exit_dir:
+        os.environ["VLMTUNE_EXIT_DIR"] = exit_dir  # inherited by the workers
+        try:
+            launch_command(args)
+        except ChildFailedError as exc:
+            failed = ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(exc.failures.items()))
+            print(f"launcher: workers stopped ({failed})", file=sys.stderr)
+            return _workers_exit_code(Path(exit_dir), 1)
+        except subprocess.CalledProcessError as exc:  # the single-process launcher
+            return _workers_exit_code(Path(exit_dir), exc.returncode)
     return 0
 
 

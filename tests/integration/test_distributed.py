@@ -9,19 +9,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "accelerate_configs"
+from tests.integration.helpers import REPO, adapter, cpu_config, free_port, launch, losses, max_diff
 
 # config file → what the run must report after prepare()
 STRATEGIES = {
@@ -31,70 +26,6 @@ STRATEGIES = {
     "zero3_offload": "deepspeed over 2 process(es), ZeRO-3",
     "fsdp2": "fsdp2 over 2 process(es)",
 }
-
-
-def cpu_config(name: str, out_dir: Path, processes: int = 2) -> Path:
-    """The shipped config `name`, for `processes` CPU processes in fp32."""
-    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    cfg.update(num_processes=processes, mixed_precision="no")
-    cfg.pop("gpu_ids", None)
-    path = out_dir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(
-    recipe: Path, *overrides: str, procs: int, extra: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
-    cmd = [sys.executable, "-m", "vlmtune.cli", "launch", str(recipe), *overrides]
-    cmd += ["--procs-per-node", str(procs), "--main-port", str(free_port()), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "adapter/adapter_model.safetensors"))
-
-
-def max_diff(x: dict, y: dict) -> float:
-    assert x.keys() == y.keys()
-    return max((x[k] - y[k]).abs().max().item() for k in x)
-
-
-@pytest.fixture(scope="module")
-def recipe_file(tiny_model_dir, tmp_path_factory) -> Path:
-    from tests.conftest import REPO as repo
-
-    tmp = tmp_path_factory.mktemp("dist")
-    recipe = {
-        "model": {"path": str(tiny_model_dir), "dtype": "float32"},
-        # No dropout and a small lr: Adam would magnify float noise in near-zero gradients into visible differences.
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": [{"path": str(repo / "data/demo/train.jsonl")}], "max_length": 256},
-        "train": {
-            "output_dir": str(tmp / "unused"), "micro_batch_size": 2, "grad_accum": 2, "lr": 1.0e-3,
-            "max_steps": 6, "warmup_ratio": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
-            "log_every": 1, "report_to": [],
-        },
-        "checkpoint": {"every": 3, "keep_last": 3},
-        "launch": {"accelerate_config": str(CONFIGS / "cpu.yaml")},
-    }  # fmt: skip
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 @pytest.fixture(scope="module")

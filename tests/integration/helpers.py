@@ -1,0 +1,56 @@
+"""Shared by the multi-process tests: CPU versions of the shipped accelerate configs, launching, reading results."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "accelerate_configs"
+
+
+def cpu_config(name: str, out_dir: Path, processes: int = 2) -> Path:
+    """The shipped config `name`, for `processes` CPU processes in fp32."""
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    cfg.update(num_processes=processes, mixed_precision="no")
+    cfg.pop("gpu_ids", None)
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    recipe: Path, *overrides: str, procs: int, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
+    cmd = [sys.executable, "-m", "vlmtune.cli", "launch", str(recipe), *overrides]
+    cmd += ["--procs-per-node", str(procs), "--main-port", str(free_port()), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter/adapter_model.safetensors"))
+
+
+def max_diff(x: dict, y: dict) -> float:
+    assert x.keys() == y.keys()
+    return max((x[k] - y[k]).abs().max().item() for k in x)
