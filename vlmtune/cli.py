@@ -16,7 +16,7 @@ from vlmtune.errors import EXIT_USER_ERROR, RecipeError, UserError
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from vlmtune.config.checks import environment_problems, load_accelerate_config
+    from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
     from vlmtune.config.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -24,6 +24,8 @@ def _validate(args: argparse.Namespace) -> int:
     if problems:
         raise RecipeError(problems, source=args.recipe)
     accel = load_accelerate_config(recipe)
+    for warning in recipe_warnings(recipe):
+        print(f"warning: {warning}", file=sys.stderr)
     t = recipe.train
     quant = (
         f"{recipe.quant.bits}-bit {recipe.quant.type if recipe.quant.bits == 4 else ''}".strip()

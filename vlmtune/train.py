@@ -45,7 +45,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         Preempted: stopped on request (signal or STOP file) after saving a checkpoint; run again to resume.
         TrainingDiverged: non-finite losses or gradients beyond what `train.nonfinite` allows.
     """
-    from vlmtune.config.checks import environment_problems, load_accelerate_config
+    from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
     from vlmtune.config.load import dump_recipe, load_recipe
     from vlmtune.config.schema import Recipe
 
@@ -54,6 +54,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     problems = environment_problems(recipe)
     if problems:
         raise RecipeError(problems)
+    for warning in recipe_warnings(recipe):
+        log.warning("%s", warning)
     accel_cfg = load_accelerate_config(recipe)
     t, base = recipe.train, recipe._base_dir
 

@@ -28,6 +28,18 @@ def resolve_path(value: str | Path, base_dir: Path | None) -> Path:
     return candidate.resolve() if candidate.exists() else path
 
 
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Allowed but risky settings, each as `key.path: why`; logged by `train` and printed by `validate`."""
+    warnings = []
+    m = recipe.model
+    if m.trust_remote_code and not m.revision:
+        warnings.append(
+            "model.trust_remote_code: true runs Python code from the model repository, and with no model.revision "
+            "pinned that code can change between runs; pin a commit hash in model.revision"
+        )
+    return warnings
+
+
 def cross_field_problems(recipe: Recipe) -> list[str]:
     """Combinations of valid values that cannot work together, each as `key.path: reason`."""
     t, q, lora = recipe.train, recipe.quant, recipe.lora
