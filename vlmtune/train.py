@@ -115,14 +115,6 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
 
         checkpoints = CheckpointManager(out, accelerator, keep_last=recipe.checkpoint.keep_last)
         resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
-        # Only now, with data and model known good, is anything written: a rejected run leaves the folder as it was.
-        if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            check_free_space(out, model, recipe.checkpoint.keep_last)
-            dump_recipe(recipe, out / "recipe.yaml")
-        accelerator.wait_for_everyone()
-        if t.report_to:
-            accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
 
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -131,7 +123,18 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
-        final = trainer.fit(resume_from=resume_from)
+        if resume_from is not None:
+            trainer.resume(resume_from)
+        # Only now, with data, model and checkpoint known good, is anything written: a rejected run leaves the
+        # folder as it was.
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            check_free_space(out, model, recipe.checkpoint.keep_last)
+            dump_recipe(recipe, out / "recipe.yaml")
+        accelerator.wait_for_everyone()
+        if t.report_to:
+            accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
+        final = trainer.fit()
 
         adapter_dir = out / "adapter"
         export_adapter(accelerator, model, tokenizer, adapter_dir)

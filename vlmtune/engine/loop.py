@@ -189,19 +189,23 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    def fit(self, resume_from=None) -> dict:
+    def resume(self, path) -> None:
+        """Restore the model, optimizer, schedule, counters and RNGs from a complete checkpoint."""
+        c, state, total = self.c, self.state, self.state.total_steps
+        c.checkpoints.load(path, c.model, c.optimizer, c.scheduler, state)
+        if state.global_batch != self.sampler.global_batch:
+            log.warning(
+                "resuming with global batch %d (checkpoint used %d): the data order differs from the original",
+                self.sampler.global_batch,
+                state.global_batch,
+            )
+        state.global_batch, state.total_steps = self.sampler.global_batch, total
+        log.info("resumed from %s at step %d", path, state.step)
+
+    def fit(self) -> dict:
+        """Train from the current step (0, or where `resume` left it) to the last, checkpointing on the way."""
         c, acc, t, state = self.c, self.acc, self.c.recipe.train, self.state
         total = state.total_steps
-        if resume_from is not None:
-            c.checkpoints.load(resume_from, c.model, c.optimizer, c.scheduler, state)
-            if state.global_batch != self.sampler.global_batch:
-                log.warning(
-                    "resuming with global batch %d (checkpoint used %d): the data order differs from the original",
-                    self.sampler.global_batch,
-                    state.global_batch,
-                )
-            state.global_batch, state.total_steps = self.sampler.global_batch, total
-            log.info("resumed from %s at step %d", resume_from, state.step)
         c.metrics.rewind(state.step)
 
         c.model.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlmtune.config.checks import resolve_path
@@ -70,9 +71,17 @@ def load_model(
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the weights itself
             kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except (OSError, ValueError) as exc:
+        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"model.path: cannot load {where}: {_first_line(exc)}") from None
+    # transformers fills weights missing from the files with random values and only warns: fine-tuning a
+    # partly random model would waste the whole run.
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise UserError(
+            f"model.path: {where} lacks weights for {len(missing)} parameter(s) (e.g. {sorted(missing)[0]}); "
+            "its weight files are incomplete or corrupt: download the model again"
+        )
     model.config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
     return model
 
