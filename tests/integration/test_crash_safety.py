@@ -67,7 +67,7 @@ def test_kill_9_anywhere_never_breaks_resume(tiny_recipe, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     out, ref = tmp_path / "crashy", tmp_path / "reference"
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(path), str(out), str(ref), "24", "0"],
+        [sys.executable, "-c", DRIVER, str(path), str(out), str(ref), "20", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

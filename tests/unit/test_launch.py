@@ -49,7 +49,8 @@ def test_multi_node_deepspeed_gets_rank_rendezvous_and_one_launcher_per_node(tmp
 
 
 def test_ddp_on_cpu_uses_multi_gpu_with_the_cpu_switch_and_splits_threads(tmp_path, tiny_recipe, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for var in ("OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):  # defaults apply only when unset
+        monkeypatch.delenv(var, raising=False)
     recipe = _recipe(tmp_path, tiny_recipe, {"distributed_type": "MULTI_GPU", "num_processes": 8})
     plan = plan_launch(recipe, [], procs_per_node=2)
     assert "--multi_gpu" in plan.command and _flag(plan.command, "--num_processes") == "2"
