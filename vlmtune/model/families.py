@@ -10,7 +10,9 @@ tiny-model builder in `vlmtune.testing.tiny_vlm`; the parametrised tests then co
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from vlmtune.errors import UserError
@@ -21,14 +23,16 @@ if TYPE_CHECKING:
 Part = Literal["vision", "projector", "language"]
 
 
-@dataclass(frozen=True)
+# eq=False: each family is one object, compared and hashed by identity.
+@dataclass(frozen=True, eq=False)
 class Family:
     """One vision-language model family.
 
     Module prefixes are dotted paths from the top of the loaded model (`XForConditionalGeneration`); they also
     match inside wrappers (`base_model.model.` of PEFT, `module.` of DDP) because matching is on whole
     dotted components. A parameter belongs to the first part whose prefix it falls under, in the order
-    projector, vision, language: Qwen's merger sits inside `model.visual` but is the projector.
+    projector, vision, language (the output head counts as language): Qwen's merger sits inside `model.visual`
+    but is the projector.
 
     Attributes:
         name: Registry key, as written in `model.family`.
@@ -36,13 +40,16 @@ class Family:
         model_class: Name of the transformers class that loads a checkpoint with its LM head.
         vision: Module prefixes of the vision tower.
         projector: Module prefixes of the projector / connector between tower and language model.
-        language: Module prefixes of the language model, its output head included.
+        language: Module prefixes of the language model's body (embeddings, layers, final norm).
+        head: Module prefixes of the output head (tied to the embeddings in some families).
         image_placeholder: What a prompt (chat template) writes for one image; the processor expands it.
         image_tokens: Tokens that fill the expanded image span in `input_ids` (never trained, never cut).
         size_keys: Recipe image-size keys this family takes, each mapped to its key in the image processor's
             `size` dict. Empty: the size is fixed by the vision config.
-        nested_images: The processor wants one list of images per sample, not one flat list per batch.
-        chat_template: Hub checkpoints ship a chat template (PaliGemma's do not; pass one or use prefix/suffix).
+        nested_images: The processor refuses a flat list of images for a batch; it wants one list per sample
+            (which every family accepts).
+        ships_chat_template: Hub checkpoints come with a chat template (PaliGemma's do not: pass one, or use
+            the processor's prefix/suffix API).
         suffix_labels: The processor builds labels itself from `suffix=` (PaliGemma's prefix-LM API).
         token_type_ids: What the processor's `token_type_ids` mean to the model: `image` marks image tokens
             (attended bidirectionally; Gemma 3 needs them when training), `prefix` marks with 0 a prefix that is
@@ -58,10 +65,11 @@ class Family:
     language: tuple[str, ...]
     image_placeholder: str
     image_tokens: tuple[str, ...]
+    head: tuple[str, ...] = ("lm_head",)
     model_class: str = "AutoModelForImageTextToText"
-    size_keys: dict[str, str] = field(default_factory=dict)
+    size_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     nested_images: bool = False
-    chat_template: bool = True
+    ships_chat_template: bool = True
     suffix_labels: bool = False
     token_type_ids: Literal["image", "prefix"] | None = None
     needs_images: bool = False
@@ -90,145 +98,111 @@ class Family:
         return [vocab[t] for t in self.image_tokens]
 
 
-_QWEN_SIZE = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
-_QWEN_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-_QWEN_NOTES = (
-    "pixel_values are flattened patches of all images in the batch, (sum of t*h*w, 3*2*patch^2), with "
-    "image_grid_thw (n_images, 3); tokens per image = t*h*w / merge_size^2."
-)
-_LLAVA_PARTS = {
+# Shared by several entries: Qwen-VL's merger sits inside `model.visual` but is the projector.
+_QWEN = {
+    "vision": ("model.visual",),
+    "projector": ("model.visual.merger",),
+    "language": ("model.language_model",),
+    "image_placeholder": "<|vision_start|><|image_pad|><|vision_end|>",
+    "image_tokens": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "size_keys": MappingProxyType({"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}),
+    "notes": "pixel_values: the flattened patches of every image in the batch, (sum of t*h*w, 3*2*patch^2), "
+    "with image_grid_thw (images, 3); tokens per image = t*h*w / merge_size^2. Also returns mm_token_type_ids.",
+}
+_LLAVA = {
     "vision": ("model.vision_tower",),
     "projector": ("model.multi_modal_projector",),
-    "language": ("model.language_model", "lm_head"),
+    "language": ("model.language_model",),
+    "image_placeholder": "<image>",
+    "image_tokens": ("<image>",),
 }
-# LLaVA-NeXT / OneVision add `image_newline`, a learned separator between rows of image features.
-_ANYRES_PARTS = {**_LLAVA_PARTS, "projector": ("model.multi_modal_projector", "model.image_newline")}
-_IDEFICS_PARTS = {
+# LLaVA-NeXT / OneVision add `image_newline`, a learned separator after each row of image features.
+_ANYRES = {**_LLAVA, "projector": ("model.multi_modal_projector", "model.image_newline")}
+_IDEFICS = {
     "vision": ("model.vision_model",),
     "projector": ("model.connector",),
-    "language": ("model.text_model", "lm_head"),
+    "language": ("model.text_model",),
+    "image_placeholder": "<image>",
+    "image_tokens": ("<fake_token_around_image>", "<global-img>", "<image>"),
+    "size_keys": MappingProxyType({"longest_edge": "longest_edge"}),
+    "notes": "pixel_values (batch, images, 3, H, W) with pixel_attention_mask (batch, images, H, W); "
+    "longest_edge is the size before splitting into max_image_size tiles (<row_i_col_j> tokens when split).",
 }
-_IDEFICS_TOKENS = ("<fake_token_around_image>", "<global-img>", "<image>")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(
-            name="qwen2_vl",
-            model_types=("qwen2_vl",),
-            vision=("model.visual",),
-            projector=("model.visual.merger",),
-            language=("model.language_model", "lm_head"),
-            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-            image_tokens=_QWEN_TOKENS,
-            size_keys=_QWEN_SIZE,
-            notes=_QWEN_NOTES,
-        ),
-        Family(
-            name="qwen2_5_vl",
-            model_types=("qwen2_5_vl",),
-            vision=("model.visual",),
-            projector=("model.visual.merger",),
-            language=("model.language_model", "lm_head"),
-            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-            image_tokens=_QWEN_TOKENS,
-            size_keys=_QWEN_SIZE,
-            notes=_QWEN_NOTES,
-        ),
+        Family(name="qwen2_vl", model_types=("qwen2_vl",), **_QWEN),
+        Family(name="qwen2_5_vl", model_types=("qwen2_5_vl",), **_QWEN),
         Family(
             name="qwen3_vl",
             model_types=("qwen3_vl",),
-            vision=("model.visual",),
-            projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
-            language=("model.language_model", "lm_head"),
-            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-            image_tokens=_QWEN_TOKENS,
-            size_keys=_QWEN_SIZE,
-            notes=_QWEN_NOTES + " Patch 16, so sizes round to multiples of 32 pixels.",
+            **{**_QWEN, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
         ),
-        Family(
-            name="llava",
-            model_types=("llava",),
-            **_LLAVA_PARTS,
-            image_placeholder="<image>",
-            image_tokens=("<image>",),
-        ),
+        Family(name="llava", model_types=("llava",), **_LLAVA),
         Family(
             name="llava_next",
             model_types=("llava_next",),
-            **_ANYRES_PARTS,
-            image_placeholder="<image>",
-            image_tokens=("<image>",),
-            notes="anyres: pixel_values (n_images, n_tiles, 3, H, W) with image_sizes; tokens depend on size.",
+            **_ANYRES,
+            notes="anyres: pixel_values (images, tiles, 3, H, W) with image_sizes; tokens depend on the size.",
         ),
         Family(
             name="llava_onevision",
             model_types=("llava_onevision",),
-            **_ANYRES_PARTS,
-            image_placeholder="<image>",
-            image_tokens=("<image>",),
-            notes="anyres as llava_next, SigLIP tower.",
+            **_ANYRES,
+            notes="anyres as llava_next, plus batch_num_images; a row with several images gets no anyres tiles.",
         ),
-        Family(
-            name="idefics3",
-            model_types=("idefics3",),
-            **_IDEFICS_PARTS,
-            image_placeholder="<image>",
-            image_tokens=_IDEFICS_TOKENS,
-            size_keys={"longest_edge": "longest_edge"},
-            nested_images=True,
-            notes="pixel_values (batch, max_images, 3, H, W) with pixel_attention_mask; row/col tokens when split.",
-        ),
-        Family(
-            name="smolvlm",
-            model_types=("smolvlm",),
-            **_IDEFICS_PARTS,
-            image_placeholder="<image>",
-            image_tokens=_IDEFICS_TOKENS,
-            size_keys={"longest_edge": "longest_edge"},
-            nested_images=True,
-            notes="as idefics3; the processor imports num2words.",
-        ),
+        # Idefics3's processor splits a flat list by the <image> count of each text; SmolVLM's refuses one.
+        Family(name="idefics3", model_types=("idefics3",), **_IDEFICS),
+        Family(name="smolvlm", model_types=("smolvlm",), **_IDEFICS, nested_images=True),
         Family(
             name="paligemma",
             model_types=("paligemma",),
-            **_LLAVA_PARTS,
-            image_placeholder="<image>",
-            image_tokens=("<image>",),
-            chat_template=False,
+            **_LLAVA,
+            ships_chat_template=False,
             suffix_labels=True,
             token_type_ids="prefix",
             needs_images=True,
-            notes="the processor adds 1,152 <loc>/<seg> tokens, inserts bos after the last <image> and appends '\\n'.",
+            notes="the processor adds 1,152 <loc>/<seg> tokens to the tokenizer, and inserts bos after the last "
+            "<image> and appends '\\n' to every text, which misplaces return_assistant_tokens_mask.",
         ),
         Family(
             name="gemma3",
             model_types=("gemma3",),
-            **_LLAVA_PARTS,
-            image_placeholder="<start_of_image>",
-            image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+            **{
+                **_LLAVA,
+                "image_placeholder": "<start_of_image>",
+                "image_tokens": ("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+            },
             nested_images=True,
             token_type_ids="image",
+            notes="the processor expands <start_of_image> to '\\n\\n<start_of_image>' + soft tokens + "
+            "'<end_of_image>\\n\\n'; the embeddings are tied to the output head.",
         ),
         Family(
             name="mllama",
             model_types=("mllama",),
             vision=("model.vision_model",),
             projector=("model.multi_modal_projector",),
-            language=("model.language_model", "lm_head"),
+            language=("model.language_model",),
             image_placeholder="<|image|>",
             image_tokens=("<|image|>",),
             nested_images=True,
-            notes="images enter through cross-attention: one <|image|> token per image, plus aspect_ratio_ids, "
-            "aspect_ratio_mask and cross_attention_mask; the processor prepends bos when the text lacks it.",
+            notes="images enter through cross-attention layers: one <|image|> token per image; pixel_values "
+            "(batch, images, tiles, 3, H, W) with aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask "
+            "(batch, seq, images, tiles). The processor prepends bos to a text without one, which misplaces "
+            "return_assistant_tokens_mask: the chat template must write bos (Llama 3.2's does).",
         ),
         Family(
             name="internvl",
             model_types=("internvl",),
-            **_LLAVA_PARTS,
-            image_placeholder="<IMG_CONTEXT>",
-            image_tokens=("<img>", "<IMG_CONTEXT>", "</img>"),
-            notes="pixel_values (n_tiles, 3, H, W) over the batch; tiles per image from crop_to_patches.",
+            **{
+                **_LLAVA,
+                "image_placeholder": "<IMG_CONTEXT>",
+                "image_tokens": ("<img>", "<IMG_CONTEXT>", "</img>"),
+            },
+            notes="pixel_values (tiles of every image, 3, H, W); the processor crops to tiles (crop_to_patches) "
+            "by default whatever the image processor says; max_patches bounds the tiles per image.",
         ),
     )
 }
@@ -246,9 +220,13 @@ def get_family(name: str) -> Family:
         raise UserError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}") from None
 
 
+def _model_type(config: Any) -> str | None:
+    return config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+
+
 def find_family(config: Any) -> Family | None:
-    """The family of a model config (or a dict holding `model_type`), or None for a text-only model."""
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    """The family of a model config (or a mapping holding `model_type`), or None for a text-only model."""
+    model_type = _model_type(config)
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
 
@@ -260,12 +238,34 @@ def detect_family(config: Any) -> Family:
     """
     family = find_family(config)
     if family is None:
-        model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
         raise UserError(
-            f"model_type {model_type!r} is not a supported vision-language model family; "
+            f"model_type {_model_type(config)!r} is not a supported vision-language model family; "
             f"supported: {', '.join(FAMILIES)} (or set model.family)"
         )
     return family
+
+
+def set_image_size(processor: Any, family: Family, **sizes: int | None) -> None:
+    """Set the recipe's image-size keys (e.g. `min_pixels`, `max_pixels`) on a loaded processor, in place.
+
+    Keys set to None are left as the checkpoint has them. The processor keeps them when saved.
+
+    Raises:
+        UserError: for a key this family does not take (its image size is fixed by the vision config).
+    """
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    unknown = sorted(set(sizes) - set(family.size_keys))
+    if unknown:
+        takes = ", ".join(family.size_keys) or "no image-size key: the vision config fixes the size"
+        raise UserError(f"{', '.join(unknown)}: not an image-size setting of {family.name} models ({takes})")
+    if not sizes:
+        return
+    image_processor = processor.image_processor
+    current = image_processor.size
+    current = (
+        current if isinstance(current, Mapping) else {k: v for k, v in vars(current).items() if v is not None}
+    )
+    image_processor.size = {**current, **{family.size_keys[k]: v for k, v in sizes.items()}}
 
 
 def _under(prefixes: tuple[str, ...]) -> re.Pattern[str]:
@@ -282,7 +282,7 @@ def part_of(param_name: str, family: Family) -> Part:
     for part, prefixes in (
         ("projector", family.projector),
         ("vision", family.vision),
-        ("language", family.language),
+        ("language", family.language + family.head),
     ):
         if _under(prefixes).search(param_name):
             return part  # type: ignore[return-value]
@@ -306,12 +306,16 @@ def lm_lora_targets(model: nn.Module, family: Family) -> str:
         {
             name.rsplit(".", 1)[-1]
             for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head and _part_or_none(name, family) == "language"
+            if isinstance(module, nn.Linear)
+            and module is not head
+            and _part_or_none(name, family) == "language"
         }
     )
     if not leaves:
-        raise ValueError(f"no linear layer under {family.language} in this model; is it a {family.name} model?")
-    lm = "|".join(re.escape(p) for p in family.language if p != "lm_head")
+        raise ValueError(
+            f"no linear layer under {family.language} in this model; is it a {family.name} model?"
+        )
+    lm = "|".join(re.escape(p) for p in family.language)
     return rf"(?:.*\.)?(?:{lm})\.(?:.*\.)?(?:{'|'.join(leaves)})"
 
 

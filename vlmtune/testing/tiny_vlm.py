@@ -1,8 +1,11 @@
 """Tiny random-init vision-language models with their processors, one per family, built offline in seconds.
 
 Each build is the real model class of its family (so module names, processor behaviour and image-token
-expansion are the real ones) at toy size: a 2-layer language model of width 64, a 2-layer vision tower of width
-32, and images of 32-56 pixels that expand to 4-16 image tokens. The tokenizer is `vlmtune.testing.tiny`'s
+expansion are the real ones) at toy size: a 2-layer language model of width 64 and a 2-layer vision tower of
+width 32 that sees 32x32 pixels (Qwen-VL: 56x56 or 64x64, the smallest size its processor keeps). A 32x32
+image becomes 4 image tokens (Qwen-VL, Idefics3, SmolVLM, Gemma 3, InternVL), 16 (LLaVA, PaliGemma), 36
+(LLaVA-NeXT and OneVision: base view, one anyres tile and row separators), or 1 (Mllama, whose language model
+reads the image through cross-attention). The tokenizer is `vlmtune.testing.tiny`'s
 byte-level BPE plus the special tokens the family's processor looks up; the chat template is ChatML over content
 parts, writing the family's image placeholder for each image and marking what the assistant says with
 `{% generation %}`, so `apply_chat_template(..., return_assistant_tokens_mask=True)` works.
@@ -15,6 +18,7 @@ Builds are cached as in `vlmtune.testing.tiny`: a marker file, written last, rec
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -26,7 +30,7 @@ from typing import Any
 
 from vlmtune.logging import get_logger
 from vlmtune.model.families import FAMILIES, get_family
-from vlmtune.testing.tiny import MARKER, IM_START, _is_complete, build_tiny_tokenizer, tokenizer_corpus
+from vlmtune.testing.tiny import IM_START, MARKER, _is_complete, build_tiny_tokenizer, tokenizer_corpus
 
 logger = get_logger(__name__)
 
@@ -63,7 +67,10 @@ _CHAT_TEMPLATE = (
 
 def chat_template(family_name: str) -> str:
     """The tiny models' chat template for `family_name` (ChatML with its image placeholder)."""
-    return _CHAT_TEMPLATE.replace("PLACEHOLDER", get_family(family_name).image_placeholder)
+    template = _CHAT_TEMPLATE.replace("PLACEHOLDER", get_family(family_name).image_placeholder)
+    # The Mllama processor prepends bos to a text without one, which shifts the assistant-mask offsets
+    # computed on the rendered text; Llama 3.2's own template writes bos first, and so does this one.
+    return "{{- bos_token }}" + template if family_name == "mllama" else template
 
 
 def _tokenizer(family_name: str, extra: tuple[str, ...], named: dict[str, str]) -> Any:
@@ -181,14 +188,22 @@ def _qwen_vl(family_name: str) -> tuple[Any, Any]:
         config_class, processor_class = tf.Qwen2VLConfig, tf.Qwen2VLProcessor
         video_processor = tf.Qwen2VLVideoProcessor()
         text = {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}
-        vision = {"depth": 2, "embed_dim": VISION_HIDDEN, "hidden_size": HIDDEN, "num_heads": 4, "patch_size": patch}
+        vision = {
+            "depth": 2,
+            "embed_dim": VISION_HIDDEN,
+            "hidden_size": HIDDEN,
+            "num_heads": 4,
+            "patch_size": patch,
+        }
     processor = processor_class(
         image_processor=image_processor,
         tokenizer=tok,
         video_processor=video_processor,
         chat_template=chat_template(family_name),
     )
-    image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image, video, start, end = _ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     config = config_class(
         text_config=_text(tok, **text),
         vision_config=vision,
@@ -206,7 +221,9 @@ def _llava() -> tuple[Any, Any]:
     tok = _tokenizer("llava", (), {})
     # 32 px in patches of 8: 16 patches plus CLS, which the "default" strategy drops: 16 image tokens.
     processor = tf.LlavaProcessor(
-        image_processor=tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_processor=tf.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
         tokenizer=tok,
         patch_size=8,
         vision_feature_select_strategy="default",
@@ -339,7 +356,11 @@ def _paligemma() -> tuple[Any, Any]:
 def _gemma3() -> tuple[Any, Any]:
     import transformers as tf
 
-    named = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    named = {
+        "boi_token": "<start_of_image>",
+        "image_token": "<image_soft_token>",
+        "eoi_token": "<end_of_image>",
+    }
     tok = _tokenizer("gemma3", (), named)
     processor = tf.Gemma3Processor(
         image_processor=tf.Gemma3ImageProcessor(size={"height": 32, "width": 32}),
@@ -402,9 +423,10 @@ def _internvl() -> tuple[Any, Any]:
         "video_token": "<video>",
     }
     tok = _tokenizer("internvl", (), named)
-    # 32 px in patches of 8 is 16 patches; pixel shuffle (downsample 0.5) makes them 4 image tokens.
+    # 32 px in patches of 8 is 16 patches; pixel shuffle (downsample 0.5) makes them 4 image tokens. The processor
+    # crops to tiles whatever the image processor says (plus a thumbnail when more than one): one tile at most.
     processor = tf.InternVLProcessor(
-        image_processor=tf.GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=False),
+        image_processor=tf.GotOcr2ImageProcessor(size={"height": 32, "width": 32}, max_patches=1),
         tokenizer=tok,
         video_processor=tf.InternVLVideoProcessor(),
         image_seq_length=4,
@@ -434,11 +456,11 @@ _BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "mllama": _mllama,
     "internvl": _internvl,
 }
+# In registry order; every registered family has one (a test checks it).
+TINY_FAMILIES = tuple(name for name in FAMILIES if name in _BUILDERS)
 
 
 def _build_params(family_name: str, seed: int) -> dict[str, Any]:
-    import hashlib
-
     digest = hashlib.sha256("\n".join(tokenizer_corpus()).encode("utf-8")).hexdigest()
     return {
         "kind": "tiny_vlm",
@@ -515,12 +537,10 @@ def build_tiny_vlm(family_name: str, out_dir: str | Path, seed: int = 0) -> Path
     return out_dir
 
 
-TINY_FAMILIES = tuple(name for name in FAMILIES if name in _BUILDERS)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m vlmtune.testing.tiny_vlm", description="Build a tiny random-init vision-language model."
+        prog="python -m vlmtune.testing.tiny_vlm",
+        description="Build a tiny random-init vision-language model.",
     )
     parser.add_argument("family", choices=TINY_FAMILIES)
     parser.add_argument("out_dir", type=Path)
