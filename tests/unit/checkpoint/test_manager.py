@@ -152,5 +152,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
     check_free_space(tmp_path, model, keep_last=3)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 1000))
-    with pytest.raises(UserError, match=r"has 1,000\.0 B free.*about 2\.8 KiB \(3 kept \+ 1 being written, 56 trainable"):
+    with pytest.raises(
+        UserError, match=r"has 1,000\.0 B free.*about 2\.8 KiB \(3 kept \+ 1 being written, 56 trainable"
+    ):
         check_free_space(tmp_path, model, keep_last=3)
