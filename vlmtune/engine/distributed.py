@@ -94,28 +94,30 @@ def check_sharding(accelerator, model, accel_cfg: dict) -> None:
     log.info("distributed: %s over %d process(es)%s", have, world, stage)
 
 
-# Parts of a model that a forward may skip (a vision tower or projector on a text-only batch). Their trainable
-# parameters then get no gradient, which DDP reports as an error unless find_unused_parameters is on.
-_OPTIONAL_PARTS = ("vision", "visual", "image", "projector", "multi_modal", "connector", "mm_")
-
-
 def configure_ddp(accelerator, model) -> list[str]:
     """Turn on DDP's unused-parameter detection exactly when a trainable parameter may go unused.
 
-    The detection walks the autograd graph every step, so it stays off for models whose trainable parameters all
-    take part in every forward (a text model's LoRA). Returns the parameter names that made it necessary.
+    Trainable parameters in the vision tower or projector of a VLM get no gradient from a text-only batch, which
+    DDP reports as an error unless find_unused_parameters is on. The detection walks the autograd graph every
+    step, so it stays off when every trainable parameter takes part in every forward (a text model's LoRA).
+    Returns the parameter names that made it necessary.
     """
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from vlmtune.model.families import find_family, part_of
+
+    config = getattr(model, "config", None)
+    family = find_family(config) if config is not None else None
     optional = [
         n
         for n, p in model.named_parameters()
-        if p.requires_grad and any(part in n for part in _OPTIONAL_PARTS)
+        if p.requires_grad and family and part_of(n, family) != "language"
     ]
     accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=bool(optional))
     if optional and strategy(accelerator) == "ddp":
         log.info(
-            "DDP: find_unused_parameters on (%d trainable parameters outside the text model)", len(optional)
+            "DDP: find_unused_parameters on (%d trainable parameters outside the language model)",
+            len(optional),
         )
     return optional
 

@@ -36,12 +36,20 @@ def test_strategy_names():
     assert strategy(_acc(DistributedType.FSDP)) == "fsdp2"
 
 
-def test_unused_parameter_detection_is_on_only_when_a_trainable_part_can_be_skipped():
-    model, acc = _VLM(), _acc()
-    assert configure_ddp(acc, model) == ["vision_tower.weight", "vision_tower.bias"]
+def test_unused_parameter_detection_is_on_only_when_a_trainable_part_can_be_skipped(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.testing.tiny_vlm import build_tiny_vlm
+
+    vlm = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm("llava", tmp_path / "llava"))
+    vlm.requires_grad_(False)
+    vlm.model.language_model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    acc = _acc()
+    assert configure_ddp(acc, vlm) == [] and not acc.ddp_handler.find_unused_parameters
+    vlm.model.multi_modal_projector.requires_grad_(True)  # a text-only batch leaves it without gradient
+    assert configure_ddp(acc, vlm) == [n for n, p in vlm.named_parameters() if "multi_modal_projector" in n]
     assert acc.ddp_handler.find_unused_parameters
-    model.vision_tower.requires_grad_(False)  # a frozen tower needs no detection
-    assert configure_ddp(acc, model) == [] and not acc.ddp_handler.find_unused_parameters
+    assert configure_ddp(acc, torch.nn.Linear(2, 2)) == []  # not a known VLM: a text model
 
 
 def test_ddps_unused_parameter_error_names_the_parameters():
