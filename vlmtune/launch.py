@@ -72,13 +72,9 @@ def plan_launch(
         raise UserError(f"--node-rank {node_rank} is outside 0..{nodes - 1} for {nodes} node(s)")
     on_cpu = bool(cfg.get("use_cpu")) or _gpu_count() == 0
     if procs_per_node is None:
-        configured = cfg.get("num_processes")
-        if dist == "NO":
-            procs_per_node = 1
-        elif configured and not on_cpu:
-            procs_per_node = min(int(configured) // nodes or 1, _gpu_count())
-        else:
-            procs_per_node = int(configured) // nodes if configured else max(_gpu_count(), 1)
+        # The config's total split over the nodes, capped at this node's GPUs; one for a single-process config.
+        configured = int(cfg.get("num_processes") or 1) // nodes or 1
+        procs_per_node = 1 if dist == "NO" else configured if on_cpu else min(configured, _gpu_count())
     world = nodes * procs_per_node
     if nodes > 1 and not main_ip:
         raise UserError("--main-ip is required with more than one node (the address of the node with rank 0)")
@@ -88,12 +84,8 @@ def plan_launch(
     if config_file:
         cmd += ["--config_file", str(resolve_path(config_file, recipe._base_dir))]
     cmd += ["--num_machines", str(nodes), "--num_processes", str(world), "--machine_rank", str(node_rank)]
-    cmd += [
-        "--main_process_ip",
-        main_ip or "127.0.0.1",
-        "--main_process_port",
-        str(main_port or DEFAULT_PORT),
-    ]
+    port = str(main_port or DEFAULT_PORT)
+    cmd += ["--main_process_ip", main_ip or "127.0.0.1", "--main_process_port", port]
     # The recipe decides the precision; under DeepSpeed the config file's value would otherwise win.
     cmd += ["--mixed_precision", recipe.train.mixed_precision]
     env = {k: v for k, v in DIST_ENV_DEFAULTS.items() if k not in os.environ}
@@ -102,9 +94,8 @@ def plan_launch(
     if dist == "DEEPSPEED" and nodes > 1:
         cmd += ["--deepspeed_multinode_launcher", "standard"]  # one launcher per node, no pdsh / hostfile
     if on_cpu:
-        if (
-            dist != "DEEPSPEED"
-        ):  # accelerate turns DeepSpeed off when told to use the CPU; it runs there anyway
+        # accelerate turns DeepSpeed off when told to use the CPU; without GPUs it runs there anyway.
+        if dist != "DEEPSPEED":
             env["ACCELERATE_USE_CPU"] = "true"
         if "OMP_NUM_THREADS" not in os.environ:
             # Processes sharing the cores each with all threads run many times slower (seen: 13× with DeepSpeed).
