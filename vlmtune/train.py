@@ -66,12 +66,13 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
     from vlmtune.data import Collator
     from vlmtune.data.sampler import StepSampler
+    from vlmtune.data.vlm_collate import VLMCollator
     from vlmtune.engine.accelerator import STEP_TIMEOUT, build_accelerator
     from vlmtune.engine.distributed import check_sharding, configure_ddp, set_collective_timeout
     from vlmtune.engine.loop import Components, Trainer
     from vlmtune.engine.metrics import MetricsWriter
     from vlmtune.engine.optim import build_optimizer, build_scheduler
-    from vlmtune.model.load import load_model, load_tokenizer
+    from vlmtune.model.load import load_model, load_processor, load_tokenizer, model_family
     from vlmtune.model.lora import apply_lora
 
     # A notebook may run several recipes in one process: start each from a clean accelerate state.
@@ -82,17 +83,33 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         out = Path(t.output_dir).expanduser().resolve()
         set_seed(t.seed)
 
-        tokenizer = load_tokenizer(recipe.model, base)
-        train_data, eval_data = _build_data(recipe, tokenizer, show_progress=accelerator.is_main_process)
+        # A vision-language model (its family known from the recipe or the model config) reads images through
+        # its processor; a text model through its tokenizer.
+        family = model_family(recipe.model, base)
+        if family is None:
+            _refuse_vision_settings(recipe)
+            tokenizer = load_tokenizer(recipe.model, base)
+            collator = Collator(pad_token_id=tokenizer.pad_token_id)
+        else:
+            log.info("vision-language model family %s", family.name)
+            tokenizer = load_processor(recipe.model, family, recipe.vision, base)
+            collator = VLMCollator(pad_token_id=tokenizer.tokenizer.pad_token_id, family=family)
+        train_data, eval_data = _build_data(
+            recipe, tokenizer, family, show_progress=accelerator.is_main_process
+        )
 
-        model = load_model(recipe.model, recipe.quant, device=accelerator.device, base_dir=base)
+        model = load_model(
+            recipe.model, recipe.quant, device=accelerator.device, base_dir=base, family=family
+        )
         model = apply_lora(
             model,
             recipe.lora,
             quantized=recipe.quant is not None,
             gradient_checkpointing=t.gradient_checkpointing,
+            family=family,
+            vision=recipe.vision,
         )
-        optimizer = build_optimizer(model, t)
+        optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
         check_sharding(accelerator, model, accel_cfg)
@@ -119,7 +136,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
-            collator=Collator(pad_token_id=tokenizer.pad_token_id),
+            collator=collator,
             checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
@@ -144,15 +161,38 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         accelerator.end_training()
 
 
-def _build_data(recipe, tokenizer, *, show_progress: bool):
-    """The tokenised train and (optional) eval datasets; data problems surface before the model is loaded."""
+def _refuse_vision_settings(recipe) -> None:
+    """Image settings in a recipe for a text-only model are a mistake, not something to ignore."""
+    from vlmtune.config.schema import VisionConfig
+
+    problems = []
+    if recipe.vision != VisionConfig():
+        problems.append("vision: the model is not a vision-language model, so it has no vision settings")
+    for split in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, split)):
+            for key in ("image_root", "image_key"):
+                if getattr(src, key) is not None:
+                    problems.append(f"data.{split}.{i}.{key}: the model is not a vision-language model")
+            if src.format == "llava":
+                problems.append(f"data.{split}.{i}.format: llava needs a vision-language model")
+    if problems:
+        raise RecipeError(problems)
+
+
+def _build_data(recipe, tokenizer, family, *, show_progress: bool):
+    """The encoded train and (optional) eval datasets; data problems surface before the model is loaded.
+
+    `tokenizer` is a VLM's processor when `family` is given.
+    """
     from vlmtune.data import build_dataset
+    from vlmtune.data.vlm_dataset import build_vlm_dataset
 
     def build(sources, split):
-        data = build_dataset(
-            sources, recipe.data, tokenizer, seed=recipe.train.seed, base_dir=recipe._base_dir,
-            show_progress=show_progress,
-        )  # fmt: skip
+        kwargs = {"seed": recipe.train.seed, "base_dir": recipe._base_dir, "show_progress": show_progress}
+        if family is None:
+            data = build_dataset(sources, recipe.data, tokenizer, **kwargs)
+        else:
+            data = build_vlm_dataset(sources, recipe.data, tokenizer, family, **kwargs)
         log.info("%s data: %s", split, data.stats.summary())
         return data
 

@@ -22,7 +22,8 @@ def save_adapter(peft_model, out_dir: Path, *, state_dict: dict | None = None) -
 
 
 def export_adapter(accelerator, model, tokenizer, adapter_dir: Path) -> None:
-    """Write the final adapter plus tokenizer files, so the folder is usable on its own; swapped in whole."""
+    """Write the final adapter plus tokenizer files (a VLM's processor files: pass the processor as
+    `tokenizer`), so the folder is usable on its own; swapped in whole."""
     from vlmtune.engine.distributed import trainable_state_dict
 
     weights = trainable_state_dict(

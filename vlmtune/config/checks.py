@@ -66,6 +66,36 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
             f"checkpoint.every: {recipe.checkpoint.every} is more than train.max_steps "
             f"({recipe.train.max_steps}); no intermediate checkpoint would be written"
         )
+    return problems + vision_problems(recipe)
+
+
+def vision_problems(recipe: Recipe) -> list[str]:
+    """Rules of the `vision` section (and, when `model.family` is given, what that family supports)."""
+    from vlmtune.model.families import FAMILIES
+
+    v, problems = recipe.vision, []
+    for part in ("tower", "projector"):
+        if getattr(v, part) == "frozen" and getattr(v, f"{part}_lr") is not None:
+            problems.append(
+                f"vision.{part}_lr: the {part} is frozen (vision.{part}: frozen), so it has no learning rate; "
+                f"set vision.{part} to lora or full, or remove vision.{part}_lr"
+            )
+    if v.min_pixels and v.max_pixels and v.min_pixels > v.max_pixels:
+        problems.append(f"vision.min_pixels: {v.min_pixels} is more than vision.max_pixels ({v.max_pixels})")
+    family = FAMILIES.get(recipe.model.family) if recipe.model.family else None
+    if family is not None:
+        for key, value in v.image_size().items():
+            if value is not None and key not in family.size_keys:
+                takes = (
+                    ", ".join(f"vision.{k}" for k in family.size_keys) or "none: the vision config fixes it"
+                )
+                problems.append(
+                    f"vision.{key}: not an image-size setting of {family.name} models (image-size keys: {takes})"
+                )
+    if recipe.quant is not None and "full" in (v.tower, v.projector):
+        problems.append(
+            "vision: `full` training of a quantised tower or projector is not supported; use lora, or no quant"
+        )
     return problems
 
 

@@ -30,6 +30,57 @@ class ModelConfig(_Section):
     chat_template: str | None = Field(
         None, description="Jinja chat template (or a path to a .jinja file) overriding the tokenizer's."
     )
+    family: str | None = Field(
+        None,
+        description="Vision-language model family (e.g. qwen2_5_vl, llava, smolvlm); detected from the model "
+        "config when omitted. Text-only models have none.",
+    )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        from vlmtune.model.families import FAMILIES
+
+        if value is not None and value not in FAMILIES:
+            raise ValueError(f"unknown model family {value!r}; supported: {', '.join(FAMILIES)}")
+        return value
+
+
+class VisionConfig(_Section):
+    """How a vision-language model's vision tower and projector train, and how large its images are."""
+
+    tower: Literal["frozen", "lora", "full"] = Field(
+        "frozen",
+        description="Vision tower: frozen (no gradients), lora (adapters on its linear layers), full.",
+    )
+    projector: Literal["frozen", "lora", "full"] = Field(
+        "frozen",
+        description="Projector between tower and language model: frozen, lora (adapters on its linear layers), "
+        "full (trained and saved whole in the adapter).",
+    )
+    tower_lr: PositiveFloat | None = Field(
+        None, description="Learning rate of the vision tower (default train.lr)."
+    )
+    projector_lr: PositiveFloat | None = Field(
+        None, description="Learning rate of the projector (default train.lr)."
+    )
+    min_pixels: PositiveInt | None = Field(
+        None, description="Smallest image area in pixels after resizing (Qwen-VL families)."
+    )
+    max_pixels: PositiveInt | None = Field(
+        None, description="Largest image area in pixels after resizing (Qwen-VL families)."
+    )
+    longest_edge: PositiveInt | None = Field(
+        None, description="Longest image edge in pixels after resizing (Idefics3 / SmolVLM)."
+    )
+
+    def image_size(self) -> dict[str, int | None]:
+        """The image-size keys as `families.set_image_size` takes them."""
+        return {
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "longest_edge": self.longest_edge,
+        }
 
 
 class QuantConfig(_Section):
@@ -73,15 +124,24 @@ class DataSource(_Section):
     path: str = Field(
         description=".jsonl, .json, .parquet, or a directory written by datasets' save_to_disk."
     )
-    format: Literal["messages", "sharegpt", "alpaca"] = Field(
+    format: Literal["messages", "sharegpt", "alpaca", "llava"] = Field(
         "messages",
-        description="Row layout: messages (role/content), sharegpt (from/value), alpaca (instruction/input/output).",
+        description="Row layout: messages (role/content), sharegpt (from/value), alpaca (instruction/input/output), "
+        "llava (LLaVA JSON: image + conversations with <image>; vision-language models only).",
     )
     weight: PositiveFloat = Field(
         1.0,
         description="Rows taken per epoch = round(weight × rows): 0.5 takes a seeded half, 2 repeats it twice.",
     )
     split: str | None = Field(None, description="Split to use when `path` is a DatasetDict on disk.")
+    image_root: str | None = Field(
+        None,
+        description="Folder that relative image paths start from (default: the data file's folder; relative "
+        "to the recipe like every path).",
+    )
+    image_key: str | None = Field(
+        None, description="Column holding a row's images (default: `images`, else `image`)."
+    )
 
 
 class DataConfig(_Section):
@@ -180,6 +240,7 @@ class Recipe(_Section):
     model: ModelConfig
     quant: QuantConfig | None = None
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
     data: DataConfig
     train: TrainConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

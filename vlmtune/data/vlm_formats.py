@@ -22,20 +22,11 @@ from typing import Any
 
 from PIL import Image
 
-from vlmtune.data.bad_rows import BAD_ROW_KINDS, BadRow
+from vlmtune.data.bad_rows import VLM_BAD_ROW_KINDS, BadRow
 from vlmtune.data.formats import _SHAREGPT_ROLES, _as_object, _json_type, _require, check_conversation
 
 IMAGE_PLACEHOLDER = "<image>"
-
-# Image-specific bad-row kinds. `bad_rows.BAD_ROW_KINDS` is closed and does not list them yet; until it does,
-# `VLMBadRow` accepts them (the tracker counts any BadRow by its kind).
-VLM_BAD_ROW_KINDS = (
-    "image_count_mismatch",  # placeholders in the text != images given
-    "bad_image",  # an image is missing, unreadable, truncated or too large
-    "images_required",  # the family cannot train on a text-only row (PaliGemma)
-    "image_not_in_user_turn",  # an image in a system or assistant message: only prompts show images
-    "overlength_images",  # longer than max_length, and cutting would cut image tokens
-)
+__all__ = ["IMAGE_PLACEHOLDER", "VLM_BAD_ROW_KINDS", "VLMBadRow", "VLMConversation", "normalise_vlm"]
 
 ImageRef = (
     Any  # str | os.PathLike | bytes | PIL.Image.Image | {"bytes", "path"}: opened by `images.load_image`
@@ -45,14 +36,7 @@ VLMMessage = dict[str, Any]
 
 
 class VLMBadRow(BadRow):
-    """A `BadRow` whose kind may also be one of `VLM_BAD_ROW_KINDS`."""
-
-    def __init__(self, kind: str, problem: str) -> None:
-        if kind not in BAD_ROW_KINDS + VLM_BAD_ROW_KINDS:
-            raise ValueError(f"unknown bad-row kind {kind!r}")
-        self.kind = kind
-        self.problem = problem
-        Exception.__init__(self, problem)
+    """A `BadRow` raised by the image-text pipeline (often of one of `VLM_BAD_ROW_KINDS`)."""
 
 
 @dataclass

@@ -38,6 +38,30 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+# Batch entries that are not model inputs: the loss is computed here from the logits.
+_NOT_INPUTS = ("labels", "length")
+
+
+def forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The logits of `batch`: every collated input (text, and a VLM's vision inputs) goes to the model.
+
+    Floating inputs (pixel values) are cast to `dtype`, the model's weights dtype, which the vision tower needs.
+    """
+    inputs = {
+        k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        for k, v in batch.items()
+        if k not in _NOT_INPUTS
+    }
+    return model(**inputs).logits
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's (first) floating weights; None when it has none (all packed 4-bit)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 @dataclass
 class Components:
     """What the loop works with, built by `vlmtune.train`."""
@@ -68,6 +92,7 @@ class Trainer:
         )
         # Trainable parameters the first step left without a gradient, named if DDP then fails on them.
         self._no_grad: list[str] = []
+        self._dtype = weights_dtype(c.model)
 
     def _batch(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
         batch = self.c.collator([data[i] for i in rows])
@@ -101,7 +126,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             acc.sync_gradients = last  # all-reduce gradients and step only at the end of the window
             with nullcontext() if last else acc.no_sync(model):
-                logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                logits = forward(model, mb, self._dtype)
                 loss = token_loss_sum(logits, mb["labels"])
                 acc.backward(loss * scale)
             loss_sum += loss.detach()
@@ -179,7 +204,7 @@ class Trainer:
             real = b < n_batches
             rows = list(range(b * mb, min((b + 1) * mb, len(data)))) if real else [0]
             batch = self._batch(data, rows)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = forward(model, batch, self._dtype)
             if real:
                 loss_sum += token_loss_sum(logits, batch["labels"])
                 tokens += trained_tokens(batch["labels"])

@@ -7,21 +7,38 @@ import math
 import torch
 from transformers import get_scheduler
 
-from vlmtune.config.schema import TrainConfig
+from vlmtune.config.schema import TrainConfig, VisionConfig
 
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, *, family=None, vision: VisionConfig | None = None
+) -> torch.optim.Optimizer:
     """AdamW (torch or bitsandbytes 8-bit / paged 8-bit) over the trainable parameters.
 
     Weight decay applies to matrices only: biases and norm weights (e.g. in modules_to_save) are not decayed.
+    For a VLM (`family` given), the vision tower and projector get their own learning rates
+    (`vision.tower_lr`, `vision.projector_lr`, default `train.lr`); the schedule scales every group alike.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    from vlmtune.model.families import part_of
+
+    lrs = {"language": cfg.lr}
+    if family is not None:
+        vision = vision or VisionConfig()
+        lrs["vision"] = vision.tower_lr or cfg.lr
+        lrs["projector"] = vision.projector_lr or cfg.lr
+    groups = []
+    for part, lr in lrs.items():
+        params = [
+            p
+            for n, p in model.named_parameters()
+            if p.requires_grad and (family is None or part_of(n, family) == part)
+        ]
+        groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
     groups = [g for g in groups if g["params"]]
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.adam_betas), "eps": cfg.adam_eps}
     if cfg.optimizer == "adamw":

@@ -319,6 +319,32 @@ def lm_lora_targets(model: nn.Module, family: Family) -> str:
     return rf"(?:.*\.)?(?:{lm})\.(?:.*\.)?(?:{'|'.join(leaves)})"
 
 
+def part_linear_layers(model: nn.Module, family: Family, part: Part) -> list[str]:
+    """Full module names of the linear layers in one part of the model (the output head excluded)."""
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and _part_or_none(name, family) == part
+    ]
+
+
+def part_modules(model: nn.Module, family: Family, part: Part) -> tuple[list[str], list[str]]:
+    """The part's top modules (`vision` / `projector` prefixes) present in `model`, and its prefixes that name a
+    bare parameter rather than a module (LLaVA-NeXT's `image_newline`)."""
+    prefixes = {"vision": family.vision, "projector": family.projector, "language": family.language}[part]
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    return [p for p in prefixes if p in modules], [p for p in prefixes if p in params]
+
+
+def nested_parts(family: Family) -> bool:
+    """The projector sits inside the vision tower's module (Qwen-VL's merger)."""
+    return any(_under(family.vision).search(p) for p in family.projector)
+
+
 def _part_or_none(name: str, family: Family) -> Part | None:
     try:
         return part_of(name, family)

@@ -1,4 +1,5 @@
-"""Load the base model and its tokenizer as the recipe says (dtype, attention, revision, quantisation)."""
+"""Load the base model and its tokenizer (or a VLM's processor) as the recipe says (dtype, attention, revision,
+quantisation, image size)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from vlmtune.config.checks import resolve_path
-from vlmtune.config.schema import ModelConfig, QuantConfig
+from vlmtune.config.schema import ModelConfig, QuantConfig, VisionConfig
 from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
+from vlmtune.model.families import Family, find_family, get_family, set_image_size
 from vlmtune.model.quant import bnb_config
 
 log = get_logger(__name__)
@@ -39,24 +48,90 @@ def load_tokenizer(cfg: ModelConfig, base_dir: Path | None = None) -> PreTrained
     except OSError as exc:
         raise UserError(f"model.path: cannot load a tokenizer from {where}: {_first_line(exc)}") from None
     if cfg.chat_template:
-        template = cfg.chat_template
-        as_file = resolve_path(template, base_dir)
-        if template.endswith(".jinja") or (len(template) < 256 and as_file.is_file()):
-            if not as_file.is_file():
-                raise UserError(f"model.chat_template: file not found: {template}")
-            template = as_file.read_text()
-        tok.chat_template = template
+        tok.chat_template = _chat_template(cfg.chat_template, base_dir)
+    _set_padding(tok)
+    return tok
+
+
+def model_family(cfg: ModelConfig, base_dir: Path | None = None) -> Family | None:
+    """The recipe's vision-language family: `model.family` if given, else detected from the model config;
+    None for a text-only model."""
+    if cfg.family is not None:
+        return get_family(cfg.family)
+    where = model_location(cfg, base_dir)
+    try:
+        config = AutoConfig.from_pretrained(
+            where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path: cannot load the config of {where}: {_first_line(exc)}") from None
+    return find_family(config)
+
+
+def load_processor(
+    cfg: ModelConfig, family: Family, vision: VisionConfig, base_dir: Path | None = None
+) -> object:
+    """A VLM's processor, with the recipe's chat template and image size, and a pad token.
+
+    Raises:
+        UserError: the processor cannot be loaded, has no chat template, or the family takes no such size key.
+    """
+    where = (
+        model_location(cfg, base_dir)
+        if cfg.tokenizer_path is None
+        else str(resolve_path(cfg.tokenizer_path, base_dir))
+    )
+    try:
+        processor = AutoProcessor.from_pretrained(
+            where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path: cannot load a processor from {where}: {_first_line(exc)}") from None
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise UserError(
+            f"model.path: the processor of {where} holds no tokenizer; is it a {family.name} model?"
+        )
+    if cfg.chat_template:
+        processor.chat_template = tokenizer.chat_template = _chat_template(cfg.chat_template, base_dir)
+    if not getattr(processor, "chat_template", None):
+        hint = "" if family.ships_chat_template else f" ({family.name} checkpoints ship none)"
+        raise UserError(f"model.chat_template: the processor of {where} has no chat template{hint}; set one")
+    try:
+        set_image_size(processor, family, **vision.image_size())
+    except UserError as exc:
+        raise UserError(f"vision.{exc}") from None
+    _set_padding(tokenizer)
+    return processor
+
+
+def _chat_template(template: str, base_dir: Path | None) -> str:
+    """The recipe's chat template: inline Jinja, or the text of a .jinja file."""
+    as_file = resolve_path(template, base_dir)
+    if template.endswith(".jinja") or (len(template) < 256 and as_file.is_file()):
+        if not as_file.is_file():
+            raise UserError(f"model.chat_template: file not found: {template}")
+        template = as_file.read_text()
+    return template
+
+
+def _set_padding(tok: PreTrainedTokenizerBase) -> None:
     if tok.pad_token_id is None:
         # Padding is masked by attention_mask and labels, so any existing token can serve as pad.
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
-    return tok
 
 
 def load_model(
-    cfg: ModelConfig, quant: QuantConfig | None, *, device: torch.device, base_dir: Path | None = None
+    cfg: ModelConfig,
+    quant: QuantConfig | None,
+    *,
+    device: torch.device,
+    base_dir: Path | None = None,
+    family: Family | None = None,
 ) -> PreTrainedModel:
-    """The base causal LM. Quantised weights are placed on `device` at load time (bitsandbytes needs that)."""
+    """The base causal LM, or a VLM through its family's class. Quantised weights are placed on `device` at load
+    time (bitsandbytes needs that)."""
     where = model_location(cfg, base_dir)
     kwargs: dict = {
         "revision": cfg.revision,
@@ -71,7 +146,8 @@ def load_model(
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the weights itself
             kwargs["device_map"] = {"": device}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
+        cls = AutoModelForCausalLM if family is None else family.load_class()
+        model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"model.path: cannot load {where}: {_first_line(exc)}") from None
     # transformers fills weights missing from the files with random values and only warns: fine-tuning a

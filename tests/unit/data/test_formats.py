@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from vlmtune.config.schema import DataSource
-from vlmtune.data.bad_rows import BAD_ROW_KINDS, BadRow
+from vlmtune.data.bad_rows import BAD_ROW_KINDS, VLM_BAD_ROW_KINDS, BadRow
 from vlmtune.data.formats import FORMATS, normalise
 
 EXPECTED = [
@@ -61,7 +61,10 @@ def test_alpaca_without_input_or_system_is_one_exchange():
 def test_registry_matches_the_recipe_schema():
     allowed = typing.get_args(DataSource.model_fields["format"].annotation)
 
-    assert set(FORMATS) == set(allowed)
+    from vlmtune.data.vlm_formats import VLM_FORMATS
+
+    # Text formats, and the image-text ones (llava) that only vision-language models read.
+    assert set(FORMATS) | set(VLM_FORMATS) == set(allowed)
 
 
 def _m(*pairs: tuple[str, object]) -> dict:
@@ -129,8 +132,9 @@ def test_bad_rows_are_named_by_kind_and_problem(fmt, raw, kind, problem):
 
 
 def test_every_row_kind_but_pipeline_ones_is_exercised_here():
-    # unparsable, template_error and no_trained_tokens come from reading and tokenising, tested elsewhere.
-    assert {b[2] for b in BAD_ROWS} == set(BAD_ROW_KINDS) - {
+    # unparsable, template_error and no_trained_tokens come from reading and tokenising, the image kinds from
+    # image-text rows: tested elsewhere.
+    assert {b[2] for b in BAD_ROWS} == set(BAD_ROW_KINDS) - set(VLM_BAD_ROW_KINDS) - {
         "unparsable",
         "template_error",
         "no_trained_tokens",

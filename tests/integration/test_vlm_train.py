@@ -1,0 +1,185 @@
+"""End to end on CPU for every registered VLM family: recipe → LoRA training → adapter that reloads in plain PEFT.
+
+Each family trains its tiny random-init model for a few steps on a small generated image-text set (coloured
+shapes; text-only rows too where the family can train on them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image, ImageDraw
+from transformers import AutoProcessor
+
+from vlmtune.config.schema import DataConfig, DataSource
+from vlmtune.data.vlm_collate import VLMCollator
+from vlmtune.data.vlm_dataset import build_vlm_dataset
+from vlmtune.engine.loop import forward
+from vlmtune.model.families import FAMILIES, get_family, part_of
+from vlmtune.testing.tiny_vlm import build_tiny_vlm
+from vlmtune.train import run
+
+REPO = Path(__file__).resolve().parents[2]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+SHAPES = ("square", "circle")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def vlm_models(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_vlms")
+
+
+@pytest.fixture(scope="session")
+def vlm_data(tmp_path_factory) -> Path:
+    """A LLaVA-style JSON file of shape / colour questions on generated images, plus a text-only file."""
+    root = tmp_path_factory.mktemp("vlm_data")
+    (root / "images").mkdir()
+    rows = []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            name = f"images/{colour}_{shape}.png"
+            image = Image.new("RGB", (48, 40), (255, 255, 255))
+            draw = ImageDraw.Draw(image)
+            (draw.rectangle if shape == "square" else draw.ellipse)((8, 6, 40, 34), fill=rgb)
+            image.save(root / name)
+            rows.append(
+                {
+                    "image": name,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat is this?"},
+                        {"from": "gpt", "value": f"A {colour} {shape}."},
+                    ],
+                }
+            )
+    (root / "train.json").write_text(json.dumps(rows))
+    text = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Name a {c} thing."},
+                {"role": "assistant", "content": f"A {c} {s}."},
+            ]
+        }
+        for c in COLOURS
+        for s in SHAPES[:1]
+    ]
+    (root / "text.jsonl").write_text("\n".join(json.dumps(r) for r in text) + "\n")
+    return root
+
+
+def _recipe(model: Path, data: Path, out: Path, family, **sections) -> dict:
+    train = [{"path": str(data / "train.json"), "format": "llava"}]
+    if not family.needs_images:
+        train.append({"path": str(data / "text.jsonl")})
+    recipe = {
+        "model": {"path": str(model), "dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": train, "max_length": 512},
+        "train": {
+            "output_dir": str(out), "micro_batch_size": 3, "grad_accum": 1, "lr": 2.0e-2, "max_steps": 8,
+            "warmup_ratio": 0.0, "mixed_precision": "no", "gradient_checkpointing": False, "log_every": 1,
+            "report_to": [], "scheduler": "constant",
+        },
+        "checkpoint": {"every": 0, "keep_last": 1},
+        "launch": {"accelerate_config": str(REPO / "accelerate_configs/cpu.yaml")},
+    }  # fmt: skip
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    return recipe
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_vlm_lora_trains_and_reloads_in_plain_peft(name, vlm_models, vlm_data, tmp_path, monkeypatch):
+    family = get_family(name)
+    model_dir = build_tiny_vlm(name, vlm_models / name)
+    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family)
+    trained = _keep_trained_model(monkeypatch)
+    result = run(recipe)
+
+    losses = _losses(result.output_dir)
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+
+    adapter = result.adapter_dir
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= names
+    assert names & {"processor_config.json", "preprocessor_config.json"}
+
+    # Plain transformers + PEFT, from the folders alone: the base model, the adapter and its processor.
+    base = family.load_class().from_pretrained(model_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, adapter).eval()
+    lora_parts = {part_of(n, family) for n, _ in reloaded.named_parameters() if "lora_" in n}
+    assert lora_parts == {"language"}  # vision.tower and vision.projector are frozen by default
+    processor = AutoProcessor.from_pretrained(adapter)
+    sources = [DataSource(**s) for s in recipe["data"]["train"]]
+    data = build_vlm_dataset(sources, DataConfig(**recipe["data"]), processor, family, seed=0)
+    rows = [0, len(data) - 1, 1]  # an image row, a text-only row (where the family has them), an image row
+    batch = VLMCollator(processor.tokenizer.pad_token_id, family)([data[i] for i in rows])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            forward(reloaded, batch), forward(trained["model"].eval(), batch), atol=1e-5, rtol=1e-4
+        )
+
+
+def _keep_trained_model(monkeypatch) -> dict:
+    """Catch the model `run` exports (trained, in memory) to compare it with the reloaded adapter."""
+    import vlmtune.checkpoint.export as export
+
+    kept, original = {}, export.export_adapter
+
+    def export_and_keep(accelerator, model, tokenizer, adapter_dir):
+        kept["model"] = accelerator.unwrap_model(model)
+        return original(accelerator, model, tokenizer, adapter_dir)
+
+    monkeypatch.setattr(export, "export_adapter", export_and_keep)
+    return kept
+
+
+@pytest.mark.parametrize(
+    ("name", "vision"), [("llava", {"tower": "lora", "projector": "full", "tower_lr": 1e-2})]
+)
+def test_trained_tower_and_projector_are_in_the_adapter(
+    name, vision, vlm_models, vlm_data, tmp_path, monkeypatch
+):
+    family = get_family(name)
+    model_dir = build_tiny_vlm(name, vlm_models / name)
+    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, vision=vision, train={"max_steps": 3})
+    trained = _keep_trained_model(monkeypatch)
+    result = run(recipe)
+
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert "model.multi_modal_projector" in config["modules_to_save"]
+    base = family.load_class().from_pretrained(model_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    assert {part_of(n, family) for n, _ in reloaded.named_parameters() if "lora_" in n} == {
+        "language",
+        "vision",
+    }
+    processor = AutoProcessor.from_pretrained(result.adapter_dir)
+    data = build_vlm_dataset(
+        [DataSource(**s) for s in recipe["data"]["train"]],
+        DataConfig(**recipe["data"]),
+        processor,
+        family,
+        seed=0,
+    )
+    batch = VLMCollator(processor.tokenizer.pad_token_id, family)([data[0], data[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            forward(reloaded, batch), forward(trained["model"].eval(), batch), atol=1e-5, rtol=1e-4
+        )
