@@ -53,9 +53,14 @@ def _data_check(args: argparse.Namespace) -> int:
 
     from vlmtune.config.load import load_recipe
     from vlmtune.data.check import format_report, render_example, scan, verdict, write_problems
-    from vlmtune.model.load import load_tokenizer
+    from vlmtune.model.load import load_tokenizer, model_family
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if model_family(recipe.model, recipe._base_dir) is not None:
+        raise UserError(
+            "data-check does not read image-text data yet; `vlmtune train` checks every row as it builds the "
+            "data set (with data.on_bad_row: skip it counts the bad ones)"
+        )
     tokenizer = load_tokenizer(recipe.model, recipe._base_dir)
     reports = scan(recipe, tokenizer)
     print(format_report(recipe, reports))

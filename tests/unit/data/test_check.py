@@ -51,3 +51,13 @@ def test_show_marks_exactly_the_assistant_reply(tmp_path, tiny_recipe, capsys):
     out = capsys.readouterr().out
     assert "⟦Hello!<|im_end|>⟧" in out
     assert out.count("⟦") == 1  # the prompt is not trained
+
+
+def test_image_text_recipes_are_refused_clearly_for_now(tmp_path, tiny_recipe, capsys):
+    from vlmtune.testing.tiny_vlm import build_tiny_vlm
+
+    recipe = tiny_recipe(model={"path": str(build_tiny_vlm("llava", tmp_path / "llava")), "dtype": "float32"})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["data-check", str(path)]) == 2
+    assert "data-check does not read image-text data yet" in capsys.readouterr().err
