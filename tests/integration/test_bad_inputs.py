@@ -7,11 +7,13 @@ where, and how to fix it, print no traceback, and leave the earlier run's files 
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from vlmtune.cli import main as cli_main
 from vlmtune.train import main as train_main
 
@@ -43,6 +45,30 @@ def _file(name: str, text: str, fmt: str = "messages"):
 
 def _msgs(*pairs):
     return {"messages": [{"role": role, "content": content} for role, content in pairs]}
+
+
+def _vlm_data(edit):
+    """The demo image-text set (LLaVA JSON) on a tiny LLaVA, with `edit(rows, folder)` applied."""
+
+    def change(r, tmp):
+        from vlmtune.testing.tiny_vlm import build_tiny_vlm
+
+        data = tmp / "vlm"
+        shutil.copytree(REPO / "data/demo/vlm", data)
+        rows = json.loads((data / "train.json").read_text())
+        edit(rows, data)
+        (data / "train.json").write_text(json.dumps(rows))
+        model = build_tiny_vlm("llava", Path(tempfile.gettempdir()) / "vlmtune-tests" / "tiny-llava")
+        r["model"]["path"] = str(model)
+        r["data"]["train"] = [{"path": str(data / "train.json"), "format": "llava"}]
+
+    return change
+
+
+def _huge_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("1", (8000, 8000)).save(path)  # 64 M pixels, a few kB on disk
 
 
 def _model_dir(r, tmp, edit) -> None:
@@ -139,6 +165,29 @@ CASES = {
             fmt="sharegpt",
         ),
         "robot",
+        True,
+    ),
+    # --- images (a vision-language model) ---
+    "missing image": (
+        _vlm_data(lambda rows, d: rows[1].update(image="images/missing.png")),
+        "missing.png",
+        True,
+    ),
+    "corrupt image": (
+        _vlm_data(
+            lambda rows, d: (d / "images/red_circle.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+        ),
+        "red_circle.png",
+        True,
+    ),
+    "huge image (decompression bomb)": (
+        _vlm_data(lambda rows, d: _huge_png(d / "images/red_circle.png")),
+        "too many pixels: 8000x8000",
+        True,
+    ),
+    "placeholders and images disagree": (
+        _vlm_data(lambda rows, d: rows[2]["conversations"][0].update(value="<image> <image> What is it?")),
+        "2 <image> placeholder",
         True,
     ),
     # --- model ---

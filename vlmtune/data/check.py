@@ -19,6 +19,7 @@ import numpy as np
 
 from vlmtune.config.schema import Recipe
 from vlmtune.data.dataset import IGNORE_INDEX, TokenizedDataset, build_dataset
+from vlmtune.data.vlm_dataset import build_vlm_dataset
 from vlmtune.errors import DataError
 
 _BAR = 40  # characters of the longest histogram bar
@@ -39,8 +40,12 @@ class SplitReport:
         return Counter(p["kind"] for p in self.problems)
 
 
-def scan(recipe: Recipe, tokenizer, *, show_progress: bool = True) -> list[SplitReport]:
-    """Read and tokenise every train and eval row, collecting problems instead of stopping at the first."""
+def scan(recipe: Recipe, tokenizer, *, family=None, show_progress: bool = True) -> list[SplitReport]:
+    """Read and tokenise every train and eval row, collecting problems instead of stopping at the first.
+
+    For a vision-language model (`family` given, `tokenizer` its processor) images are opened and expanded, so
+    lengths are the model's real sequence lengths.
+    """
     # Scan everything: skip bad rows, drop rows that would raise for length; the verdict applies the real policies.
     on_overlength = "drop" if recipe.data.on_overlength == "raise" else recipe.data.on_overlength
     lenient = recipe.data.model_copy(
@@ -51,11 +56,15 @@ def scan(recipe: Recipe, tokenizer, *, show_progress: bool = True) -> list[Split
         if not sources:
             continue
         report = SplitReport(name, None)
+        kwargs = {
+            "seed": recipe.train.seed, "base_dir": recipe._base_dir, "show_progress": show_progress,
+            "problems": report.problems,
+        }  # fmt: skip
         try:
-            report.dataset = build_dataset(
-                sources, lenient, tokenizer, seed=recipe.train.seed, base_dir=recipe._base_dir,
-                show_progress=show_progress, problems=report.problems,
-            )  # fmt: skip
+            if family is None:
+                report.dataset = build_dataset(sources, lenient, tokenizer, **kwargs)
+            else:
+                report.dataset = build_vlm_dataset(sources, lenient, tokenizer, family, **kwargs)
         except DataError as exc:
             report.error = str(exc)
         reports.append(report)
@@ -139,24 +148,27 @@ def _histogram(lengths: list[int], max_length: int) -> list[str]:
     return out
 
 
-def render_example(example: dict, tokenizer, *, color: bool | None = None) -> str:
-    """An example's text with the trained tokens marked: green on a terminal, ⟦…⟧ elsewhere."""
+def render_example(
+    example: dict, tokenizer, *, image_ids: set[int] = frozenset(), color: bool | None = None
+) -> str:
+    """An example's text with the trained tokens marked (green on a terminal, ⟦…⟧ elsewhere) and each run of
+    image tokens shown as one `[N image tokens]`."""
     color = sys.stdout.isatty() if color is None else color
     start, end = ("\033[32m", "\033[0m") if color else ("⟦", "⟧")
     ids, labels = example["input_ids"], example["labels"]
-    pieces, run, trained = [], [], False
-    for tok, lab in zip(ids, labels, strict=True):
-        is_trained = lab != IGNORE_INDEX
-        if run and is_trained != trained:
-            pieces.append(_span(tokenizer, run, trained, start, end))
-            run = []
-        run.append(tok)
-        trained = is_trained
-    if run:
-        pieces.append(_span(tokenizer, run, trained, start, end))
+    kinds = [
+        "image" if t in image_ids else "trained" if lab != IGNORE_INDEX else "prompt"
+        for t, lab in zip(ids, labels, strict=True)
+    ]
+    pieces, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and kinds[j] == kinds[i]:
+            j += 1
+        if kinds[i] == "image":
+            pieces.append(f"[{j - i} image tokens]")
+        else:
+            text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
+            pieces.append(f"{start}{text}{end}" if kinds[i] == "trained" else text)
+        i = j
     return "".join(pieces)
-
-
-def _span(tokenizer, ids: list[int], trained: bool, start: str, end: str) -> str:
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    return f"{start}{text}{end}" if trained else text

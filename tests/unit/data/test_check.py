@@ -53,11 +53,27 @@ def test_show_marks_exactly_the_assistant_reply(tmp_path, tiny_recipe, capsys):
     assert out.count("⟦") == 1  # the prompt is not trained
 
 
-def test_image_text_recipes_are_refused_clearly_for_now(tmp_path, tiny_recipe, capsys):
+def test_image_text_data_is_checked_with_images_expanded(tmp_path, tiny_recipe, capsys):
+    import shutil
+
+    from tests.conftest import REPO
     from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
-    recipe = tiny_recipe(model={"path": str(build_tiny_vlm("llava", tmp_path / "llava")), "dtype": "float32"})
+    data = tmp_path / "vlm"
+    shutil.copytree(REPO / "data/demo/vlm", data)
+    rows = json.loads((data / "train.json").read_text())
+    rows[1]["image"] = "images/missing.png"  # a missing image
+    rows[2]["conversations"][0]["value"] += " <image>"  # two placeholders, one image
+    (data / "train.json").write_text(json.dumps(rows))
+    model = build_tiny_vlm("llava", tmp_path / "llava")
+    recipe = tiny_recipe(
+        model={"path": str(model), "dtype": "float32"},
+        data={"train": [{"path": str(data / "train.json"), "format": "llava"}], "max_length": 256},
+    )
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert main(["data-check", str(path)]) == 2
-    assert "data-check does not read image-text data yet" in capsys.readouterr().err
+    assert main(["data-check", str(path), "--show", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert "bad_image: 1" in out and "image_count_mismatch: 1" in out
+    assert "[16 image tokens]" in out and "⟦A red square.<|im_end|>⟧" in out  # LLaVA: 16 tokens per image
+    assert "2 bad row(s) and data.on_bad_row is raise" in err and "missing.png" in err
