@@ -58,6 +58,23 @@ def tiny_recipe(tiny_model_dir, tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm_root(tmp_path_factory) -> Path:
+    """One folder of tiny VLMs for the whole session: each family is built once (builds are cached there)."""
+    return tmp_path_factory.mktemp("tiny_vlms")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose to oversubscription."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

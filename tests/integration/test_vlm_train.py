@@ -28,17 +28,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 SHAPES = ("square", "circle")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def vlm_models(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny_vlms")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +94,9 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_vlm_lora_trains_and_reloads_in_plain_peft(name, vlm_models, vlm_data, tmp_path, monkeypatch):
+def test_vlm_lora_trains_and_reloads_in_plain_peft(name, tiny_vlm_root, vlm_data, tmp_path, monkeypatch):
     family = get_family(name)
-    model_dir = build_tiny_vlm(name, vlm_models / name)
+    model_dir = build_tiny_vlm(name, tiny_vlm_root / name)
     recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family)
     trained = _keep_trained_model(monkeypatch)
     result = run(recipe)
@@ -154,10 +144,10 @@ def _keep_trained_model(monkeypatch) -> dict:
     ("name", "vision"), [("llava", {"tower": "lora", "projector": "full", "tower_lr": 1e-2})]
 )
 def test_trained_tower_and_projector_are_in_the_adapter(
-    name, vision, vlm_models, vlm_data, tmp_path, monkeypatch
+    name, vision, tiny_vlm_root, vlm_data, tmp_path, monkeypatch
 ):
     family = get_family(name)
-    model_dir = build_tiny_vlm(name, vlm_models / name)
+    model_dir = build_tiny_vlm(name, tiny_vlm_root / name)
     recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, vision=vision, train={"max_steps": 3})
     trained = _keep_trained_model(monkeypatch)
     result = run(recipe)

@@ -25,18 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine they lose to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny_vlm_data")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +39,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def tiny(request: pytest.FixtureRequest, tiny_vlm_dir: Path):
+def tiny(request: pytest.FixtureRequest, tiny_vlm_root: Path):
     """(family, processor, model) of one family: built once per session, loaded once per module."""
     family = get_family(request.param)
-    path = build_tiny_vlm(family.name, tiny_vlm_dir / family.name)
+    path = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     model = family.load_class().from_pretrained(path, local_files_only=True).eval()
     return family, processor, model
@@ -195,9 +184,9 @@ def test_an_overlength_row_is_never_cut_through_its_images(tiny, images) -> None
         assert short["input_ids"] == text["input_ids"][:-2]
 
 
-def test_a_missing_image_names_the_file_row_and_image(tiny_vlm_dir: Path, tmp_path: Path) -> None:
+def test_a_missing_image_names_the_file_row_and_image(tiny_vlm_root: Path, tmp_path: Path) -> None:
     family = get_family("qwen2_vl")
-    path = build_tiny_vlm(family.name, tiny_vlm_dir / family.name)
+    path = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     conv = normalise_vlm(
         {"messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}]}
@@ -222,13 +211,15 @@ def test_a_missing_image_names_the_file_row_and_image(tiny_vlm_dir: Path, tmp_pa
         BadRowTracker("raise", 0.0).handle(info.value, "data/train.jsonl row 7")
 
 
-def test_a_misplaced_mask_is_refused_not_trained(tiny_vlm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_misplaced_mask_is_refused_not_trained(
+    tiny_vlm_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without PaliGemma's layout rule (bos after the last image) the spans land 7 characters early: refused."""
     from vlmtune.data import vlm_encode
     from vlmtune.data.template import ChatTemplateError
 
     family = get_family("paligemma")
-    path = build_tiny_vlm(family.name, tiny_vlm_dir / family.name)
+    path = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     conv = normalise_vlm(
         {
