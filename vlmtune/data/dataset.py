@@ -115,20 +115,33 @@ def build_dataset(
     with datasets_progress(show_progress):
         for k, (source, name) in enumerate(zip(sources, _names(sources), strict=True)):
             kept = builder.encode(load_source(source, base_dir=base_dir), source.format)
-            taken = [kept[i] for i in weighted_take(len(kept), source.weight, seed=seed, source_index=k)]
-            if kept and not taken:
-                logger.warning(
-                    "%s: weight %s × %d rows rounds to 0 rows; it adds nothing",
-                    name,
-                    source.weight,
-                    len(kept),
-                )
-            builder.stats.per_source[name] = len(taken)
-            index.extend(taken)
-    stats = builder.stats
-    stats.skipped_bad = dict(builder.tracker.counts.most_common())
-    builder.tracker.check_budget(stats.rows_read)
-    dataset = TokenizedDataset(*builder.finish(), index=index, stats=stats)
+            index.extend(weigh(kept, source, name, k, seed=seed, stats=builder.stats))
+    check_bad_rows(builder.tracker, builder.stats)
+    return summarise(TokenizedDataset(*builder.finish(), index=index, stats=builder.stats), sources)
+
+
+def weigh(
+    kept: list[int], source: DataSource, name: str, k: int, *, seed: int, stats: DataStats
+) -> list[int]:
+    """The rows of source number `k` that enter the dataset, by its weight; counted per source in `stats`."""
+    taken = [kept[i] for i in weighted_take(len(kept), source.weight, seed=seed, source_index=k)]
+    if kept and not taken:
+        logger.warning(
+            "%s: weight %s × %d rows rounds to 0 rows; it adds nothing", name, source.weight, len(kept)
+        )
+    stats.per_source[name] = len(taken)
+    return taken
+
+
+def check_bad_rows(tracker: BadRowTracker, stats: DataStats) -> None:
+    """Record the skipped rows by kind, and stop if they exceed `data.max_bad_fraction`."""
+    stats.skipped_bad = dict(tracker.counts.most_common())
+    tracker.check_budget(stats.rows_read)
+
+
+def summarise(dataset, sources: list[DataSource]):
+    """Fill the dataset's token counts; an empty dataset is an error naming the sources."""
+    stats = dataset.stats
     stats.rows_used = len(dataset)
     stats.total_tokens = sum(dataset.lengths)
     stats.trained_tokens = dataset.trained_tokens()

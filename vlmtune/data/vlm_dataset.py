@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 
 from vlmtune.config.schema import DataConfig, DataSource
 from vlmtune.data.bad_rows import BadRow, BadRowTracker
-from vlmtune.data.dataset import IGNORE_INDEX, _names
-from vlmtune.data.mixing import weighted_take
+from vlmtune.data.dataset import IGNORE_INDEX, _names, check_bad_rows, summarise, weigh
 from vlmtune.data.sources import LoadedSource, Unparsable, datasets_progress, load_source, resolve_path
 from vlmtune.data.stats import DataStats
 from vlmtune.data.template import ChatTemplateError
@@ -102,26 +101,9 @@ def build_vlm_dataset(
             loaded = load_source(source, base_dir=base_dir)
             root = resolve_path(source.image_root, base_dir) if source.image_root else loaded.path.parent
             kept = builder.encode(loaded, source, root)
-            taken = [kept[i] for i in weighted_take(len(kept), source.weight, seed=seed, source_index=k)]
-            if kept and not taken:
-                logger.warning(
-                    "%s: weight %s × %d rows rounds to 0 rows; it adds nothing",
-                    name,
-                    source.weight,
-                    len(kept),
-                )
-            builder.stats.per_source[name] = len(taken)
-            index.extend(taken)
-    stats = builder.stats
-    stats.skipped_bad = dict(builder.tracker.counts.most_common())
-    builder.tracker.check_budget(stats.rows_read)
-    dataset = VLMDataset(builder.rows, index, stats)
-    stats.rows_used = len(dataset)
-    stats.total_tokens = sum(dataset.lengths)
-    stats.trained_tokens = dataset.trained_tokens()
-    if not dataset:
-        raise DataError(f"no usable examples in {', '.join(s.path for s in sources)} ({stats.summary()})")
-    return dataset
+            index.extend(weigh(kept, source, name, k, seed=seed, stats=builder.stats))
+    check_bad_rows(builder.tracker, builder.stats)
+    return summarise(VLMDataset(builder.rows, index, builder.stats), sources)
 
 
 class _Builder:
