@@ -72,6 +72,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from vlmtune.engine.loop import Components, Trainer
     from vlmtune.engine.metrics import MetricsWriter
     from vlmtune.engine.optim import build_optimizer, build_scheduler
+    from vlmtune.engine.vision_sync import keep_vision_in_step
     from vlmtune.model.load import load_model, load_processor, load_tokenizer, model_family
     from vlmtune.model.lora import apply_lora
 
@@ -113,6 +114,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
         check_sharding(accelerator, model, accel_cfg)
+        keep_vision_in_step(accelerator, model, family, train_data, collator)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
         sampler = StepSampler(

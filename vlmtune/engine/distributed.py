@@ -97,8 +97,9 @@ def check_sharding(accelerator, model, accel_cfg: dict) -> None:
 def configure_ddp(accelerator, model) -> list[str]:
     """Turn on DDP's unused-parameter detection exactly when a trainable parameter may go unused.
 
-    Trainable parameters in the vision tower or projector of a VLM get no gradient from a text-only batch, which
-    DDP reports as an error unless find_unused_parameters is on. The detection walks the autograd graph every
+    Trainable parameters in the vision tower or projector of a VLM get no gradient from a text-only batch (unless
+    `vision_sync` runs the tower anyway), and Mllama's cross-attention layers none at all, which DDP reports as an
+    error unless find_unused_parameters is on. The detection walks the autograd graph every
     step, so it stays off when every trainable parameter takes part in every forward (a text model's LoRA).
     Returns the parameter names that made it necessary.
     """
@@ -111,7 +112,7 @@ def configure_ddp(accelerator, model) -> list[str]:
     optional = [
         n
         for n, p in model.named_parameters()
-        if p.requires_grad and family and part_of(n, family) != "language"
+        if p.requires_grad and family and (family.cross_attention_images or part_of(n, family) != "language")
     ]
     accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=bool(optional))
     if optional and strategy(accelerator) == "ddp":

@@ -55,6 +55,8 @@ class Family:
             (attended bidirectionally; Gemma 3 needs them when training), `prefix` marks with 0 a prefix that is
             attended bidirectionally (PaliGemma: the trained response must be 1, or it sees its own future).
         needs_images: The processor refuses a sample without an image.
+        cross_attention_images: Images enter through cross-attention layers, which a text-only batch skips
+            (their weights then get no gradient, and sharded processes fall out of step).
         notes: Anything else the data pipeline must know.
     """
 
@@ -73,6 +75,7 @@ class Family:
     suffix_labels: bool = False
     token_type_ids: Literal["image", "prefix"] | None = None
     needs_images: bool = False
+    cross_attention_images: bool = False
     notes: str = ""
 
     def load_class(self) -> type:
@@ -188,6 +191,7 @@ FAMILIES: dict[str, Family] = {
             image_placeholder="<|image|>",
             image_tokens=("<|image|>",),
             nested_images=True,
+            cross_attention_images=True,
             notes="images enter through cross-attention layers: one <|image|> token per image; pixel_values "
             "(batch, images, tiles, 3, H, W) with aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask "
             "(batch, seq, images, tiles). The processor prepends bos to a text without one, which misplaces "

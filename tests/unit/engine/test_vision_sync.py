@@ -1,0 +1,68 @@
+"""A text-only forward with `VisionKeepAlive` runs the vision tower and projector, gives trainable projector
+weights a (zero) gradient, and leaves the logits exactly as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from vlmtune.data.vlm_collate import VLMCollator
+from vlmtune.data.vlm_encode import encode_vlm_row
+from vlmtune.data.vlm_formats import normalise_vlm
+from vlmtune.engine.loop import forward
+from vlmtune.engine.vision_sync import VisionKeepAlive
+from vlmtune.model.families import FAMILIES, get_family, part_of
+from vlmtune.testing.tiny_vlm import build_tiny_vlm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Families whose text-only rows skip the vision path altogether: PaliGemma has none, Mllama is refused instead.
+SYNCED = [f.name for f in FAMILIES.values() if not (f.needs_images or f.cross_attention_images)]
+
+
+@pytest.mark.parametrize("name", SYNCED)
+def test_text_only_forward_runs_the_vision_path(name, tiny_vlm_root, tmp_path):
+    family = get_family(name)
+    path = build_tiny_vlm(name, tiny_vlm_root / name)
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = family.load_class().from_pretrained(path, local_files_only=True)
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "red.png")
+    rows = {
+        "image": {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}],
+                  "images": ["red.png"]},
+        "text": {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
+    }  # fmt: skip
+    collate = VLMCollator(processor.tokenizer.pad_token_id, family)
+    encoded = {}
+    for kind, row in rows.items():
+        conv = normalise_vlm(row, "messages")
+        encoded[kind] = encode_vlm_row(
+            processor, family, conv.messages, conv.images, image_root=tmp_path, max_length=1024
+        )
+    image_batch, text_batch = collate([encoded["image"]]), collate([encoded["text"]])
+    for n, p in model.named_parameters():
+        p.requires_grad_(part_of(n, family) == "projector")
+    with torch.no_grad():
+        plain = forward(model, text_batch)
+
+    keep = VisionKeepAlive(model, {k: v for k, v in image_batch.items() if k in collate.vision})
+    tower_calls = []
+    first_vision = dict(model.named_modules())[family.vision[0]]
+    first_vision.register_forward_hook(lambda *_: tower_calls.append(1))
+    logits = forward(model, text_batch)
+    assert tower_calls, "the vision tower did not run on the text-only batch"
+    torch.testing.assert_close(logits, plain, rtol=0, atol=0)
+    logits.float().sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
+
+    # With images the hook stays out of the way: the tower runs once per forward.
+    tower_calls.clear()
+    with torch.no_grad():
+        forward(model, image_batch)
+    keep.remove()
+    with torch.no_grad():
+        forward(model, image_batch)
+    assert len(tower_calls) == 2
