@@ -173,3 +173,59 @@ def test_trained_tower_and_projector_are_in_the_adapter(
         torch.testing.assert_close(
             forward(reloaded, batch), forward(trained["model"].eval(), batch), atol=1e-5, rtol=1e-4
         )
+
+
+def test_a_datasets_folder_with_an_image_column_trains(tiny_vlm_root, vlm_data, tmp_path):
+    """`datasets.save_to_disk` output whose `images` column holds decoded images (the datasets Image feature), as
+    hub image-text sets come: no image files at all."""
+    import datasets
+
+    rows = json.loads((vlm_data / "train.json").read_text())
+    table = datasets.Dataset.from_dict(
+        {
+            "images": [[Image.open(vlm_data / r["image"]).convert("RGB")] for r in rows],
+            "messages": [
+                [
+                    {"role": "user", "content": r["conversations"][0]["value"]},
+                    {"role": "assistant", "content": r["conversations"][1]["value"]},
+                ]
+                for r in rows
+            ],
+        },
+        features=datasets.Features(
+            {
+                "images": datasets.Sequence(datasets.Image()),
+                "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            }
+        ),
+    )
+    table.save_to_disk(str(tmp_path / "hub_style"))
+    family = get_family("qwen2_vl")
+    model_dir = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
+    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, train={"max_steps": 6})
+    recipe["data"]["train"] = [{"path": str(tmp_path / "hub_style"), "format": "messages"}]
+    result = run(recipe)
+    losses = _losses(result.output_dir)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+
+
+def test_qlora_on_a_vlm_trains_a_language_model_lora(tiny_vlm_root, vlm_data, tmp_path, monkeypatch):
+    """A 4-bit NF4 base (every linear layer: bitsandbytes quantises tower and projector too), LoRA on the language
+    model; the adapter reloads in plain PEFT on the unquantised base."""
+    bnb = pytest.importorskip("bitsandbytes")
+    family = get_family("qwen2_vl")
+    model_dir = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
+    quant = {"bits": 4, "type": "nf4", "compute_dtype": "float32", "storage_dtype": "float32"}
+    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, quant=quant, train={"max_steps": 6})
+    recipe["quant"] = quant
+    trained = _keep_trained_model(monkeypatch)
+    result = run(recipe)
+    quantised = {
+        part_of(n, family) for n, m in trained["model"].named_modules() if isinstance(m, bnb.nn.Linear4bit)
+    }
+    assert "language" in quantised
+    losses = _losses(result.output_dir)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+    base = family.load_class().from_pretrained(model_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, result.adapter_dir)
+    assert {part_of(n, family) for n, _ in reloaded.named_parameters() if "lora_" in n} == {"language"}

@@ -7,6 +7,7 @@ the output directory, without loading any weights (this is what `vlmtune validat
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -84,18 +85,23 @@ def vision_problems(recipe: Recipe) -> list[str]:
         problems.append(f"vision.min_pixels: {v.min_pixels} is more than vision.max_pixels ({v.max_pixels})")
     family = FAMILIES.get(recipe.model.family) if recipe.model.family else None
     if family is not None:
-        for key, value in v.image_size().items():
-            if value is not None and key not in family.size_keys:
-                takes = (
-                    ", ".join(f"vision.{k}" for k in family.size_keys) or "none: the vision config fixes it"
-                )
-                problems.append(
-                    f"vision.{key}: not an image-size setting of {family.name} models (image-size keys: {takes})"
-                )
+        problems += image_size_problems(recipe, family)
     if recipe.quant is not None and "full" in (v.tower, v.projector):
         problems.append(
             "vision: `full` training of a quantised tower or projector is not supported; use lora, or no quant"
         )
+    return problems
+
+
+def image_size_problems(recipe: Recipe, family) -> list[str]:
+    """Image-size keys of the recipe that `family` does not take."""
+    problems = []
+    for key, value in recipe.vision.image_size().items():
+        if value is not None and key not in family.size_keys:
+            takes = ", ".join(f"vision.{k}" for k in family.size_keys) or "none: the vision config fixes it"
+            problems.append(
+                f"vision.{key}: not an image-size setting of {family.name} models (image-size keys: {takes})"
+            )
     return problems
 
 
@@ -140,6 +146,8 @@ def environment_problems(recipe: Recipe) -> list[str]:
                 f"model.path: {recipe.model.path} is not a model directory (no config.json there); "
                 "give a local model folder or a hub id such as Qwen/Qwen2.5-7B-Instruct"
             )
+        elif recipe.model.family is None:  # the family comes from the config: check what depends on it
+            problems += _detected_family_problems(recipe, resolved / "config.json")
     elif recipe.model.path.count("/") > 1 or " " in recipe.model.path:
         problems.append(
             f"model.path: {recipe.model.path!r} is neither an existing folder nor a hub id (org/name)"
@@ -149,6 +157,10 @@ def environment_problems(recipe: Recipe) -> list[str]:
         for i, src in enumerate(getattr(recipe.data, split)):
             if not resolve_path(src.path, base).exists():
                 problems.append(f"data.{split}.{i}.path: file not found: {src.path} (looked in {Path.cwd()})")
+            if src.image_root and not resolve_path(src.image_root, base).is_dir():
+                problems.append(
+                    f"data.{split}.{i}.image_root: not a folder: {src.image_root} (looked in {Path.cwd()})"
+                )
 
     try:
         accel = load_accelerate_config(recipe)
@@ -182,6 +194,16 @@ def environment_problems(recipe: Recipe) -> list[str]:
     if problem:
         problems.append(f"train.output_dir: {problem}")
     return problems
+
+
+def _detected_family_problems(recipe: Recipe, config_file: Path) -> list[str]:
+    from vlmtune.model.families import find_family
+
+    try:
+        family = find_family(json.loads(config_file.read_text()))
+    except (OSError, ValueError) as exc:
+        return [f"model.path: cannot read {config_file}: {exc}"]
+    return image_size_problems(recipe, family) if family is not None else []
 
 
 # accelerate config file `fsdp_config` keys (without their `fsdp_` prefix) → FullyShardedDataParallelPlugin fields.

@@ -126,6 +126,9 @@ def test_every_shipped_recipe_validates(recipe, monkeypatch):
 def test_shipped_recipes_exist():
     names = {str(p) for p in SHIPPED}
     assert {"recipes/7b_lora.yaml", "recipes/7b_qlora.yaml"} <= names
+    vlm = {"qwen2_5_vl_7b_lora", "qwen2_5_vl_7b_qlora", "llava_1_5_7b_lora", "smolvlm2_2b_lora"}
+    vlm |= {"gemma3_4b_lora", "qwen3_vl_8b_lora"}
+    assert {f"recipes/{n}.yaml" for n in vlm} <= names
     assert any(n.startswith("recipes/demo/") for n in names)
 
 
