@@ -6,4 +6,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check .
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=20 "$@"
