@@ -128,13 +128,24 @@ def vlm_targets(
                     key,
                     ", ".join(bare),
                 )
-            full += modules
+            full += [n for m in modules for n in _savable(model, m)]
     if nested_parts(family) and vision.tower == "full" and vision.projector == "lora":
         raise UserError(
             f"vision.projector: lora inside a fully trained tower is not possible for {family.name} (its "
             "projector sits inside the tower's module); set vision.projector to full or frozen"
         )
     return "|".join(f"(?:{a})" for a in alternatives), full
+
+
+def _savable(model: PreTrainedModel, name: str) -> list[str]:
+    """PEFT wraps a module in `modules_to_save` to train and save it, which it cannot do to a container
+    (Qwen3-VL's `deepstack_merger_list`): name the container's members instead."""
+    from torch import nn
+
+    module = model.get_submodule(name)
+    if isinstance(module, nn.ModuleList | nn.ModuleDict):
+        return [f"{name}.{child}" for child, _ in module.named_children()]
+    return [name]
 
 
 def _freeze_frozen_parts(model: PeftModel, family: Family, vision: VisionConfig) -> None:

@@ -70,6 +70,15 @@ def test_full_parts_are_saved_with_the_adapter(tiny_vlms):
     assert "model.multi_modal_projector" in saved
 
 
+def test_a_full_projector_held_in_a_module_list_trains_whole(tiny_vlms):
+    """Qwen3-VL's projector includes a ModuleList (the deepstack mergers), which PEFT cannot wrap as one."""
+    family, model = _lora(tiny_vlms, "qwen3_vl", projector="full")
+    projector = [(n, p) for n, p in model.named_parameters() if part_of(n, family) == "projector"]
+    assert any("deepstack_merger_list" in n for n, _ in projector)
+    assert all(p.requires_grad for n, p in projector if "original_module" not in n)
+    assert _trainable_parts(model, family) == {"language": {"lora"}, "projector": {"full"}}
+
+
 def test_full_tower_keeps_a_frozen_nested_projector_frozen(tiny_vlms):
     family, model = _lora(tiny_vlms, "qwen2_vl", tower="full")
     assert _trainable_parts(model, family) == {"language": {"lora"}, "vision": {"full"}}
