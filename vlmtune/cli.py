@@ -5,6 +5,7 @@ vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one
 vlmtune data-check RECIPE [key=value ...] [--show N]   scan all data: problems, lengths, what training would do
 vlmtune launch RECIPE [key=value ...] [--nodes N --node-rank R --main-ip IP ...]
                                           `accelerate launch` composed from the recipe, for one node or many
+vlmtune merge SOURCE --out DIR            fold a trained adapter into its base model (a standalone model folder)
 """
 
 from __future__ import annotations
@@ -98,6 +99,52 @@ def _launch(args: argparse.Namespace) -> int:
     return 0 if args.dry_run else run_plan(plan)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from vlmtune.checkpoint.merge import merge
+    from vlmtune.checkpoint.source import resolve_source
+
+    source = resolve_source(args.source, base=args.base, trust_remote_code=args.trust_remote_code)
+    dtype = args.dtype or (source.recipe.model.dtype if source.recipe else "bfloat16")
+    result = merge(source, args.out, dtype=dtype, force=args.force)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"merged model ({result.model_class}, {dtype}) written to {result.out}")
+    return 0
+
+
+SOURCE_HELP = "a run folder (train.output_dir), its adapter/, or a checkpoints/step-N/ folder"
+MERGE_EXAMPLES = """examples:
+  vlmtune merge runs/7b_lora --out runs/7b_lora/merged                   # the run's final adapter
+  vlmtune merge runs/7b_lora/checkpoints/step-500 --out merged-500 --dtype float16
+  vlmtune merge my-adapter/ --base Qwen/Qwen2.5-7B-Instruct --out merged --force
+
+The base model is --base, else the run's recipe.yaml (model.path), else base_model_name_or_path of
+adapter_config.json. The result loads with transformers' from_pretrained (AutoModelForCausalLM, or for a
+vision-language model its family's class, e.g. AutoModelForImageTextToText). A QLoRA adapter is merged into the
+base loaded unquantised.
+"""
+
+
+def _add_model_options(p: argparse.ArgumentParser, *, generating: bool) -> None:
+    p.add_argument("source", help=SOURCE_HELP)
+    p.add_argument(
+        "--base", help="base model folder or hub id (default: the run's recipe, else the adapter config)"
+    )
+    dtype_default = (
+        "float32 on CPU, bfloat16 on a GPU" if generating else "the recipe's model.dtype, else bfloat16"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help=f"weights dtype (default: {dtype_default})",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the model (also on when the run's recipe set model.trust_remote_code)",
+    )
+
+
 LAUNCH_EXAMPLES = """examples:
   vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
   vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
@@ -163,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     p.set_defaults(fn=_launch)
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "merge", help="fold a trained adapter into its base model", epilog=MERGE_EXAMPLES, formatter_class=raw
+    )
+    _add_model_options(p, generating=False)
+    p.add_argument("--out", required=True, help="folder to write the merged model to (must be empty or new)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(fn=_merge)
     return parser
 
 
