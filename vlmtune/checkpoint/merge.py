@@ -13,8 +13,8 @@ folder or the complete new one.
 
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +58,13 @@ def merge(source: Source, out: str | Path, *, dtype: str, force: bool = False) -
     merged.config.use_cache = True  # generation wants the KV cache, whatever training set
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed merge of this process id
     try:
+        staging.mkdir()
         merged.save_pretrained(str(staging))
         processor.save_pretrained(str(staging))
+        _readable_as_umask_says(staging)
         replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -74,6 +77,14 @@ def merge(source: Source, out: str | Path, *, dtype: str, force: bool = False) -
             f"unquantised in {dtype}, so outputs differ slightly from the quantised model used in training"
         )
     return MergeResult(out, type(merged).__name__, tuple(notes))
+
+
+def _readable_as_umask_says(folder: Path) -> None:
+    """Some writers create files private (0600) whatever the umask; a model folder is usually shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _check_out(out: Path, source: Source, force: bool) -> None:
