@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmtune.errors import EXIT_USER_ERROR, RecipeError, UserError
+from vlmtune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RecipeError, UserError
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -137,7 +137,11 @@ def _chat(args: argparse.Namespace) -> int:
     from vlmtune.infer import chat
 
     generator, sampling, _ = _generator(args)
-    return chat(generator, sys.stdin, sys.stdout, sys.stderr, system=args.system, sampling=sampling)
+    try:
+        return chat(generator, sys.stdin, sys.stdout, sys.stderr, system=args.system, sampling=sampling)
+    except KeyboardInterrupt:  # Ctrl-C ends a conversation; no traceback
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 SOURCE_HELP = (

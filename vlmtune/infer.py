@@ -121,7 +121,12 @@ class Generator:
             )
         else:
             encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in encoded.items()}
+        # Pixel values come as float32; a model loaded in bf16 / fp16 on a GPU wants its own dtype.
+        dtype = self.model.dtype
+        return {
+            k: (v.to(self.device, dtype if v.is_floating_point() else v.dtype) if hasattr(v, "to") else v)
+            for k, v in encoded.items()
+        }
 
     def generate_ids(
         self, messages: list[dict[str, Any]], images: list[Any], sampling: Sampling
