@@ -5,6 +5,9 @@ vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one
 vlmtune data-check RECIPE [key=value ...] [--show N]   scan all data: problems, lengths, what training would do
 vlmtune launch RECIPE [key=value ...] [--nodes N --node-rank R --main-ip IP ...]
                                           `accelerate launch` composed from the recipe, for one node or many
+vlmtune merge SOURCE --out DIR            fold a trained adapter into its base model (a standalone model folder)
+vlmtune generate SOURCE --prompt TEXT     one answer from a trained adapter (or a merged model)
+vlmtune chat SOURCE                       a conversation on stdin with a trained adapter (or a merged model)
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmtune.errors import EXIT_USER_ERROR, RecipeError, UserError
+from vlmtune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RecipeError, UserError
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -98,6 +101,115 @@ def _launch(args: argparse.Namespace) -> int:
     return 0 if args.dry_run else run_plan(plan)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from vlmtune.checkpoint.merge import merge
+    from vlmtune.checkpoint.source import resolve_source
+
+    source = resolve_source(args.source, base=args.base, trust_remote_code=args.trust_remote_code)
+    dtype = args.dtype or (source.recipe.model.dtype if source.recipe else "bfloat16")
+    result = merge(source, args.out, dtype=dtype, force=args.force)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"merged model ({result.model_class}, {dtype}) written to {result.out}")
+    return 0
+
+
+def _generator(args: argparse.Namespace, images: tuple[str, ...] | list[str] = ()):
+    """The loaded model, the sampling settings and the opened images (checked before the model loads)."""
+    from vlmtune.checkpoint.source import resolve_source
+    from vlmtune.infer import Generator, Sampling, open_image
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    source = resolve_source(args.source, base=args.base, trust_remote_code=args.trust_remote_code)
+    opened = [open_image(path, source) for path in images]
+    return Generator(source, dtype=args.dtype, device=args.device), sampling, opened
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from vlmtune.infer import generate
+
+    generator, sampling, images = _generator(args, args.image)
+    print(generate(generator, args.prompt, images=images, system=args.system, sampling=sampling))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from vlmtune.infer import chat
+
+    generator, sampling, _ = _generator(args)
+    try:
+        return chat(generator, sys.stdin, sys.stdout, sys.stderr, system=args.system, sampling=sampling)
+    except KeyboardInterrupt:  # Ctrl-C ends a conversation; no traceback
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+SOURCE_HELP = (
+    "a run folder (train.output_dir), its adapter/, a checkpoints/step-N/ folder, or (generate, chat) a "
+    "merged model"
+)
+MERGE_EXAMPLES = """examples:
+  vlmtune merge runs/7b_lora --out runs/7b_lora/merged                   # the run's final adapter
+  vlmtune merge runs/7b_lora/checkpoints/step-500 --out merged-500 --dtype float16
+  vlmtune merge my-adapter/ --base Qwen/Qwen2.5-7B-Instruct --out merged --force
+
+The base model is --base, else the run's recipe.yaml (model.path), else base_model_name_or_path of
+adapter_config.json. The result loads with transformers' from_pretrained (AutoModelForCausalLM, or for a
+vision-language model its family's class, e.g. AutoModelForImageTextToText). A QLoRA adapter is merged into the
+base loaded unquantised.
+"""
+GENERATE_EXAMPLES = """examples:
+  vlmtune generate runs/7b_lora --prompt "What is the capital of Talvessa?"
+  vlmtune generate runs/qwen2_5_vl_lora --prompt "What is in this picture?" --image cat.png
+  vlmtune generate runs/7b_lora/merged --prompt "Hello" --temperature 0.7 --seed 0
+
+Greedy decoding unless --temperature is above 0; only the new text is printed.
+"""
+CHAT_EXAMPLES = """examples:
+  vlmtune chat runs/7b_lora --system "You are terse."
+  printf '/image cat.png\\nWhat is this?\\nAnd its colour?\\n' | vlmtune chat runs/qwen2_5_vl_lora
+
+Each line is a user message, or a command: /image PATH attaches an image to the next message, /reset starts a
+new conversation, /exit ends it (so does the end of input). Answers go to stdout, one per message; prompts and
+notices to stderr.
+"""
+
+
+def _add_model_options(p: argparse.ArgumentParser, *, generating: bool) -> None:
+    p.add_argument("source", help=SOURCE_HELP)
+    p.add_argument(
+        "--base", help="base model folder or hub id (default: the run's recipe, else the adapter config)"
+    )
+    dtype_default = (
+        "float32 on CPU, bfloat16 on a GPU" if generating else "the recipe's model.dtype, else bfloat16"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help=f"weights dtype (default: {dtype_default})",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the model (also on when the run's recipe set model.trust_remote_code)",
+    )
+    if generating:
+        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU, else the CPU)")
+        p.add_argument("--system", help="system prompt")
+        p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate")
+        p.add_argument(
+            "--temperature",
+            type=float,
+            default=0.0,
+            metavar="T",
+            help="0 (default): greedy; above 0: sampling",
+        )
+        p.add_argument(
+            "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (with --temperature)"
+        )
+        p.add_argument("--seed", type=int, help="seed of sampling (with --temperature)")
+
+
 LAUNCH_EXAMPLES = """examples:
   vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
   vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
@@ -163,6 +275,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     p.set_defaults(fn=_launch)
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "merge", help="fold a trained adapter into its base model", epilog=MERGE_EXAMPLES, formatter_class=raw
+    )
+    _add_model_options(p, generating=False)
+    p.add_argument("--out", required=True, help="folder to write the merged model to (must be empty or new)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(fn=_merge)
+    p = sub.add_parser(
+        "generate",
+        help="answer one prompt with a trained adapter (or a merged model)",
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=raw,
+    )
+    _add_model_options(p, generating=True)
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image for a VLM (repeatable, in order)",
+    )
+    p.set_defaults(fn=_generate)
+    p = sub.add_parser(
+        "chat",
+        help="a multi-turn conversation on stdin with a trained adapter (or a merged model)",
+        epilog=CHAT_EXAMPLES,
+        formatter_class=raw,
+    )
+    _add_model_options(p, generating=True)
+    p.set_defaults(fn=_chat)
     return parser
 
 
