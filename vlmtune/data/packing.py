@@ -1,0 +1,185 @@
+"""Padding-free and packed batches: several sequences share a row, kept apart by `position_ids`.
+
+A batch here has no `attention_mask`. Each sequence's `position_ids` restart at 0, and transformers (5.x,
+`masking_utils.find_packed_sequence_indices`) turns every restart into a sequence boundary: the sdpa and eager
+masks become block-diagonal causal, and flash-attention gets per-sequence lengths. Whether a loaded model really
+does this is checked once per run by `check_packed_attention`, not assumed.
+
+The loss shifts labels by one within a row, so the last token of one sequence would be trained to predict the
+first token of the next. The first label of every sequence is therefore -100; in a padded batch that label is
+never used either (nothing precedes it), so the trained tokens, and the loss, are the same as padded batching.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+
+from vlmtune.data.dataset import IGNORE_INDEX
+from vlmtune.errors import UserError
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int, *, seed: int) -> list[list[int]]:
+    """Pack items (by index) into as few bins of at most `capacity` tokens as best-fit decreasing finds.
+
+    Longest items go first, each into the fullest bin that still has room. Equal lengths are ordered by a
+    seeded permutation, so the bins are a pure function of (lengths, capacity, seed). The number of bins
+    depends on the lengths only, so steps per epoch are known before training.
+
+    Raises:
+        ValueError: an item longer than `capacity`.
+    """
+    if lengths and max(lengths) > capacity:
+        raise ValueError(f"an item of {max(lengths)} tokens does not fit a bin of {capacity}")
+    tie = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], tie[i]))
+    bins: list[list[int]] = []
+    # Bins by free space; `spaces` lists the free-space values that have a bin, sorted. There are at most
+    # `capacity` distinct values, so each step costs a bisect and a short list insert however many rows.
+    by_space: dict[int, list[int]] = {}
+    spaces: list[int] = []
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(spaces, n)
+        if k == len(spaces):
+            bins.append([i])
+            b, free = len(bins) - 1, capacity - n
+        else:
+            space = spaces[k]
+            b = by_space[space].pop()
+            if not by_space[space]:
+                del by_space[space]
+                spaces.pop(k)
+            bins[b].append(i)
+            free = space - n
+        if free > 0:
+            if free not in by_space:
+                by_space[free] = []
+                bisect.insort(spaces, free)
+            by_space[free].append(b)
+    return bins
+
+
+def budget_chunks(lengths: Sequence[int], budget: int, *, seed: int) -> list[list[int]]:
+    """Split items into padded batches of at most `budget` tokens including padding (rows × longest row).
+
+    Items are sorted by length (ties by a seeded permutation) and cut greedily, so each chunk holds rows of
+    similar length: little padding, and the chunks are a pure function of (lengths, budget, seed).
+    """
+    if lengths and max(lengths) > budget:
+        raise ValueError(f"an item of {max(lengths)} tokens does not fit a budget of {budget}")
+    tie = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], tie[i]))
+    chunks: list[list[int]] = []
+    for i in order:
+        # Descending order: the chunk's first row is its longest.
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def _segment(example: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+    labels = torch.as_tensor(example["labels"], dtype=torch.long).clone()
+    if len(labels) != len(ids):
+        raise ValueError(f"an example has {len(ids)} input_ids but {len(labels)} labels")
+    labels[0] = IGNORE_INDEX  # never predicted from the previous sequence's last token
+    return ids, labels
+
+
+def _concat(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    parts = [_segment(e) for e in examples]
+    ids = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts])
+    positions = torch.cat([torch.arange(len(p[0])) for p in parts])
+    return ids, labels, positions
+
+
+class PaddingFreeCollator:
+    """Concatenates a micro-batch's examples into one row: no pad tokens, positions restarting per example."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        ids, labels, positions = _concat(examples)
+        return {
+            "input_ids": ids[None],
+            "position_ids": positions[None],
+            "labels": labels[None],
+            "n_tokens": torch.tensor(len(ids)),
+        }
+
+
+class PackedCollator:
+    """One row per bin (a list of examples); rows right-padded to the longest bin.
+
+    Padding forms its own dummy sequence (positions from 0, labels -100): real tokens never attend to it, since
+    it comes after them in a causal mask and is a separate sequence anyway.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: the tokenizer has no pad token; set one before batching")
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, bins: list[list[dict]]) -> dict[str, torch.Tensor]:
+        if not bins or not all(bins):
+            raise ValueError("cannot collate an empty batch or an empty bin")
+        rows = [_concat(b) for b in bins]
+        length = max(len(r[0]) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.arange(length).repeat(len(rows), 1)
+        for k, (ids, lab, pos) in enumerate(rows):
+            n = len(ids)
+            input_ids[k, :n], labels[k, :n], positions[k, :n] = ids, lab, pos
+            positions[k, n:] = torch.arange(length - n)
+        n_tokens = sum(len(r[0]) for r in rows)
+        return {
+            "input_ids": input_ids,
+            "position_ids": positions,
+            "labels": labels,
+            "n_tokens": torch.tensor(n_tokens),
+        }
+
+
+@torch.no_grad()
+def check_packed_attention(model: torch.nn.Module, vocab_size: int, device, batching: str) -> None:
+    """Refuse a model that lets packed sequences attend to each other.
+
+    Two different sequences are run packed in one row and the second also on its own: with a working
+    block-diagonal mask its logits are the same both ways. Models whose attention ignores `position_ids`
+    boundaries (no packed-sequence support in their mask code, or a cache left on) fail here, before training.
+
+    Raises:
+        UserError: the model mixes the sequences (or does not take `position_ids`).
+    """
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(3, max(vocab_size, 4), (11,), generator=g)
+    second = torch.randint(3, max(vocab_size, 4), (7,), generator=g)
+    packed_ids = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(11), torch.arange(7)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, 11:].float()
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+    except TypeError as exc:
+        raise UserError(
+            f"data.batching: {batching} needs a model that takes position_ids ({exc}); use data.batching: padded"
+        ) from None
+    finally:
+        model.train(was_training)
+    # Mixed sequences differ by the order of the logits themselves; a working mask only by rounding.
+    err = float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
+    if err > 2e-2:
+        raise UserError(
+            f"data.batching: {batching}: this model's attention ({type(model).__name__}) lets packed sequences "
+            f"attend to each other (relative logit difference {err:.2g} against the sequence alone), so "
+            "training would mix examples; use data.batching: padded, or model.attn_implementation sdpa / "
+            "flash_attention_2 with a model whose masks follow position_ids"
+        )
