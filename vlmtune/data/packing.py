@@ -174,9 +174,10 @@ def check_packed_attention(model: torch.nn.Module, vocab_size: int, device, batc
         ) from None
     finally:
         model.train(was_training)
-    # Mixed sequences differ by the order of the logits themselves; a working mask only by rounding.
+    # Mixed sequences differ by the order of the logits themselves (~1.4 of the largest logit on the tiny
+    # Llama); a working mask only by rounding (6e-7 in fp32, 8e-3 under bf16 autocast).
     err = float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
-    if err > 2e-2:
+    if err > 0.1:
         raise UserError(
             f"data.batching: {batching}: this model's attention ({type(model).__name__}) lets packed sequences "
             f"attend to each other (relative logit difference {err:.2g} against the sequence alone), so "
