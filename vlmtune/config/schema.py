@@ -192,7 +192,7 @@ class DataConfig(_Section):
         0,
         ge=0,
         description="Worker processes that collate upcoming steps' micro-batches ahead of the loop (0: in the "
-        "loop). Tokenisation is done before training, so this matters mostly for image data.",
+        "loop). Rows are encoded before training, so collating is cheap and 0 is usually right.",
     )
     prefetch_factor: PositiveInt = Field(
         2, description="With num_workers > 0, steps each worker prepares ahead."
