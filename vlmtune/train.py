@@ -119,8 +119,11 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         check_sharding(accelerator, model, accel_cfg)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
+        train_collator = build_collator(recipe, collator, pad_token_id)
         if recipe.data.batching != "padded":
-            check_packed_attention(model, len(tokenizer), accelerator.device, recipe.data.batching)
+            check_packed_attention(
+                model, train_collator, len(tokenizer), accelerator.device, recipe.data.batching
+            )
         sampler = build_sampler(recipe, train_data.lengths, accelerator.num_processes)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         scheduler = build_scheduler(optimizer, t, total_steps)
@@ -136,7 +139,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
-            collator=build_collator(recipe, collator, pad_token_id), eval_collator=collator,
+            collator=train_collator, eval_collator=collator,
             checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)

@@ -102,3 +102,10 @@ def test_a_vision_language_model_refuses_packing(tiny_recipe, tmp_path):
     with pytest.raises(RecipeError, match=r"data\.batching: packed is not supported for vision-language"):
         run(recipe)
     assert not (tmp_path / "vlm").exists()
+
+
+def test_resuming_with_another_batching_mode_warns(tiny_recipe, tmp_path, caplog):
+    run(_run(tiny_recipe, tmp_path, "run", {"batching": "packed"}, {"max_steps": 1}))
+    with caplog.at_level("WARNING"):
+        assert run(_run(tiny_recipe, tmp_path, "run", {}, {"max_steps": 2})).steps == 2
+    assert "resuming with batching=padded" in caplog.text and "checkpoint used batching=packed" in caplog.text

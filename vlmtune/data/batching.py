@@ -8,13 +8,21 @@
 | padding_free  | N                        | best-fit bin of ≤ N       | one bin in one row                    |
 | packed        | (refused)                | best-fit bin of pack_length | micro_batch_size bins, one row each |
 
+(With flash_attention_2 a packed micro-batch's bins go end to end in one row: see `OneRowPackedCollator`.)
+
 Chunks and bins are formed once per run from the row lengths and the seed; the sampler shuffles them per epoch.
 """
 
 from __future__ import annotations
 
 from vlmtune.config.schema import Recipe
-from vlmtune.data.packing import PackedCollator, PaddingFreeCollator, best_fit_decreasing, budget_chunks
+from vlmtune.data.packing import (
+    OneRowPackedCollator,
+    PackedCollator,
+    PaddingFreeCollator,
+    best_fit_decreasing,
+    budget_chunks,
+)
 from vlmtune.data.sampler import StepSampler
 from vlmtune.logging import get_logger
 
@@ -55,5 +63,17 @@ def build_collator(recipe: Recipe, padded_collator, pad_token_id: int):
     if recipe.data.batching == "padding_free":
         return PaddingFreeCollator()
     if recipe.data.batching == "packed":
+        if recipe.model.attn_implementation == "flash_attention_2":
+            return OneRowPackedCollator()
         return PackedCollator(pad_token_id)
     return padded_collator
+
+
+def layout(recipe: Recipe) -> str:
+    """The batching settings that decide the data order, recorded in checkpoints so a resume that changes them is
+    noticed (it trains on, but not on the rows the original run would have seen)."""
+    d, t = recipe.data, recipe.train
+    return (
+        f"batching={d.batching} pack_length={d.pack_length} group_by_length={d.group_by_length} "
+        f"micro_batch_tokens={t.micro_batch_tokens}"
+    )

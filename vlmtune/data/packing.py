@@ -13,6 +13,7 @@ never used either (nothing precedes it), so the trained tokens, and the loss, ar
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -147,40 +148,67 @@ class PackedCollator:
         }
 
 
-@torch.no_grad()
-def check_packed_attention(model: torch.nn.Module, vocab_size: int, device, batching: str) -> None:
-    """Refuse a model that lets packed sequences attend to each other.
+class OneRowPackedCollator:
+    """Packed bins laid end to end in a single row: flash-attention reads sequence boundaries from
+    `position_ids` only in a batch of one row (transformers' `_is_packed_sequence`), and with its
+    variable-length kernel a long row costs no more than several short ones."""
 
-    Two different sequences are run packed in one row and the second also on its own: with a working
-    block-diagonal mask its logits are the same both ways. Models whose attention ignores `position_ids`
-    boundaries (no packed-sequence support in their mask code, or a cache left on) fail here, before training.
+    def __init__(self) -> None:
+        self._one_row = PaddingFreeCollator()
+
+    def __call__(self, bins: list[list[dict]]) -> dict[str, torch.Tensor]:
+        return self._one_row([example for b in bins for example in b])
+
+
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sequence, row-major, as the position restarts delimit them."""
+    out = []
+    for r, row in enumerate(position_ids.tolist()):
+        starts = [k for k, p in enumerate(row) if p == 0] + [len(row)]
+        out += [(r, a, b) for a, b in itertools.pairwise(starts)]
+    return out
+
+
+@torch.no_grad()
+def check_packed_attention(model: torch.nn.Module, collator, vocab_size: int, device, batching: str) -> None:
+    """Refuse a model that lets packed sequences attend to each other, as batched by this run's `collator`.
+
+    Three different sequences are collated as training would collate them (bins [[A, B], [C]] when packed) and
+    each is also run on its own: with working block-diagonal attention the logits are the same both ways. Models
+    whose attention ignores `position_ids` boundaries (no packed-sequence support in their mask code, a cache
+    left on, flash-attention given several rows) fail here, before training.
 
     Raises:
         UserError: the model mixes the sequences (or does not take `position_ids`).
     """
     g = torch.Generator().manual_seed(0)
-    first = torch.randint(3, max(vocab_size, 4), (11,), generator=g)
-    second = torch.randint(3, max(vocab_size, 4), (7,), generator=g)
-    packed_ids = torch.cat([first, second])[None].to(device)
-    positions = torch.cat([torch.arange(11), torch.arange(7)])[None].to(device)
+    seqs = [torch.randint(3, max(vocab_size, 4), (n,), generator=g).tolist() for n in (11, 7, 9)]
+    examples = [{"input_ids": ids, "labels": ids} for ids in seqs]
+    batch = collator([examples[:2], examples[2:]]) if batching == "packed" else collator(examples)
     was_training = model.training
     model.eval()
     try:
-        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, 11:].float()
-        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids")}
+        packed = model(**inputs, use_cache=False).logits.float()
+        alone = [
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
+            for ids in seqs
+        ]
     except TypeError as exc:
         raise UserError(
             f"data.batching: {batching} needs a model that takes position_ids ({exc}); use data.batching: padded"
         ) from None
     finally:
         model.train(was_training)
-    # Mixed sequences differ by the order of the logits themselves (~1.4 of the largest logit on the tiny
-    # Llama); a working mask only by rounding (6e-7 in fp32, 8e-3 under bf16 autocast).
-    err = float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
+    err = 0.0
+    for (r, a, b), ref in zip(_segments(batch["position_ids"]), alone, strict=False):
+        # Mixed sequences differ by the order of the logits themselves (~1.4 of the largest logit on the tiny
+        # Llama); a working mask only by rounding (6e-7 in fp32, 8e-3 under bf16 autocast).
+        err = max(err, float((packed[r, a:b] - ref).abs().max() / ref.abs().max().clamp_min(1e-6)))
     if err > 0.1:
         raise UserError(
             f"data.batching: {batching}: this model's attention ({type(model).__name__}) lets packed sequences "
-            f"attend to each other (relative logit difference {err:.2g} against the sequence alone), so "
+            f"attend to each other (relative logit difference {err:.2g} against each sequence alone), so "
             "training would mix examples; use data.batching: padded, or model.attn_implementation sdpa / "
             "flash_attention_2 with a model whose masks follow position_ids"
         )

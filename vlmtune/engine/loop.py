@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from vlmtune.checkpoint.manager import CheckpointManager
 from vlmtune.config.schema import Recipe
+from vlmtune.data.batching import layout
 from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.distributed import params_without_grad, strategy, unused_parameters_error
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
@@ -114,7 +115,9 @@ class Trainer:
         self.c = c
         self.acc = c.accelerator
         self.sampler = c.sampler
-        self.state = TrainState(global_batch=self.sampler.global_batch, total_steps=total_steps)
+        self.state = TrainState(
+            global_batch=self.sampler.global_batch, total_steps=total_steps, data_layout=layout(c.recipe)
+        )
         self.strategy = strategy(self.acc)
         # fp16 overflow is the loss scaler's business (accelerate's, or DeepSpeed's own), not the NaN policy's.
         self.loss_scaling = self.acc.scaler is not None or (
@@ -254,7 +257,14 @@ class Trainer:
                 self.sampler.global_batch,
                 state.global_batch,
             )
+        if state.data_layout and state.data_layout != layout(c.recipe):
+            log.warning(
+                "resuming with %s (checkpoint used %s): the data order differs from the original",
+                layout(c.recipe),
+                state.data_layout,
+            )
         state.global_batch, state.total_steps = self.sampler.global_batch, total
+        state.data_layout = layout(c.recipe)
         log.info("resumed from %s at step %d", path, state.step)
 
     def fit(self) -> dict:

@@ -7,6 +7,7 @@ import torch
 
 from vlmtune.data import Collator
 from vlmtune.data.packing import (
+    OneRowPackedCollator,
     PackedCollator,
     PaddingFreeCollator,
     best_fit_decreasing,
@@ -129,9 +130,22 @@ class _IgnoresPositions(torch.nn.Module):
 
 
 def test_a_model_that_mixes_packed_sequences_is_refused(models):
-    check_packed_attention(models["sdpa"], 300, "cpu", "packed")  # the tiny Llama keeps them apart
-    check_packed_attention(models["eager"], 300, "cpu", "packed")
+    for model in models.values():  # the tiny Llama keeps them apart, in one row and in several
+        check_packed_attention(model, PaddingFreeCollator(), 300, "cpu", "padding_free")
+        check_packed_attention(model, PackedCollator(PAD), 300, "cpu", "packed")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 rounding is not mistaken for mixing
-        check_packed_attention(models["sdpa"], 300, "cpu", "packed")
-    with pytest.raises(UserError, match=r"attend to each other.*data\.batching: padded"):
-        check_packed_attention(_IgnoresPositions(models["sdpa"]), 300, "cpu", "packed")
+        check_packed_attention(models["sdpa"], PackedCollator(PAD), 300, "cpu", "packed")
+    broken = _IgnoresPositions(models["sdpa"])
+    for collator, batching in ((PaddingFreeCollator(), "padding_free"), (PackedCollator(PAD), "packed")):
+        with pytest.raises(UserError, match=r"attend to each other.*data\.batching: padded"):
+            check_packed_attention(broken, collator, 300, "cpu", batching)
+
+
+def test_flash_attention_gets_packed_bins_in_one_row():
+    """transformers' flash-attention path reads packed boundaries only from a one-row batch."""
+    bins = [_examples([5, 3]), _examples([4], seed=1)]
+    batch = OneRowPackedCollator()(bins)
+    assert batch["input_ids"].shape == (1, 12) and batch["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
+    ]
+    assert torch.equal(batch["labels"], PaddingFreeCollator()([e for b in bins for e in b])["labels"])
