@@ -6,6 +6,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenisation cache of this test session (subprocesses inherit it): never the user's ~/.cache.
+if "VLMTUNE_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["VLMTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlmtune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["VLMTUNE_CACHE_DIR"], ignore_errors=True)
 
 from pathlib import Path
 

@@ -65,7 +65,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from vlmtune.checkpoint.export import export_adapter
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
     from vlmtune.data import Collator
-    from vlmtune.data.sampler import StepSampler
+    from vlmtune.data.batching import build_collator, build_sampler
+    from vlmtune.data.packing import check_packed_attention
     from vlmtune.data.vlm_collate import VLMCollator
     from vlmtune.engine.accelerator import STEP_TIMEOUT, build_accelerator
     from vlmtune.engine.distributed import check_sharding, configure_ddp, set_collective_timeout
@@ -90,11 +91,14 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         if family is None:
             _refuse_vision_settings(recipe)
             tokenizer = load_tokenizer(recipe.model, base)
-            collator = Collator(pad_token_id=tokenizer.pad_token_id)
+            pad_token_id = tokenizer.pad_token_id
+            collator = Collator(pad_token_id=pad_token_id)
         else:
             log.info("vision-language model family %s", family.name)
+            _refuse_vlm_packing(recipe, family.name)
             tokenizer = load_processor(recipe.model, family, recipe.vision, base)
-            collator = VLMCollator(pad_token_id=tokenizer.tokenizer.pad_token_id, family=family)
+            pad_token_id = tokenizer.tokenizer.pad_token_id
+            collator = VLMCollator(pad_token_id=pad_token_id, family=family)
         train_data, eval_data = _build_data(
             recipe, tokenizer, family, show_progress=accelerator.is_main_process
         )
@@ -117,13 +121,12 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         keep_vision_in_step(accelerator, model, family, train_data, collator)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
-        sampler = StepSampler(
-            len(train_data),
-            micro_batch=t.micro_batch_size,
-            grad_accum=t.grad_accum,
-            world_size=accelerator.num_processes,
-            seed=t.seed,
-        )
+        train_collator = build_collator(recipe, collator, pad_token_id)
+        if recipe.data.batching != "padded":
+            check_packed_attention(
+                model, train_collator, len(tokenizer), accelerator.device, recipe.data.batching
+            )
+        sampler = build_sampler(recipe, train_data.lengths, accelerator.num_processes)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         scheduler = build_scheduler(optimizer, t, total_steps)
         log.info(
@@ -138,7 +141,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
-            collator=collator,
+            collator=train_collator, eval_collator=collator,
             checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
@@ -179,6 +182,14 @@ def _refuse_vision_settings(recipe) -> None:
                 problems.append(f"data.{split}.{i}.format: llava needs a vision-language model")
     if problems:
         raise RecipeError(problems)
+
+
+def _refuse_vlm_packing(recipe, family: str) -> None:
+    """Packing is text-only; `validate` catches it when model.family is given, this when it is detected."""
+    from vlmtune.config.checks import vlm_packing_problem
+
+    if recipe.data.batching != "padded":
+        raise RecipeError([vlm_packing_problem(recipe.data.batching, family)])
 
 
 def _build_data(recipe, tokenizer, family, *, show_progress: bool):

@@ -67,7 +67,54 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
             f"checkpoint.every: {recipe.checkpoint.every} is more than train.max_steps "
             f"({recipe.train.max_steps}); no intermediate checkpoint would be written"
         )
-    return problems + vision_problems(recipe)
+    return problems + batching_problems(recipe) + vision_problems(recipe)
+
+
+def vlm_packing_problem(batching: str, family: str) -> str:
+    # Image-text rows carry per-image inputs (pixel values, image grids, multimodal rope positions) that
+    # packing would have to re-align sequence by sequence; no family does that yet.
+    return (
+        f"data.batching: {batching} is not supported for vision-language models ({family}); use "
+        "data.batching: padded (data.group_by_length and train.micro_batch_tokens also cut padding)"
+    )
+
+
+def batching_problems(recipe: Recipe) -> list[str]:
+    """Rules of `data.batching`, `data.pack_length`, `data.group_by_length` and `train.micro_batch_tokens`."""
+    d, t, problems = recipe.data, recipe.train, []
+    if d.pack_length is not None and d.batching != "packed":
+        problems.append(
+            f"data.pack_length: only used with data.batching: packed (now {d.batching}); remove it or pack"
+        )
+    if d.pack_length is not None and d.pack_length < d.max_length:
+        problems.append(
+            f"data.pack_length: {d.pack_length} is less than data.max_length ({d.max_length}), so the longest "
+            "rows would fit no bin; raise pack_length or lower max_length"
+        )
+    if d.group_by_length and d.batching != "padded":
+        problems.append(
+            f"data.group_by_length: groups rows to cut padding, and data.batching {d.batching} has none; "
+            "remove group_by_length"
+        )
+    if recipe.model.family is not None and d.batching != "padded":
+        problems.append(vlm_packing_problem(d.batching, recipe.model.family))
+    if t.micro_batch_tokens is not None:
+        if d.batching == "packed":
+            problems.append(
+                "train.micro_batch_tokens: with data.batching: packed a micro-batch is train.micro_batch_size "
+                "bins of data.pack_length tokens; set those instead"
+            )
+        if d.group_by_length:
+            problems.append(
+                "data.group_by_length: token-budget micro-batches (train.micro_batch_tokens) are already "
+                "grouped by length; remove group_by_length"
+            )
+        if t.micro_batch_tokens < d.max_length:
+            problems.append(
+                f"train.micro_batch_tokens: {t.micro_batch_tokens} is less than data.max_length "
+                f"({d.max_length}), so the longest rows would fit no micro-batch; raise it or lower max_length"
+            )
+    return problems
 
 
 def vision_problems(recipe: Recipe) -> list[str]:

@@ -167,6 +167,36 @@ class DataConfig(_Section):
         le=1.0,
         description="With on_bad_row: skip, stop if more than this fraction of rows is bad.",
     )
+    batching: Literal["padded", "padding_free", "packed"] = Field(
+        "padded",
+        description="How rows form a micro-batch: padded (rows right-padded to the longest), padding_free (the "
+        "micro-batch's rows concatenated into one row, no pad tokens), packed (rows best-fit packed into bins "
+        "of data.pack_length tokens; a micro-batch is train.micro_batch_size bins). padding_free and packed "
+        "keep sequences apart with position_ids (checked on the loaded model); text models only.",
+    )
+    pack_length: PositiveInt | None = Field(
+        None,
+        description="With batching: packed, tokens per bin (default data.max_length; at least max_length).",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="With batching: padded, sort rows by length within shuffled windows of 50 micro-batches so "
+        "each micro-batch holds rows of similar length (less padding); deterministic per seed and epoch.",
+    )
+    cache: bool = Field(
+        True,
+        description="Reuse tokenised text data across runs, keyed by the file contents, tokenizer, chat "
+        "template and row policies (in $VLMTUNE_CACHE_DIR, default ~/.cache/vlmtune/tokenized).",
+    )
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="Worker processes that collate upcoming steps' micro-batches ahead of the loop (0: in the "
+        "loop). Rows are encoded before training, so collating is cheap and 0 is usually right.",
+    )
+    prefetch_factor: PositiveInt = Field(
+        2, description="With num_workers > 0, steps each worker prepares ahead."
+    )
 
 
 class TrainConfig(_Section):
@@ -174,7 +204,16 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seeds LoRA init, dropout and the data order.")
     epochs: PositiveFloat = Field(1, description="Passes over the data; ignored when max_steps is set.")
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides epochs.")
-    micro_batch_size: PositiveInt = Field(4, description="Rows per forward pass per process.")
+    micro_batch_size: PositiveInt = Field(
+        4, description="Rows (bins with data.batching: packed) per forward pass per process."
+    )
+    micro_batch_tokens: PositiveInt | None = Field(
+        None,
+        description="Token budget per micro-batch instead of a row count (micro_batch_size is then not used): "
+        "padded micro-batches of length-sorted rows with rows × longest ≤ N, or with padding_free one row of "
+        "best-fit packed rows ≤ N tokens. The groups are formed once per run, so steps per epoch are fixed; "
+        "the loss stays normalised by the window's trained tokens. At least data.max_length; not with packed.",
+    )
     grad_accum: PositiveInt = Field(
         4, description="Micro-batches per optimizer step; the loss is normalised over the whole window."
     )

@@ -16,10 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmtune.config.schema import DataConfig, DataSource
+from vlmtune.data import cache
 from vlmtune.data.bad_rows import BadRow, BadRowTracker
 from vlmtune.data.formats import normalise
 from vlmtune.data.mixing import weighted_take
-from vlmtune.data.sources import LoadedSource, Unparsable, datasets_progress, load_source
+from vlmtune.data.sources import LoadedSource, Unparsable, datasets_progress, load_source, resolve_path
 from vlmtune.data.stats import DataStats
 from vlmtune.data.template import ChatTemplateError, check_tokenizer, tokenize_conversation
 from vlmtune.errors import DataError
@@ -114,7 +115,7 @@ def build_dataset(
     index: list[int] = []
     with datasets_progress(show_progress):
         for k, (source, name) in enumerate(zip(sources, _names(sources), strict=True)):
-            kept = builder.encode(load_source(source, base_dir=base_dir), source.format)
+            kept = builder.encode_source(source, base_dir)
             index.extend(weigh(kept, source, name, k, seed=seed, stats=builder.stats))
     check_bad_rows(builder.tracker, builder.stats)
     return summarise(TokenizedDataset(*builder.finish(), index=index, stats=builder.stats), sources)
@@ -162,12 +163,38 @@ class _Builder:
         self.problems = problems
         self.tracker = BadRowTracker(cfg.on_bad_row, cfg.max_bad_fraction)
         self.stats = DataStats()
+        self._tok_fingerprint = cache.tokenizer_fingerprint(tokenizer)
         self._tokens: list[np.ndarray] = []
         self._trained: list[np.ndarray] = []
 
-    def encode(self, source: LoadedSource, fmt: str) -> list[int]:
-        """Encode every row of `source`; returns the storage ids of the rows kept, in file order."""
-        kept = []
+    def encode_source(self, source: DataSource, base_dir: Path | None) -> list[int]:
+        """Encode one source (or take it from the tokenisation cache); returns the storage ids of the rows kept."""
+        key = self._cache_key(source, base_dir)
+        encoded = cache.load(key) if key else None
+        if encoded is None:
+            encoded = self.encode(load_source(source, base_dir=base_dir), source.format)
+            if key:
+                cache.save(key, encoded)
+        else:
+            logger.info("%s: tokenised rows taken from the cache (%s)", source.path, cache.cache_root() / key)
+            self.stats.rows_read += encoded.rows_read
+            for entry in encoded.journal:
+                self._apply(entry)
+        kept = list(range(len(self._tokens), len(self._tokens) + len(encoded.tokens)))
+        self._tokens += encoded.tokens
+        self._trained += encoded.trained
+        return kept
+
+    def _cache_key(self, source: DataSource, base_dir: Path | None) -> str | None:
+        if not self.cfg.cache or self._tok_fingerprint is None:
+            return None
+        label = f"{source.path}[{source.split}]" if source.split else source.path
+        path = resolve_path(source.path, base_dir)
+        return cache.source_key(path, label, source.format, self._tok_fingerprint, self.cfg)
+
+    def encode(self, source: LoadedSource, fmt: str) -> cache.Encoded:
+        """Encode every row of `source`, applying the row policies as it goes; returns the kept rows and journal."""
+        out = cache.Encoded()
         rows = tqdm(
             source.rows,
             total=len(source),
@@ -177,24 +204,40 @@ class _Builder:
         )
         for i, row in enumerate(rows):
             self.stats.rows_read += 1
+            out.rows_read += 1
             try:
                 ids, trained = self._encode_row(row, fmt)
             except BadRow as bad:
-                self.tracker.handle(bad, source.where(i))
-                self._note(source.where(i), bad.kind, bad.problem)
+                out.journal.append(["bad", source.where(i), bad.kind, bad.problem])
+                self._apply(out.journal[-1])
                 continue
             except ChatTemplateError as exc:
                 raise ChatTemplateError(f"{source.where(i)}: {exc}") from None
             if len(ids) > self.cfg.max_length:
-                fitted = self._fit(ids, trained, source.where(i))
+                fitted, entry = self._fit(ids, trained, source.where(i))
+                out.journal.append(entry)
+                self._apply(entry)
                 if fitted is None:
                     continue
                 ids, trained = fitted
-            kept.append(len(self._tokens))
             # int32 halves the memory of int64 and holds every real vocabulary.
-            self._tokens.append(np.asarray(ids, dtype=np.int32))
-            self._trained.append(np.asarray(trained, dtype=bool))
-        return kept
+            out.tokens.append(np.asarray(ids, dtype=np.int32))
+            out.trained.append(np.asarray(trained, dtype=bool))
+        return out
+
+    def _apply(self, entry: list) -> None:
+        """Count (or raise on) one journal entry: live while encoding, and again on a cache hit."""
+        if entry[0] == "bad":
+            _, where, kind, problem = entry
+            self.tracker.handle(BadRow(kind, problem), where)
+            self._note(where, kind, problem)
+            return
+        _, where, kind, problem, tokens = entry
+        if kind == "truncated":
+            self.stats.truncated += 1
+        else:
+            self.stats.dropped_overlength += 1
+        self._note(where, kind, problem, tokens)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The flat token ids, the flat trained mask, and each row's start offset (plus the end)."""
@@ -219,8 +262,8 @@ class _Builder:
             )
         return ids, trained
 
-    def _fit(self, ids: list[int], trained: list[bool], where: str) -> tuple[list[int], list[bool]] | None:
-        """Apply `on_overlength` to a row longer than `max_length`; None drops it."""
+    def _fit(self, ids: list[int], trained: list[bool], where: str) -> tuple[tuple | None, list]:
+        """Apply `on_overlength` to a row longer than `max_length`: the kept row (None: dropped) and its entry."""
         max_length = self.cfg.max_length
         if self.cfg.on_overlength == "raise":
             raise DataError(
@@ -228,13 +271,16 @@ class _Builder:
                 "to drop or truncate such rows, or raise data.max_length"
             )
         if self.cfg.on_overlength == "truncate" and any(trained[:max_length]):
-            self.stats.truncated += 1
-            self._note(where, "truncated", f"cut from {len(ids)} to {max_length} tokens", len(ids))
-            return ids[:max_length], trained[:max_length]
+            entry = ["note", where, "truncated", f"cut from {len(ids)} to {max_length} tokens", len(ids)]
+            return (ids[:max_length], trained[:max_length]), entry
         # Dropped outright, or truncation would leave only prompt: nothing to learn from.
-        self.stats.dropped_overlength += 1
-        self._note(where, "overlength", f"{len(ids)} tokens, more than max_length {max_length}", len(ids))
-        return None
+        return None, [
+            "note",
+            where,
+            "overlength",
+            f"{len(ids)} tokens, more than max_length {max_length}",
+            len(ids),
+        ]
 
     def _note(self, where: str, kind: str, problem: str, tokens: int | None = None) -> None:
         if self.problems is not None:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from vlmtune.checkpoint.manager import CheckpointManager
 from vlmtune.config.schema import Recipe
+from vlmtune.data.batching import layout
 from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.distributed import params_without_grad, strategy, unused_parameters_error
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
@@ -38,8 +39,15 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-pad) input tokens: padded batches mark them in `attention_mask`; packed ones count them."""
+    if "n_tokens" in batch:
+        return int(batch["n_tokens"])
+    return int(batch["attention_mask"].sum())
+
+
 # Batch entries that are not model inputs: the loss is computed here from the logits.
-_NOT_INPUTS = ("labels", "length")
+_NOT_INPUTS = ("labels", "length", "n_tokens")
 
 
 def forward(
@@ -62,6 +70,28 @@ def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
+def collate(collator, data, rows: list) -> dict[str, torch.Tensor]:
+    """Collate the examples of `rows`: row indices, or for packed batches a list of bins of row indices."""
+    if rows and isinstance(rows[0], list):
+        return collator([[data[i] for i in unit] for unit in rows])
+    return collator([data[i] for i in rows])
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Step `start + i` → (its row indices, its collated micro-batches) for one rank: a DataLoader's items."""
+
+    def __init__(self, sampler: StepSampler, data, collator, rank: int, start: int, total: int) -> None:
+        self.sampler, self.data, self.collator = sampler, data, collator
+        self.rank, self.start, self.total = rank, start, total
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0)
+
+    def __getitem__(self, i: int) -> tuple[list, list[dict[str, torch.Tensor]]]:
+        rows = self.sampler.micro_batches(self.start + i, self.rank)
+        return rows, [collate(self.collator, self.data, r) for r in rows]
+
+
 @dataclass
 class Components:
     """What the loop works with, built by `vlmtune.train`."""
@@ -77,6 +107,7 @@ class Components:
     collator: object
     checkpoints: CheckpointManager
     metrics: MetricsWriter
+    eval_collator: object | None = None  # padded, for evaluation (default: `collator`)
 
 
 class Trainer:
@@ -84,7 +115,9 @@ class Trainer:
         self.c = c
         self.acc = c.accelerator
         self.sampler = c.sampler
-        self.state = TrainState(global_batch=self.sampler.global_batch, total_steps=total_steps)
+        self.state = TrainState(
+            global_batch=self.sampler.global_batch, total_steps=total_steps, data_layout=layout(c.recipe)
+        )
         self.strategy = strategy(self.acc)
         # fp16 overflow is the loss scaler's business (accelerate's, or DeepSpeed's own), not the NaN policy's.
         self.loss_scaling = self.acc.scaler is not None or (
@@ -94,8 +127,8 @@ class Trainer:
         self._no_grad: list[str] = []
         self._dtype = weights_dtype(c.model)
 
-    def _batch(self, data, rows: list[int]) -> dict[str, torch.Tensor]:
-        batch = self.c.collator([data[i] for i in rows])
+    def _batch(self, data, rows: list[int], collator=None) -> dict[str, torch.Tensor]:
+        batch = collate(collator or self.c.collator, data, rows)
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     # --- one step ------------------------------------------------------------------------------------
@@ -148,7 +181,7 @@ class Trainer:
             self.c.scheduler.step()  # a skipped step does not advance the schedule
         self.c.optimizer.zero_grad(set_to_none=True)
 
-        inputs = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        inputs = sum(input_tokens(mb) for mb in micro_batches)
         return {
             "loss_sum": total_loss,
             "tokens": window_tokens,
@@ -203,7 +236,7 @@ class Trainer:
             # Ranks past the end still run a forward (weight 0) so sharded models gather parameters in step.
             real = b < n_batches
             rows = list(range(b * mb, min((b + 1) * mb, len(data)))) if real else [0]
-            batch = self._batch(data, rows)
+            batch = self._batch(data, rows, self.c.eval_collator)
             logits = forward(model, batch, self._dtype)
             if real:
                 loss_sum += token_loss_sum(logits, batch["labels"])
@@ -224,7 +257,14 @@ class Trainer:
                 self.sampler.global_batch,
                 state.global_batch,
             )
+        if state.data_layout and state.data_layout != layout(c.recipe):
+            log.warning(
+                "resuming with %s (checkpoint used %s): the data order differs from the original",
+                layout(c.recipe),
+                state.data_layout,
+            )
         state.global_batch, state.total_steps = self.sampler.global_batch, total
+        state.data_layout = layout(c.recipe)
         log.info("resumed from %s at step %d", path, state.step)
 
     def fit(self) -> dict:
@@ -239,10 +279,11 @@ class Trainer:
             total=total, initial=state.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True
         )
         window = self._new_window()
+        steps = iter(self._steps(state.step, total))
         with StopWatcher(c.checkpoints.root.parent) as stop:
             while state.step < total:
-                rows = self.sampler.micro_batches(state.step, acc.process_index)
-                out = self.train_step([self._batch(c.train_data, r) for r in rows])
+                rows, batches = next(steps)
+                out = self.train_step([{k: v.to(acc.device) for k, v in b.items()} for b in batches])
                 state.step += 1
                 self._handle_nonfinite(out, rows)
                 state.trained_tokens += out["tokens"]
@@ -276,6 +317,25 @@ class Trainer:
         if total > 0 and c.checkpoints.latest() != c.checkpoints.root / f"step-{total}":
             c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
         return final
+
+    def _steps(self, start: int, total: int):
+        """(rows, collated micro-batches) of steps start..total-1, from `data.num_workers` processes or this one."""
+        d = self.c.recipe.data
+        steps = StepBatches(
+            self.sampler, self.c.train_data, self.c.collator, self.acc.process_index, start, total
+        )
+        if d.num_workers == 0:
+            return (steps[i] for i in range(len(steps)))
+        # Items are whole steps, a pure function of the step number, so the order and resume stay exact.
+        return torch.utils.data.DataLoader(
+            steps,
+            batch_size=None,
+            shuffle=False,
+            num_workers=d.num_workers,
+            prefetch_factor=d.prefetch_factor,
+            persistent_workers=False,
+            pin_memory=self.acc.device.type == "cuda",
+        )
 
     @staticmethod
     def _new_window() -> dict:

@@ -17,6 +17,9 @@ class TrainState:
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     global_batch: int = 0  # recorded so a resume with a different batch layout is noticed
+    data_layout: str = (
+        ""  # likewise for the batching mode (data/batching.py `layout`); "" in older checkpoints
+    )
     total_steps: int = 0
 
     def state_dict(self) -> dict:

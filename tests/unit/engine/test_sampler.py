@@ -1,6 +1,7 @@
 from collections import Counter
 
 import pytest
+import torch
 
 from vlmtune.data.sampler import StepSampler
 
@@ -43,3 +44,35 @@ def test_tiny_dataset_smaller_than_a_batch():
     assert s.steps_per_epoch == 1 and sorted(set(_rows(s, 0, 1))) == [0, 1, 2]
     with pytest.raises(ValueError):
         StepSampler(0, micro_batch=1, grad_accum=1, world_size=1, seed=0)
+
+
+def _padding(s: StepSampler, lengths: list[int], steps: int) -> int:
+    return sum(
+        len(mb) * max(lengths[i] for i in mb) - sum(lengths[i] for i in mb)
+        for step in range(steps)
+        for mb in s.micro_batches(step, 0)
+    )
+
+
+def test_group_by_length_keeps_every_row_once_and_cuts_padding():
+    lengths = torch.randint(1, 500, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    kw = dict(micro_batch=4, grad_accum=2, world_size=1, seed=5, lengths=lengths)
+    plain, grouped = StepSampler(400, **kw), StepSampler(400, group_by_length=True, **kw)
+    epoch = grouped.steps_per_epoch
+    assert epoch == plain.steps_per_epoch == 50
+    assert Counter(r for k in range(epoch) for r in _rows(grouped, k, 1)) == Counter(range(400))
+    assert _padding(grouped, lengths, epoch) < _padding(plain, lengths, epoch) / 5
+    # A pure function of (seed, epoch, step): a fresh sampler (a resumed run) draws the same batches.
+    fresh = StepSampler(400, group_by_length=True, **kw)
+    assert fresh.micro_batches(epoch + 7, 0) == grouped.micro_batches(epoch + 7, 0)
+    assert grouped.micro_batches(epoch + 7, 0) != grouped.micro_batches(7, 0)  # each epoch reshuffles
+
+
+def test_units_are_drawn_whole_nested_or_flattened():
+    units = [[0, 1], [2], [3, 4, 5], [6]]
+    s = StepSampler(7, micro_batch=2, grad_accum=1, world_size=1, seed=0, units=units)
+    assert s.steps_per_epoch == 2  # counted in units, known before training
+    drawn = [u for k in range(2) for mb in s.micro_batches(k, 0) for u in mb]
+    assert sorted(drawn) == sorted(units)
+    flat = StepSampler(7, micro_batch=1, grad_accum=2, world_size=1, seed=0, units=units, flatten_units=True)
+    assert sorted(tuple(mb) for k in range(2) for mb in flat.micro_batches(k, 0)) == sorted(map(tuple, units))

@@ -1,0 +1,66 @@
+"""Cross-field rules of data.batching, data.pack_length, data.group_by_length and train.micro_batch_tokens."""
+
+import pytest
+
+from vlmtune.config.checks import cross_field_problems
+from vlmtune.config.schema import Recipe
+
+
+def _recipe(data: dict, train: dict | None = None, model: dict | None = None) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "model": {"path": "org/name", **(model or {})},
+            "data": {"train": [{"path": "a.json"}], "max_length": 512, **data},
+            "train": {"output_dir": "out", **(train or {})},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "train", "model", "expected"),
+    [
+        ({"pack_length": 1024}, {}, {}, "data.pack_length: only used with data.batching: packed"),
+        (
+            {"batching": "packed", "pack_length": 256},
+            {},
+            {},
+            "data.pack_length: 256 is less than data.max_length",
+        ),
+        ({"batching": "packed", "group_by_length": True}, {}, {}, "data.group_by_length: groups rows to cut"),
+        (
+            {"batching": "packed"},
+            {"micro_batch_tokens": 4096},
+            {},
+            "train.micro_batch_tokens: with data.batching",
+        ),
+        ({"group_by_length": True}, {"micro_batch_tokens": 4096}, {}, "already grouped by length"),
+        (
+            {"batching": "padding_free"},
+            {"micro_batch_tokens": 100},
+            {},
+            "micro_batch_tokens: 100 is less than",
+        ),
+        (
+            {"batching": "padding_free"},
+            {},
+            {"family": "qwen2_vl"},
+            "not supported for vision-language models",
+        ),
+    ],
+)
+def test_batching_problems(data, train, model, expected):
+    problems = cross_field_problems(_recipe(data, train, model))
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    ("data", "train"),
+    [
+        ({"batching": "packed", "pack_length": 2048}, {}),
+        ({"batching": "padding_free"}, {"micro_batch_tokens": 4096}),
+        ({"group_by_length": True}, {}),
+        ({}, {"micro_batch_tokens": 512}),
+    ],
+)
+def test_valid_batching_combinations(data, train):
+    assert cross_field_problems(_recipe(data, train)) == []

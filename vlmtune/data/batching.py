@@ -1,0 +1,79 @@
+"""From the recipe's batching keys to the step sampler and the collator the loop uses.
+
+| data.batching | train.micro_batch_tokens | item of the sampler       | micro-batch                           |
+|---------------|--------------------------|---------------------------|---------------------------------------|
+| padded        | null                     | row                       | micro_batch_size rows, right-padded   |
+| padded        | N                        | length-sorted chunk       | one chunk: rows × longest ≤ N         |
+| padding_free  | null                     | row                       | micro_batch_size rows in one row      |
+| padding_free  | N                        | best-fit bin of ≤ N       | one bin in one row                    |
+| packed        | (refused)                | best-fit bin of pack_length | micro_batch_size bins, one row each |
+
+(With flash_attention_2 a packed micro-batch's bins go end to end in one row: see `OneRowPackedCollator`.)
+
+Chunks and bins are formed once per run from the row lengths and the seed; the sampler shuffles them per epoch.
+"""
+
+from __future__ import annotations
+
+from vlmtune.config.schema import Recipe
+from vlmtune.data.packing import (
+    OneRowPackedCollator,
+    PackedCollator,
+    PaddingFreeCollator,
+    best_fit_decreasing,
+    budget_chunks,
+)
+from vlmtune.data.sampler import StepSampler
+from vlmtune.logging import get_logger
+
+log = get_logger("data")
+
+
+def build_sampler(recipe: Recipe, lengths: list[int], world_size: int) -> StepSampler:
+    """The step sampler for `recipe`'s batching mode over rows of these `lengths`."""
+    d, t = recipe.data, recipe.train
+    common = {"grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed}
+    if d.batching == "packed":
+        capacity = d.pack_length or d.max_length
+        bins = best_fit_decreasing(lengths, capacity, seed=t.seed)
+        log.info(
+            "packed %d rows into %d bins of ≤ %d tokens (%.1f%% full)",
+            len(lengths), len(bins), capacity, 100 * sum(lengths) / max(len(bins) * capacity, 1),
+        )  # fmt: skip
+        return StepSampler(len(lengths), micro_batch=t.micro_batch_size, units=bins, **common)
+    if t.micro_batch_tokens is not None:
+        budget = t.micro_batch_tokens
+        if d.batching == "padding_free":
+            units = best_fit_decreasing(lengths, budget, seed=t.seed)
+        else:
+            units = budget_chunks(lengths, budget, seed=t.seed)
+        log.info("%d rows in %d micro-batches of ≤ %d tokens", len(lengths), len(units), budget)
+        return StepSampler(len(lengths), micro_batch=1, units=units, flatten_units=True, **common)
+    return StepSampler(
+        len(lengths),
+        micro_batch=t.micro_batch_size,
+        lengths=lengths,
+        group_by_length=d.group_by_length,
+        **common,
+    )
+
+
+def build_collator(recipe: Recipe, padded_collator, pad_token_id: int):
+    """The training collator: `padded_collator` (the text or VLM one) unless batching packs sequences."""
+    if recipe.data.batching == "padding_free":
+        return PaddingFreeCollator()
+    if recipe.data.batching == "packed":
+        if recipe.model.attn_implementation == "flash_attention_2":
+            return OneRowPackedCollator()
+        return PackedCollator(pad_token_id)
+    return padded_collator
+
+
+def layout(recipe: Recipe) -> str:
+    """The batching settings that decide the data order, recorded in checkpoints so a resume that changes them is
+    noticed (it trains on, but not on the rows the original run would have seen)."""
+    d, t = recipe.data, recipe.train
+    return (
+        f"batching={d.batching} pack_length={d.pack_length} group_by_length={d.group_by_length} "
+        f"micro_batch_tokens={t.micro_batch_tokens}"
+    )
