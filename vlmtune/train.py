@@ -28,13 +28,20 @@ log = get_logger()
 
 @dataclass
 class RunResult:
-    """What a finished run produced."""
+    """What a finished run produced: its folders, the final metrics and the number of optimizer steps."""
 
     output_dir: Path
     adapter_dir: Path
     metrics_file: Path
     metrics: dict = field(default_factory=dict)
     steps: int = 0
+
+    @property
+    def history(self) -> list[dict]:
+        """Every record of metrics.jsonl (train records have `loss`, eval records `eval_loss`), oldest first."""
+        from vlmtune.engine.metrics import read_metrics
+
+        return read_metrics(self.metrics_file)
 
 
 def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
@@ -47,10 +54,10 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     """
     from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
     from vlmtune.config.load import dump_recipe, load_recipe
-    from vlmtune.config.schema import Recipe
 
     # Recipe and environment first: a typo fails in a second, before torch and the model are loaded.
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    # Always (re)validated: a `Recipe` changed in place in a notebook is checked like a file would be.
+    recipe = load_recipe(recipe, overrides)
     problems = environment_problems(recipe)
     if problems:
         raise RecipeError(problems)
@@ -152,7 +159,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             dump_recipe(recipe, out / "recipe.yaml")
         accelerator.wait_for_everyone()
         if t.report_to:
-            accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
+            accelerator.init_trackers(t.tracker_project, config=_flat(recipe.model_dump(mode="json")))
         final = trainer.fit()
 
         adapter_dir = out / "adapter"
