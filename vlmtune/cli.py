@@ -1,5 +1,6 @@
 """The `vlmtune` console script.
 
+vlmtune --version
 vlmtune validate RECIPE [key=value ...]   check a recipe without loading weights
 vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one process)
 vlmtune data-check RECIPE [key=value ...] [--show N]   scan all data: problems, lengths, what training would do
@@ -98,19 +99,66 @@ def _launch(args: argparse.Namespace) -> int:
     return 0 if args.dry_run else run_plan(plan)
 
 
-LAUNCH_EXAMPLES = """examples:
+# Each subcommand's --help ends with these examples.
+EXAMPLES = {
+    "validate": """examples:
+  vlmtune validate recipes/7b_lora.yaml                       # schema, files, packages, output dir
+  vlmtune validate recipes/7b_lora.yaml train.lr=1e-4 lora.r=8   # overrides are validated too
+
+Exit code 0 when the recipe is valid, 2 with every problem listed (file and key) when it is not.
+""",
+    "train": """examples:
+  vlmtune train recipes/demo/tiny_lora.yaml                   # one process (CPU, or one GPU)
+  vlmtune train recipes/7b_lora.yaml train.max_steps=100      # with overrides
+  accelerate launch -m vlmtune.train recipes/7b_lora.yaml     # several processes: the same run under accelerate
+
+Running the same command again resumes from the newest complete checkpoint (checkpoint.resume: auto).
+Exit codes: 0 done, 2 bad recipe / data / environment, 3 diverged, 75 stopped on request (rerun to resume).
+""",
+    "data-check": """examples:
+  vlmtune data-check recipes/7b_lora.yaml                     # problems per kind and token lengths
+  vlmtune data-check recipes/7b_lora.yaml --show 3            # and 3 examples, trained tokens marked ⟦…⟧
+  vlmtune data-check recipes/7b_lora.yaml data.max_length=2048 --bad-rows /tmp/bad.jsonl
+
+Exit code 2 when training would stop on this data.
+""",
+    "launch": """examples:
   vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
   vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
   vlmtune launch recipes/7b_lora.yaml --nodes 2 --node-rank 1 --main-ip 10.0.0.1   # on the second of two nodes
   vlmtune launch recipes/7b_lora.yaml --dry-run             # print the command only
 
 SIGTERM / SIGUSR1 to this command make the run checkpoint at the next step and exit 75 (resume: run it again).
+""",
+}
+
+MAIN_EXAMPLES = """examples:
+  vlmtune validate recipes/demo/tiny_lora.yaml
+  vlmtune train recipes/demo/tiny_lora.yaml train.max_steps=10
+  vlmtune launch recipes/7b_lora.yaml --procs-per-node 8
+
+`vlmtune COMMAND --help` shows each command's options and examples. Recipe keys: docs/recipe.md.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune", description="LoRA / QLoRA fine-tuning of LLMs and VLMs.")
+    from vlmtune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vlmtune",
+        description="LoRA / QLoRA fine-tuning of LLMs and VLMs.",
+        epilog=MAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_, description=help_, epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
     for name, fn, help_ in (
         (
             "validate",
@@ -123,15 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
             "train a recipe in this process (use `accelerate launch -m vlmtune.train` for many)",
         ),
     ):
-        p = sub.add_parser(name, help=help_)
+        p = add(name, help_)
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
         p.set_defaults(fn=fn)
-    p = sub.add_parser(
-        "data-check",
-        help="scan all of a recipe's data: problems per kind, token lengths, what training would do",
-        epilog="examples:\n  vlmtune data-check recipes/7b_lora.yaml --show 3",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add(
+        "data-check", "scan all of a recipe's data: problems per kind, token lengths, what training would do"
     )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -142,12 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bad-rows", help="where to write the problem rows (default <output_dir>/data-check/bad_rows.jsonl)"
     )
     p.set_defaults(fn=_data_check)
-    p = sub.add_parser(
-        "launch",
-        help="start the recipe with `accelerate launch` on this node (one of --nodes)",
-        epilog=LAUNCH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add("launch", "start the recipe with `accelerate launch` on this node (one of --nodes)")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.add_argument(

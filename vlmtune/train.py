@@ -238,9 +238,23 @@ def _report_exit_code(code: int) -> None:
             Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
+USAGE = """usage: accelerate launch -m vlmtune.train RECIPE.yaml [section.key=value ...]
+       python -m vlmtune.train RECIPE.yaml [section.key=value ...]     (one process)
+
+Train a recipe; run the same command again to resume from the newest complete checkpoint.
+
+examples:
+  accelerate launch -m vlmtune.train recipes/7b_lora.yaml
+  accelerate launch -m vlmtune.train recipes/7b_lora.yaml train.lr=1e-4 lora.r=8
+  python -m vlmtune.train recipes/demo/tiny_lora.yaml train.max_steps=10
+
+Exit codes: 0 done, 2 bad recipe / data / environment, 3 diverged, 75 stopped on request (rerun to resume),
+130 interrupted. Recipe keys: docs/recipe.md."""
+
+
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: accelerate launch -m vlmtune.train RECIPE.yaml [section.key=value ...]")
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USER_ERROR
     try:
         result = run(argv[0], argv[1:])
