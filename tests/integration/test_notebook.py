@@ -2,6 +2,7 @@
 same model as one process with the same global batch."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -90,3 +91,29 @@ def test_a_worker_error_reaches_the_notebook_as_the_same_exception(tmp_path):
     with pytest.raises(vlmtune.Preempted) as caught:
         _raise_worker_error(tmp_path)
     assert caught.value.step == 4
+
+
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("VLMTUNE_RUNS", str(tmp_path))  # the kernel inherits it: the run goes here
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(REPO / "examples/quickstart.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(REPO / "examples")}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "train.lrr: unknown key; did you mean `lr`?" in text  # a typo is caught in Python too
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curve
+    history = vlmtune.read_metrics(tmp_path / "notebook/tiny_lora/metrics.jsonl")
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5  # 30 steps, logged every 5: the loss falls
+    assert f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}" in text
+    assert (
+        "30 steps; adapter in" in text
+        and (tmp_path / "notebook/tiny_lora/adapter/adapter_config.json").is_file()
+    )
+    assert re.search(r"^'.*'$", text, re.MULTILINE)  # the generated answer, printed as a repr
