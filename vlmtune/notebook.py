@@ -58,19 +58,20 @@ def notebook_launch(
 
         return run(recipe)
     _check_kernel_can_fork()
-    # Imported once here instead of in every worker: forked workers inherit them. (Not peft: it imports
-    # bitsandbytes, after which accelerate refuses to fork.)
     import torch
     from accelerate import notebook_launcher
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import patch_environment
 
+    # Imported once here instead of in every worker: forked workers inherit them. (Not peft: it imports
+    # bitsandbytes, after which accelerate refuses to fork.)
     import vlmtune.data
     import vlmtune.data.vlm_dataset
     import vlmtune.engine.accelerator
     import vlmtune.model.load  # noqa: F401
 
-    # An earlier in-process run leaves accelerate's shared state set, which notebook_launcher refuses.
+    # An Accelerator made earlier in this kernel leaves accelerate's shared state set, which notebook_launcher
+    # refuses; each worker builds its own.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     # Without CUDA the workers train on the CPU over gloo (the forked workers inherit this).

@@ -54,6 +54,7 @@ def launched(tiny_model_dir, tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+@pytest.mark.slow
 def test_two_notebook_processes_train_like_one_with_the_same_global_batch(launched):
     results, stderr = launched
     assert "ddp over 2 process(es)" in stderr and "train: 100%" in stderr  # DDP, and the progress bar
@@ -93,6 +94,7 @@ def test_a_worker_error_reaches_the_notebook_as_the_same_exception(tmp_path):
     assert caught.value.step == 4
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
