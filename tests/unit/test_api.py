@@ -54,5 +54,7 @@ def test_a_recipe_changed_in_place_is_validated_again(tiny_recipe):
     recipe.train.lr = -1.0  # pydantic does not check assignments; run() re-validates through load_recipe
     with pytest.raises(vlmtune.RecipeError, match=r"train.lr: Input should be greater than 0"):
         vlmtune.load_recipe(recipe)
-    with pytest.raises(vlmtune.RecipeError, match=r"train.lrr: unknown key; did you mean `lr`\?"):
+    with pytest.raises(
+        vlmtune.RecipeError, match=r"train.lrr: unknown key; did you mean `lr`\? \[in overrides argument\]"
+    ):
         vlmtune.load_recipe(tiny_recipe(), {"train": {"lrr": 1}})

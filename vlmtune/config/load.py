@@ -70,9 +70,11 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | dict | 
     raw, origin = load_raw(path)
     source = None if isinstance(path, dict) else str(path)
     problems: list[str] = []
+    # Where an override's problem is reported from: the command line, or the `overrides` mapping given in Python.
+    override_source = "overrides argument" if isinstance(overrides, dict) else OVERRIDE_SOURCE
     for key, value in _parse_overrides(overrides, problems):
         _set_path(raw, key.split("."), value)
-        origin[key] = OVERRIDE_SOURCE
+        origin[key] = override_source
     try:
         recipe = validate(raw, origin, source=source)
     except RecipeError as exc:
