@@ -109,7 +109,7 @@ Exit code 0 when the recipe is valid, 2 with every problem listed (file and key)
 """,
     "train": """examples:
   vlmtune train recipes/demo/tiny_lora.yaml                   # one process (CPU, or one GPU)
-  vlmtune train recipes/7b_lora.yaml train.max_steps=100      # with overrides
+  vlmtune train recipes/7b_lora.yaml train.max_steps=1000     # with overrides
   accelerate launch -m vlmtune.train recipes/7b_lora.yaml     # several processes: the same run under accelerate
 
 Running the same command again resumes from the newest complete checkpoint (checkpoint.resume: auto).

@@ -47,3 +47,21 @@ def test_train_module_usage(capsys):
     out = capsys.readouterr().out
     assert "examples:" in out and "accelerate launch -m vlmtune.train recipes/7b_lora.yaml" in out
     assert train_main([]) == 2  # no recipe: usage on stderr, user error
+
+
+def test_help_examples_are_valid_recipes_with_valid_overrides():
+    from vlmtune.cli import EXAMPLES, MAIN_EXAMPLES
+    from vlmtune.config.load import load_recipe
+
+    lines = [
+        line.split("#")[0].split()
+        for text in (*EXAMPLES.values(), MAIN_EXAMPLES)
+        for line in text.splitlines()
+    ]
+    checked = 0
+    for words in lines:
+        recipes = [w for w in words if w.startswith("recipes/") and w.endswith(".yaml")]
+        if recipes:
+            load_recipe(REPO / recipes[0], [w for w in words if "=" in w and not w.startswith("-")])
+            checked += 1
+    assert checked >= 10
