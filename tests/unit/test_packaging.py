@@ -1,5 +1,6 @@
 """`pip install .` ships the package, the `vlmtune` console script, the version and the optional extras."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -46,3 +47,14 @@ def test_wheel_has_console_script_version_and_extras(tmp_path):
     requires = metadata.get_all("Requires-Dist")
     for package in ("nbclient", "nbformat", "ipykernel", "wandb"):  # what the tests need, installed by CI
         assert any(r.startswith(package) and 'extra == "dev"' in r for r in requires), package
+
+    # Installed from the wheel (not from this checkout), the console script runs.
+    target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
+    proc = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run(
+        [str(target / "bin/vlmtune"), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.stdout.strip() == f"vlmtune {__version__}", proc.stderr
