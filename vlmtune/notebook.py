@@ -14,10 +14,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vlmtune.errors import Preempted, RecipeError, TrainingDiverged, UserError
+from vlmtune.errors import (
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    Preempted,
+    RecipeError,
+    TrainingDiverged,
+    UserError,
+)
 from vlmtune.train import RunResult
 
 _OUTCOME = "rank-{rank}.json"
+EXIT_CODES = {"Preempted": EXIT_PREEMPTED, "TrainingDiverged": EXIT_DIVERGED}
 
 
 def notebook_launch(
@@ -122,7 +131,8 @@ def _worker(recipe, outcomes: str) -> None:
         kind = type(exc).__name__
         extra = {"step": exc.step} if isinstance(exc, Preempted) else {}
         path.write_text(json.dumps({"error": kind, "message": str(exc), **extra}))
-        raise
+        # A failed exit stops the other workers; the notebook raises the error itself, without this traceback.
+        raise SystemExit(EXIT_CODES.get(kind, EXIT_USER_ERROR)) from None
     if rank == 0:
         path.write_text(
             json.dumps(
