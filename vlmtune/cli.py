@@ -1,5 +1,6 @@
 """The `vlmtune` console script.
 
+vlmtune --version
 vlmtune validate RECIPE [key=value ...]   check a recipe without loading weights
 vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one process)
 vlmtune data-check RECIPE [key=value ...] [--show N]   scan all data: problems, lengths, what training would do
@@ -148,7 +149,9 @@ SOURCE_HELP = (
     "a run folder (train.output_dir), its adapter/, a checkpoints/step-N/ folder, or (generate, chat) a "
     "merged model"
 )
-MERGE_EXAMPLES = """examples:
+# Each subcommand's --help ends with these examples.
+EXAMPLES = {
+    "merge": """examples:
   vlmtune merge runs/7b_lora --out runs/7b_lora/merged                   # the run's final adapter
   vlmtune merge runs/7b_lora/checkpoints/step-500 --out merged-500 --dtype float16
   vlmtune merge my-adapter/ --base Qwen/Qwen2.5-7B-Instruct --out merged --force
@@ -157,22 +160,52 @@ The base model is --base, else the run's recipe.yaml (model.path), else base_mod
 adapter_config.json. The result loads with transformers' from_pretrained (AutoModelForCausalLM, or for a
 vision-language model its family's class, e.g. AutoModelForImageTextToText). A QLoRA adapter is merged into the
 base loaded unquantised.
-"""
-GENERATE_EXAMPLES = """examples:
+""",
+    "generate": """examples:
   vlmtune generate runs/7b_lora --prompt "What is the capital of Talvessa?"
   vlmtune generate runs/qwen2_5_vl_lora --prompt "What is in this picture?" --image cat.png
   vlmtune generate runs/7b_lora/merged --prompt "Hello" --temperature 0.7 --seed 0
 
 Greedy decoding unless --temperature is above 0; only the new text is printed.
-"""
-CHAT_EXAMPLES = """examples:
+""",
+    "chat": """examples:
   vlmtune chat runs/7b_lora --system "You are terse."
   printf '/image cat.png\\nWhat is this?\\nAnd its colour?\\n' | vlmtune chat runs/qwen2_5_vl_lora
 
 Each line is a user message, or a command: /image PATH attaches an image to the next message, /reset starts a
 new conversation, /exit ends it (so does the end of input). Answers go to stdout, one per message; prompts and
 notices to stderr.
-"""
+""",
+    "validate": """examples:
+  vlmtune validate recipes/7b_lora.yaml                       # schema, files, packages, output dir
+  vlmtune validate recipes/7b_lora.yaml train.lr=1e-4 lora.r=8   # overrides are validated too
+
+Exit code 0 when the recipe is valid, 2 with every problem listed (file and key) when it is not.
+""",
+    "train": """examples:
+  vlmtune train recipes/demo/tiny_lora.yaml                   # one process (CPU, or one GPU)
+  vlmtune train recipes/7b_lora.yaml train.max_steps=1000     # with overrides
+  accelerate launch -m vlmtune.train recipes/7b_lora.yaml     # several processes: the same run under accelerate
+
+Running the same command again resumes from the newest complete checkpoint (checkpoint.resume: auto).
+Exit codes: 0 done, 2 bad recipe / data / environment, 3 diverged, 75 stopped on request (rerun to resume).
+""",
+    "data-check": """examples:
+  vlmtune data-check recipes/7b_lora.yaml                     # problems per kind and token lengths
+  vlmtune data-check recipes/7b_lora.yaml --show 3            # and 3 examples, trained tokens marked ⟦…⟧
+  vlmtune data-check recipes/7b_lora.yaml data.max_length=2048 --bad-rows /tmp/bad.jsonl
+
+Exit code 2 when training would stop on this data.
+""",
+    "launch": """examples:
+  vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
+  vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
+  vlmtune launch recipes/7b_lora.yaml --nodes 2 --node-rank 1 --main-ip 10.0.0.1   # on the second of two nodes
+  vlmtune launch recipes/7b_lora.yaml --dry-run             # print the command only
+
+SIGTERM / SIGUSR1 to this command make the run checkpoint at the next step and exit 75 (resume: run it again).
+""",
+}
 
 
 def _add_model_options(p: argparse.ArgumentParser, *, generating: bool) -> None:
@@ -210,19 +243,33 @@ def _add_model_options(p: argparse.ArgumentParser, *, generating: bool) -> None:
         p.add_argument("--seed", type=int, help="seed of sampling (with --temperature)")
 
 
-LAUNCH_EXAMPLES = """examples:
-  vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
-  vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
-  vlmtune launch recipes/7b_lora.yaml --nodes 2 --node-rank 1 --main-ip 10.0.0.1   # on the second of two nodes
-  vlmtune launch recipes/7b_lora.yaml --dry-run             # print the command only
+MAIN_EXAMPLES = """examples:
+  vlmtune validate recipes/demo/tiny_lora.yaml
+  vlmtune train recipes/demo/tiny_lora.yaml train.max_steps=10
+  vlmtune launch recipes/7b_lora.yaml --procs-per-node 8
 
-SIGTERM / SIGUSR1 to this command make the run checkpoint at the next step and exit 75 (resume: run it again).
+`vlmtune COMMAND --help` shows each command's options and examples. Recipe keys: docs/recipe.md.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune", description="LoRA / QLoRA fine-tuning of LLMs and VLMs.")
+    from vlmtune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vlmtune",
+        description="LoRA / QLoRA fine-tuning of LLMs and VLMs.",
+        epilog=MAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vlmtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_, description=help_, epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
     for name, fn, help_ in (
         (
             "validate",
@@ -235,15 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
             "train a recipe in this process (use `accelerate launch -m vlmtune.train` for many)",
         ),
     ):
-        p = sub.add_parser(name, help=help_)
+        p = add(name, help_)
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
         p.set_defaults(fn=fn)
-    p = sub.add_parser(
-        "data-check",
-        help="scan all of a recipe's data: problems per kind, token lengths, what training would do",
-        epilog="examples:\n  vlmtune data-check recipes/7b_lora.yaml --show 3",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add(
+        "data-check", "scan all of a recipe's data: problems per kind, token lengths, what training would do"
     )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -254,12 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bad-rows", help="where to write the problem rows (default <output_dir>/data-check/bad_rows.jsonl)"
     )
     p.set_defaults(fn=_data_check)
-    p = sub.add_parser(
-        "launch",
-        help="start the recipe with `accelerate launch` on this node (one of --nodes)",
-        epilog=LAUNCH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add("launch", "start the recipe with `accelerate launch` on this node (one of --nodes)")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.add_argument(
@@ -276,20 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     p.set_defaults(fn=_launch)
 
-    raw = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser(
-        "merge", help="fold a trained adapter into its base model", epilog=MERGE_EXAMPLES, formatter_class=raw
-    )
+    p = add("merge", "fold a trained adapter into its base model")
     _add_model_options(p, generating=False)
     p.add_argument("--out", required=True, help="folder to write the merged model to (must be empty or new)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(fn=_merge)
-    p = sub.add_parser(
-        "generate",
-        help="answer one prompt with a trained adapter (or a merged model)",
-        epilog=GENERATE_EXAMPLES,
-        formatter_class=raw,
-    )
+    p = add("generate", "answer one prompt with a trained adapter (or a merged model)")
     _add_model_options(p, generating=True)
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument(
@@ -300,12 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an image for a VLM (repeatable, in order)",
     )
     p.set_defaults(fn=_generate)
-    p = sub.add_parser(
-        "chat",
-        help="a multi-turn conversation on stdin with a trained adapter (or a merged model)",
-        epilog=CHAT_EXAMPLES,
-        formatter_class=raw,
-    )
+    p = add("chat", "a multi-turn conversation on stdin with a trained adapter (or a merged model)")
     _add_model_options(p, generating=True)
     p.set_defaults(fn=_chat)
     return parser

@@ -28,13 +28,20 @@ log = get_logger()
 
 @dataclass
 class RunResult:
-    """What a finished run produced."""
+    """What a finished run produced: its folders, the final metrics and the number of optimizer steps."""
 
     output_dir: Path
     adapter_dir: Path
     metrics_file: Path
     metrics: dict = field(default_factory=dict)
     steps: int = 0
+
+    @property
+    def history(self) -> list[dict]:
+        """Every record of metrics.jsonl (train records have `loss`, eval records `eval_loss`), oldest first."""
+        from vlmtune.engine.metrics import read_metrics
+
+        return read_metrics(self.metrics_file)
 
 
 def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
@@ -47,10 +54,10 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     """
     from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
     from vlmtune.config.load import dump_recipe, load_recipe
-    from vlmtune.config.schema import Recipe
 
     # Recipe and environment first: a typo fails in a second, before torch and the model are loaded.
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    # Always (re)validated: a `Recipe` changed in place in a notebook is checked like a file would be.
+    recipe = load_recipe(recipe, overrides)
     problems = environment_problems(recipe)
     if problems:
         raise RecipeError(problems)
@@ -155,7 +162,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             dump_recipe(recipe, out / "recipe.yaml")
         accelerator.wait_for_everyone()
         if t.report_to:
-            accelerator.init_trackers("tensorboard", config=_flat(recipe.model_dump(mode="json")))
+            accelerator.init_trackers(t.tracker_project, config=_flat(recipe.model_dump(mode="json")))
         final = trainer.fit()
 
         adapter_dir = out / "adapter"
@@ -242,9 +249,23 @@ def _report_exit_code(code: int) -> None:
             Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
+USAGE = """usage: accelerate launch -m vlmtune.train RECIPE.yaml [section.key=value ...]
+       python -m vlmtune.train RECIPE.yaml [section.key=value ...]     (one process)
+
+Train a recipe; run the same command again to resume from the newest complete checkpoint.
+
+examples:
+  accelerate launch -m vlmtune.train recipes/7b_lora.yaml
+  accelerate launch -m vlmtune.train recipes/7b_lora.yaml train.lr=1e-4 lora.r=8
+  python -m vlmtune.train recipes/demo/tiny_lora.yaml train.max_steps=10
+
+Exit codes: 0 done, 2 bad recipe / data / environment, 3 diverged, 75 stopped on request (rerun to resume),
+130 interrupted. Recipe keys: docs/recipe.md."""
+
+
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: accelerate launch -m vlmtune.train RECIPE.yaml [section.key=value ...]")
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USER_ERROR
     try:
         result = run(argv[0], argv[1:])

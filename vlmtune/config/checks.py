@@ -225,8 +225,9 @@ def environment_problems(recipe: Recipe) -> list[str]:
     ):
         problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package; use sdpa")
     for tracker in recipe.train.report_to:
-        if tracker != "tensorboard" and importlib.util.find_spec(tracker) is None:
-            problems.append(f"train.report_to: {tracker} is not installed (pip install {tracker})")
+        module, package = TRACKER_PACKAGES[tracker]
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"train.report_to: {tracker} needs the {package} package (pip install {package})")
 
     resume = recipe.checkpoint.resume
     if resume not in ("auto", "never"):
@@ -252,6 +253,19 @@ def _detected_family_problems(recipe: Recipe, config_file: Path) -> list[str]:
         return [f"model.path: cannot read {config_file}: {exc}"]
     return image_size_problems(recipe, family) if family is not None else []
 
+
+# train.report_to name → (module accelerate imports for it, package to pip install). tensorboard is a dependency.
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "aim": ("aim", "aim"),
+    "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"),
+    "swanlab": ("swanlab", "swanlab"),
+    "trackio": ("trackio", "trackio"),
+}
 
 # accelerate config file `fsdp_config` keys (without their `fsdp_` prefix) → FullyShardedDataParallelPlugin fields.
 FSDP_KEYS = {

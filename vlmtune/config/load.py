@@ -51,22 +51,30 @@ _ALIASES = {
 _MAX_EXTENDS_DEPTH = 16
 
 
-def load_recipe(path: str | Path | dict, overrides: list[str] | dict | None = None) -> Recipe:
+def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
     """Load, merge and validate a recipe.
 
     Args:
-        path: a recipe YAML file, or an already-parsed mapping (notebooks).
-        overrides: `["train.lr=1e-4", "lora.r=8"]` or `{"train.lr": 1e-4}`; applied after `extends`.
+        path: a recipe YAML file, an already-parsed mapping, or a `Recipe` to derive a new one from (notebooks).
+        overrides: `["train.lr=1e-4", "lora.r=8"]`, `{"train.lr": 1e-4}` or `{"train": {"lr": 1e-4}}`
+            (nested maps merge into the recipe, they do not replace a section); applied after `extends`.
 
     Raises:
         RecipeError: listing every problem, each with its key path and the file it came from.
     """
+    if isinstance(path, Recipe):
+        # A new, validated recipe: the given one stays as it was, and its relative paths keep their folder.
+        derived = load_recipe(path.model_dump(mode="json"), overrides)
+        derived._base_dir = path._base_dir
+        return derived
     raw, origin = load_raw(path)
     source = None if isinstance(path, dict) else str(path)
     problems: list[str] = []
+    # Where an override's problem is reported from: the command line, or the `overrides` mapping given in Python.
+    override_source = "overrides argument" if isinstance(overrides, dict) else OVERRIDE_SOURCE
     for key, value in _parse_overrides(overrides, problems):
         _set_path(raw, key.split("."), value)
-        origin[key] = OVERRIDE_SOURCE
+        origin[key] = override_source
     try:
         recipe = validate(raw, origin, source=source)
     except RecipeError as exc:
@@ -187,7 +195,7 @@ def _parse_overrides(overrides: list[str] | dict | None, problems: list[str]) ->
     if not overrides:
         return []
     if isinstance(overrides, dict):
-        return [(str(k), v) for k, v in overrides.items()]
+        return _flatten(overrides)
     parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -201,6 +209,18 @@ def _parse_overrides(overrides: list[str] | dict | None, problems: list[str]) ->
             value = text  # not YAML: keep the literal string, the schema decides if that is valid
         parsed.append((key, value))
     return parsed
+
+
+def _flatten(overrides: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """`{"train": {"lr": 1e-4}}` → `[("train.lr", 1e-4)]`, so a nested override changes one key, not a section."""
+    flat = []
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat += _flatten(value, dotted + ".")
+        else:
+            flat.append((dotted, value))
+    return flat
 
 
 def _set_path(data: dict, keys: list[str], value: Any) -> None:

@@ -247,9 +247,21 @@ class TrainConfig(_Section):
     )
     log_every: PositiveInt = Field(10, description="Steps between metrics.jsonl / TensorBoard records.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end, if eval data).")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+    report_to: list[
+        Literal[
+            "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+        ]
+    ] = Field(
         default_factory=lambda: ["tensorboard"],
-        description="Trackers besides metrics.jsonl (which is always written).",
+        description="Trackers besides metrics.jsonl (which is always written): tensorboard (<output_dir>/tensorboard), "
+        "wandb (<output_dir>/wandb; WANDB_MODE=offline works without network), aim (<output_dir>/.aim), "
+        "dvclive (<output_dir>/dvclive), or mlflow, comet_ml, clearml, swanlab, trackio (their own settings).",
+    )
+    tracker_project: str = Field(
+        "vlmtune",
+        min_length=1,
+        description="Project the run is logged under in trackers that have projects (wandb, mlflow experiment, "
+        "comet_ml, clearml, swanlab, trackio); the run is named after output_dir's last folder.",
     )
 
     @field_validator("mixed_precision", mode="before")

@@ -17,6 +17,7 @@ from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, In
 from vlmtune.config.checks import FSDP_KEYS, fsdp_problems, resolve_path
 from vlmtune.config.schema import Recipe
 from vlmtune.engine.distributed import enable_fsdp_on_cpu
+from vlmtune.engine.trackers import build_trackers
 from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
 
@@ -52,7 +53,7 @@ def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
         "cpu": on_cpu and dist != "DEEPSPEED",
     }
     if t.report_to:
-        kwargs["log_with"] = list(t.report_to)
+        kwargs["log_with"] = build_trackers(t)
         kwargs["project_dir"] = t.output_dir
     if dist == "DEEPSPEED":
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(recipe, accel_cfg.get("deepspeed_config") or {})

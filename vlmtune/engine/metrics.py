@@ -16,6 +16,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file, oldest first; a line cut short by a crash is left out."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 class MetricsWriter:
     """Appends metric records on the main process; `rewind` drops records past a resumed step."""
 
