@@ -4,6 +4,8 @@ vlmtune --version
 vlmtune validate RECIPE [key=value ...]   check a recipe without loading weights
 vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one process)
 vlmtune data-check RECIPE [key=value ...] [--show N]   scan all data: problems, lengths, what training would do
+vlmtune plan RECIPE [key=value ...] [--gpus N] [--gpu-mem-gib 80] [--json]
+                                          per-GPU memory estimate from the model config: does it fit?
 vlmtune launch RECIPE [key=value ...] [--nodes N --node-rank R --main-ip IP ...]
                                           `accelerate launch` composed from the recipe, for one node or many
 vlmtune merge SOURCE --out DIR            fold a trained adapter into its base model (a standalone model folder)
@@ -83,6 +85,31 @@ def _data_check(args: argparse.Namespace) -> int:
     if not failures:
         print("ok: training would accept this data")
     return EXIT_USER_ERROR if failures else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from vlmtune.config.load import load_recipe
+    from vlmtune.plan import format_plan, plan_json, plan_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = plan_recipe(recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
+    print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -197,6 +224,14 @@ Exit codes: 0 done, 2 bad recipe / data / environment, 3 diverged, 75 stopped on
 
 Exit code 2 when training would stop on this data.
 """,
+    "plan": """examples:
+  vlmtune plan recipes/7b_lora.yaml                          # the recipe's accelerate config, 80 GiB GPUs
+  vlmtune plan recipes/7b_qlora.yaml --gpu-mem-gib 24        # a 24 GiB GPU
+  vlmtune plan recipes/7b_lora.yaml launch.accelerate_config=accelerate_configs/zero3.yaml --gpus 8
+  vlmtune plan recipes/7b_lora.yaml train.micro_batch_size=8 --json
+
+Reads only the model's config.json (a local folder, or a hub id in the cache); builds nothing on a GPU.
+""",
     "launch": """examples:
   vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
   vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
@@ -298,6 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--bad-rows", help="where to write the problem rows (default <output_dir>/data-check/bad_rows.jsonl)"
     )
     p.set_defaults(fn=_data_check)
+    p = add(
+        "plan",
+        "estimate per-GPU memory from the model config (weights, LoRA, optimizer, activations): does it fit?",
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.micro_batch_size=8")
+    p.add_argument(
+        "--gpus", type=_positive(int), help="processes (GPUs) in the job (default: the accelerate config's)"
+    )
+    p.add_argument(
+        "--gpu-mem-gib", type=_positive(float), default=80.0, help="memory of one GPU in GiB (default 80)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(fn=_plan)
     p = add("launch", "start the recipe with `accelerate launch` on this node (one of --nodes)")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")

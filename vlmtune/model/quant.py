@@ -26,3 +26,12 @@ def bnb_config(q: QuantConfig) -> BitsAndBytesConfig:
         bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
         bnb_4bit_quant_storage=_DTYPES[q.storage_dtype],
     )
+
+
+def unquantized_modules(model) -> list[str]:
+    """Module names that bitsandbytes leaves in float when loading `model` (transformers' own rule: the output
+    head, tied weights, the last module and the model's `_keep_in_fp32_modules`)."""
+    from transformers.quantizers.base import HfQuantizer
+
+    keep = getattr(model, "_keep_in_fp32_modules", None)
+    return HfQuantizer.get_modules_to_not_convert(model, None, list(keep) if keep else None)

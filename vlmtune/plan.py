@@ -1,0 +1,322 @@
+"""`vlmtune plan`: will this recipe fit, per GPU, before anything is launched?
+
+The model is built on the meta device from its config (`vlmtune.model.meta`), the memory of each part of the
+training state is estimated (`vlmtune.engine.memory`) and divided as the recipe's accelerate config shards it,
+and the total is compared with the GPU's memory. When it does not fit, the plan tries the usual remedies one at a
+time (checkpointing, a smaller micro-batch, ZeRO-3, QLoRA, offload) and names those that would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from vlmtune.config.schema import QuantConfig, Recipe
+from vlmtune.engine.memory import (
+    CUDA_OVERHEAD,
+    GIB,
+    NCCL_OVERHEAD,
+    Item,
+    Sharding,
+    activation_bytes,
+    layer_shape,
+    parameters,
+    sharding_from_accelerate,
+)
+from vlmtune.model.meta import MetaModel, build_meta_model
+
+_MAX_MICRO_BATCH = 4096
+
+
+@dataclass
+class Plan:
+    """The estimate for one recipe on one kind of GPU."""
+
+    model: str
+    family: str | None
+    sharding: Sharding
+    micro_batch: int
+    seq: int
+    checkpointing: bool
+    total_params: int
+    trainable_params: int
+    items: list[Item]
+    budget: int
+    largest_micro_batch: int
+    suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_gpu(self) -> int:
+        return sum(i.gpu for i in self.items)
+
+    @property
+    def total_cpu(self) -> int:
+        return sum(i.cpu for i in self.items)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gpu <= self.budget
+
+    @property
+    def biggest(self) -> Item:
+        return max(self.items, key=lambda i: i.gpu)
+
+
+def _dtype_bytes(recipe: Recipe, sharding: Sharding) -> tuple[int, int, bool]:
+    """(weights bytes, residual-stream bytes, autocast on) as training runs the recipe."""
+    half = sharding.strategy == "deepspeed" and recipe.train.mixed_precision in ("bf16", "fp16")
+    model = 2 if half else {"bfloat16": 2, "float16": 2, "float32": 4}[recipe.model.dtype]
+    # k-bit preparation makes embeddings and norms fp32, so the residual stream is fp32 too.
+    residual = 4 if recipe.quant is not None and not half else model
+    # accelerate autocasts for every strategy but DeepSpeed, which runs the cast module instead.
+    autocast = recipe.train.mixed_precision in ("bf16", "fp16") and sharding.strategy != "deepspeed"
+    return model, residual, autocast
+
+
+def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> tuple[list[Item], int, int, int]:
+    """The per-GPU items for `recipe`, and (total parameters, trainable parameters, bytes per extra batch row)."""
+    t, n = recipe.train, sharding.world
+    p = parameters(meta, recipe, sharding)
+    model_bytes, residual_bytes, autocast = _dtype_bytes(recipe, sharding)
+    shape = layer_shape(meta)
+    kwargs = dict(
+        seq=recipe.data.max_length,
+        checkpointing=t.gradient_checkpointing,
+        autocast=autocast,
+        model_bytes=model_bytes,
+        residual_bytes=residual_bytes,
+        attention=recipe.model.attn_implementation,
+    )
+    act = activation_bytes(shape, batch=t.micro_batch_size, **kwargs)
+    one = activation_bytes(shape, batch=1, **kwargs)
+
+    def split(nbytes: int, sharded: bool, offloaded: bool) -> tuple[int, int]:
+        part = nbytes // n if sharded else nbytes
+        return (0, part) if offloaded else (part, 0)
+
+    w_gpu, w_cpu = split(p.frozen_bytes, sharding.shards_weights, sharding.offload_params)
+    a_gpu, a_cpu = split(p.trainable_bytes, sharding.shards_weights, sharding.offload_params)
+    # Gradients live where the optimizer steps them (ZeRO offload: the fp32 partition on the CPU).
+    g_gpu, g_cpu = split(p.grad_bytes, sharding.shards_gradients, sharding.offload_optimizer)
+    o_gpu, o_cpu = split(p.optimizer_bytes, sharding.shards_optimizer, sharding.offload_optimizer)
+    optim_kind = {"adamw": "AdamW", "adamw_8bit": "8-bit AdamW", "paged_adamw_8bit": "paged 8-bit AdamW"}
+    items = [
+        Item("weights (frozen base)", w_gpu, w_cpu, p.weights_note),
+        Item("trainable weights (LoRA)", a_gpu, a_cpu, f"{p.trainable:,} parameters"),
+        Item(
+            "gradients",
+            g_gpu * (2 if sharding.strategy == "ddp" else 1),
+            g_cpu,
+            "trainable only"
+            + ("; DDP keeps a second copy in its buckets" if sharding.strategy == "ddp" else ""),
+        ),
+        Item(
+            "optimizer states",
+            o_gpu,
+            o_cpu,
+            optim_kind[t.optimizer]
+            + (
+                " m+v, fp32 master copies"
+                if sharding.strategy == "deepspeed" and model_bytes == 2
+                else " m+v"
+            ),
+        ),
+    ]
+    if sharding.shards_weights:
+        gathered = 2 * p.largest_layer_bytes
+        note = "the layer in use and the next (prefetch), unsharded"
+        if sharding.strategy == "fsdp2" and not sharding.reshard_after_forward:
+            gathered, note = (
+                p.frozen_bytes + p.trainable_bytes,
+                "reshard_after_forward false: all stay gathered",
+            )
+        items.append(Item("gathered layers", gathered, 0, note))
+    items += [
+        Item(
+            "activations",
+            act.stored + act.recompute,
+            0,
+            f"{t.micro_batch_size} × {recipe.data.max_length} tokens, "
+            + (
+                "checkpointed: layer inputs + one recomputed layer"
+                if t.gradient_checkpointing
+                else "no checkpointing"
+            ),
+        ),
+        Item("logits + loss", act.logits_peak, 0, "full-vocab logits, fp32 log-probs and their gradient"),
+        Item(
+            "CUDA context" + (" + NCCL" if n > 1 else ""),
+            CUDA_OVERHEAD + (NCCL_OVERHEAD if n > 1 else 0),
+            0,
+            "outside PyTorch's allocator, and fragmentation",
+        ),
+    ]
+    per_row = one.stored + one.recompute + one.logits_peak
+    return items, p.total, p.trainable, per_row
+
+
+def plan_recipe(recipe: Recipe, *, gpus: int | None = None, gpu_mem_gib: float = 80.0) -> Plan:
+    """The memory plan of `recipe` on GPUs of `gpu_mem_gib` GiB; `gpus` overrides the accelerate config's count."""
+    from vlmtune.config.checks import load_accelerate_config
+
+    sharding = sharding_from_accelerate(load_accelerate_config(recipe), gpus)
+    meta = build_meta_model(recipe)
+    budget = int(gpu_mem_gib * GIB)
+    items, total, trainable, per_row = estimate(meta, recipe, sharding)
+    t = recipe.train
+    fixed = sum(i.gpu for i in items) - per_row * t.micro_batch_size
+    largest = max(0, min(_MAX_MICRO_BATCH, (budget - fixed) // per_row)) if per_row else 0
+    plan = Plan(
+        model=recipe.model.path,
+        family=meta.family.name if meta.family else None,
+        sharding=sharding,
+        micro_batch=t.micro_batch_size,
+        seq=recipe.data.max_length,
+        checkpointing=t.gradient_checkpointing,
+        total_params=total - trainable,
+        trainable_params=trainable,
+        items=items,
+        budget=budget,
+        largest_micro_batch=int(largest),
+    )
+    plan.suggestions = _suggestions(meta, recipe, plan)
+    plan.notes = _notes(recipe, plan)
+    return plan
+
+
+def _total(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> int:
+    return sum(i.gpu for i in estimate(meta, recipe, sharding)[0])
+
+
+def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
+    """Single changes that make the recipe fit (when it does not), each with its new total; or speed-ups."""
+    t, s = recipe.train, plan.sharding
+
+    def train(**update) -> Recipe:
+        return recipe.model_copy(update={"train": t.model_copy(update=update)})
+
+    if plan.fits:
+        if t.gradient_checkpointing and _total(meta, train(gradient_checkpointing=False), s) <= plan.budget:
+            return [
+                "it also fits without gradient checkpointing (train.gradient_checkpointing=false: faster)"
+            ]
+        return []
+    options: list[tuple[str, Recipe, Sharding]] = []
+    if not t.gradient_checkpointing:
+        options.append(("train.gradient_checkpointing=true", train(gradient_checkpointing=True), s))
+    if 0 < plan.largest_micro_batch < t.micro_batch_size:
+        b = plan.largest_micro_batch
+        options.append(
+            (
+                f"train.micro_batch_size={b} (and grad_accum ×{t.micro_batch_size / b:g})",
+                train(micro_batch_size=b),
+                s,
+            )
+        )
+    if s.world > 1 and not s.shards_weights:
+        zero3 = Sharding("deepspeed", s.world, zero_stage=3)
+        options.append(("launch.accelerate_config=accelerate_configs/zero3.yaml (ZeRO-3)", recipe, zero3))
+    if recipe.quant is None:
+        qlora = recipe.model_copy(update={"quant": QuantConfig(bits=4, storage_dtype=recipe.model.dtype)})
+        options.append(("quant.bits=4 (QLoRA)", qlora, s))
+    if not s.offload_params:
+        offload = Sharding("deepspeed", s.world, zero_stage=3, offload_optimizer=True, offload_params=True)
+        options.append(
+            ("launch.accelerate_config=accelerate_configs/zero3_offload.yaml (slow)", recipe, offload)
+        )
+    out = []
+    for label, r, sh in options:
+        total = _total(meta, r, sh)
+        if total <= plan.budget:
+            out.append(f"{label}: {total / GIB:.1f} GiB")
+    if not out:
+        out.append(
+            "no single change fits: combine gradient checkpointing, micro-batch 1 and QLoRA, shorten "
+            "data.max_length, or use more / larger GPUs with ZeRO-3"
+        )
+    return out
+
+
+def _notes(recipe: Recipe, plan: Plan) -> list[str]:
+    from vlmtune.config.schema import TrainConfig
+
+    logits = next(i for i in plan.items if i.name == "logits + loss").gpu
+    notes = [
+        f"activations assume every row is data.max_length ({recipe.data.max_length}) tokens long "
+        "(padded batches of shorter rows take less)",
+    ]
+    if "loss" not in TrainConfig.model_fields:
+        notes.append(
+            f"a chunked loss (not in vlmtune yet) would avoid most of the {logits / GIB:.1f} GiB of logits + loss"
+        )
+    if plan.family and (recipe.vision.tower != "frozen" or recipe.vision.projector != "frozen"):
+        notes.append("the vision tower's / projector's own activations are not included (they train here)")
+    if recipe.train.optimizer == "paged_adamw_8bit":
+        notes.append("paged optimizer states can move to CPU RAM under memory pressure (counted on the GPU)")
+    if plan.sharding.offload_params or plan.sharding.offload_optimizer:
+        notes.append(
+            f"CPU RAM for offloaded state: {plan.total_cpu / GIB:.1f} GiB per process, "
+            f"{plan.total_cpu * plan.sharding.world / GIB:.1f} GiB over all {plan.sharding.world}"
+        )
+    return notes
+
+
+def plan_json(plan: Plan) -> dict:
+    """The plan as plain JSON types (bytes as integers)."""
+    return {
+        "model": plan.model,
+        "family": plan.family,
+        "sharding": {**asdict(plan.sharding), "label": plan.sharding.label},
+        "micro_batch_size": plan.micro_batch,
+        "max_length": plan.seq,
+        "gradient_checkpointing": plan.checkpointing,
+        "parameters": {"frozen": plan.total_params, "trainable": plan.trainable_params},
+        "items": [asdict(i) for i in plan.items],
+        "total_gpu_bytes": plan.total_gpu,
+        "total_cpu_bytes": plan.total_cpu,
+        "gpu_budget_bytes": plan.budget,
+        "fits": plan.fits,
+        "biggest_item": plan.biggest.name,
+        "largest_micro_batch": plan.largest_micro_batch,
+        "suggestions": plan.suggestions,
+        "notes": plan.notes,
+    }
+
+
+def format_plan(plan: Plan) -> str:
+    """A table per item, the total against the GPU, the verdict and what to change."""
+    s = plan.sharding
+    total = plan.total_params + plan.trainable_params
+    lines = [
+        f"model       {plan.model}" + (f" ({plan.family})" if plan.family else ""),
+        f"parameters  {total:,} total, {plan.trainable_params:,} trainable "
+        f"({100 * plan.trainable_params / max(total, 1):.3f}%)",
+        f"launch      {s.label} over {s.world} GPU(s); micro-batch {plan.micro_batch} × {plan.seq} tokens; "
+        f"gradient checkpointing {'on' if plan.checkpointing else 'off'}",
+        "",
+        f"{'per GPU':<26} {'GiB':>8} {'CPU GiB':>8}  notes",
+    ]
+    for i in plan.items:
+        cpu = f"{i.cpu / GIB:8.2f}" if i.cpu else " " * 8
+        lines.append(f"{i.name:<26} {i.gpu / GIB:8.2f} {cpu}  {i.note}")
+    pct = 100 * plan.total_gpu / plan.budget
+    lines += [
+        f"{'total':<26} {plan.total_gpu / GIB:8.2f} {(plan.total_cpu / GIB) if plan.total_cpu else '':>8}  "
+        f"of {plan.budget / GIB:g} GiB ({pct:.0f}%)",
+        "",
+    ]
+    b = plan.biggest
+    if plan.fits:
+        lines.append(f"verdict: fits ({plan.total_gpu / GIB:.1f} of {plan.budget / GIB:g} GiB)")
+    else:
+        lines.append(
+            f"verdict: does NOT fit ({plan.total_gpu / GIB:.1f} GiB > {plan.budget / GIB:g} GiB); "
+            f"biggest item: {b.name} ({b.gpu / GIB:.1f} GiB)"
+        )
+    lines.append(
+        f"largest micro-batch that fits: {plan.largest_micro_batch}"
+        + (" (not even 1 row)" if plan.largest_micro_batch == 0 else "")
+    )
+    lines += [("try: " if not plan.fits else "hint: ") + x for x in plan.suggestions]
+    lines += [f"note: {x}" for x in plan.notes]
+    return "\n".join(lines)
