@@ -155,12 +155,17 @@ def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> tuple[list[
     return items, p.total, p.trainable, per_row
 
 
-def plan_recipe(recipe: Recipe, *, gpus: int | None = None, gpu_mem_gib: float = 80.0) -> Plan:
-    """The memory plan of `recipe` on GPUs of `gpu_mem_gib` GiB; `gpus` overrides the accelerate config's count."""
+def plan_recipe(
+    recipe: Recipe, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, meta: MetaModel | None = None
+) -> Plan:
+    """The memory plan of `recipe` on GPUs of `gpu_mem_gib` GiB; `gpus` overrides the accelerate config's count.
+
+    `meta`: the recipe's meta model when already built (several plans of one model and LoRA; notebooks).
+    """
     from vlmtune.config.checks import load_accelerate_config
 
     sharding = sharding_from_accelerate(load_accelerate_config(recipe), gpus)
-    meta = build_meta_model(recipe)
+    meta = meta or build_meta_model(recipe)
     budget = int(gpu_mem_gib * GIB)
     items, total, trainable, per_row = estimate(meta, recipe, sharding)
     t = recipe.train

@@ -1,0 +1,205 @@
+"""`vlmtune plan` on hub-sized shapes (hand-written configs on the meta device: nothing is downloaded), the
+sharding arithmetic, the verdict, and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmtune.cli import main
+from vlmtune.config.load import load_recipe
+from vlmtune.engine.memory import GIB, quantized_bytes
+from vlmtune.model.meta import build_meta_model
+from vlmtune.plan import plan_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+QWEN2_5_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "vocab_size": 152064, "max_position_embeddings": 32768, "tie_word_embeddings": False, "hidden_act": "silu",
+}  # fmt: skip
+LLAMA_3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 128256, "max_position_embeddings": 8192, "tie_word_embeddings": False, "hidden_act": "silu",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hub_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hub_configs")
+    out = {}
+    for name, config in (("qwen2.5-7b", QWEN2_5_7B), ("llama-3-8b", LLAMA_3_8B)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+        out[name] = root / name
+    return out
+
+
+def _recipe(model: Path, base: str = "7b_lora.yaml", *overrides: str):
+    return load_recipe(REPO / "recipes" / base, [f"model.path={model}", *overrides])
+
+
+def _gib(plan, name: str) -> float:
+    return next(i for i in plan.items if i.name == name).gpu / GIB
+
+
+@pytest.mark.parametrize(
+    ("name", "frozen", "trainable"),
+    # Published sizes; LoRA r=16 on all linear layers of the decoder (the output head excluded).
+    [("qwen2.5-7b", 7_615_616_512, 40_370_176), ("llama-3-8b", 8_030_261_248, 41_943_040)],
+)
+def test_hub_sized_parameter_counts(hub_models, name, frozen, trainable):
+    plan = plan_recipe(_recipe(hub_models[name]))
+    assert (plan.total_params, plan.trainable_params) == (frozen, trainable)
+
+
+@pytest.fixture(scope="module")
+def qwen_meta(hub_models):
+    """One meta Qwen2.5-7B with the recipes' LoRA (r 16, all-linear), shared by the plans below."""
+    return build_meta_model(_recipe(hub_models["qwen2.5-7b"]))
+
+
+@pytest.fixture(scope="module")
+def qwen_plan(hub_models, qwen_meta):
+    return plan_recipe(_recipe(hub_models["qwen2.5-7b"]), meta=qwen_meta)
+
+
+def test_7b_lora_on_one_80gb_gpu_is_plausible(qwen_plan):
+    p = qwen_plan
+    assert _gib(p, "weights (frozen base)") == pytest.approx(7_615_616_512 * 2 / GIB)  # bf16
+    assert _gib(p, "trainable weights (LoRA)") == pytest.approx(40_370_176 * 4 / GIB)  # fp32 adapters
+    assert _gib(p, "optimizer states") == pytest.approx(2 * 40_370_176 * 4 / GIB)  # AdamW m + v, fp32
+    # Checkpointed: 28 bf16 layer inputs of 4 × 4096 × 3584, plus one recomputed layer (~4.3 GiB).
+    assert 3.07 + 3.5 < _gib(p, "activations") < 3.07 + 5.5
+    # bf16 logits (2) + fp32 log-probs (4) + two fp32 gradients (8) per token and vocabulary entry.
+    assert _gib(p, "logits + loss") == pytest.approx(14 * 4 * 4096 * 152064 / GIB)
+    assert p.fits and 50 < p.total_gpu / GIB < 60
+    assert p.largest_micro_batch == 6
+
+
+def test_qlora_keeps_unquantised_weights_in_fp32(hub_models, qwen_meta):
+    recipe = _recipe(hub_models["qwen2.5-7b"], "7b_qlora.yaml")
+    plan = plan_recipe(recipe, gpu_mem_gib=24, meta=qwen_meta)
+    embed = head = 152064 * 3584
+    norms = 28 * 2 * 3584 + 3584
+    biases = 28 * (3584 + 2 * 512)  # q/k/v biases stay float too
+    quantized = 7_615_616_512 - embed - head - norms - biases
+    expected = 4 * (embed + head + norms + biases) + quantized * 0.5 * (1 + 1 / 32 + 1 / 8192)
+    assert _gib(plan, "weights (frozen base)") == pytest.approx(expected / GIB, rel=1e-3)
+    assert _gib(plan, "optimizer states") < 0.1  # paged 8-bit AdamW: ~2 bytes per trainable parameter
+    assert plan.fits  # the recipe's own claim: a 24 GB GPU at 2048 tokens
+
+
+def test_quantized_bytes():
+    assert quantized_bytes(4096 * 4096, 4096, 8, False) == 4096 * 4096 + 4 * 4096
+    n = 4096 * 4096
+    assert quantized_bytes(n, 4096, 4, False) == n // 2 + 4 * n // 64 + 64
+    assert quantized_bytes(n, 4096, 4, True) == n // 2 + n // 64 + 4 * n // 64 // 256 + 1024 + 4 + 64
+
+
+@pytest.mark.parametrize(
+    ("config", "divided"),
+    [
+        ("ddp.yaml", set()),
+        ("zero1.yaml", {"optimizer states"}),
+        ("zero2.yaml", {"optimizer states", "gradients"}),
+        (
+            "zero3.yaml",
+            {"optimizer states", "gradients", "weights (frozen base)", "trainable weights (LoRA)"},
+        ),
+        (
+            "fsdp2.yaml",
+            {"optimizer states", "gradients", "weights (frozen base)", "trainable weights (LoRA)"},
+        ),
+    ],
+)
+def test_sharding_divides_what_each_strategy_shards(hub_models, qwen_meta, qwen_plan, config, divided):
+    plan = plan_recipe(
+        _recipe(
+            hub_models["qwen2.5-7b"], "7b_lora.yaml", f"launch.accelerate_config=accelerate_configs/{config}"
+        ),
+        gpus=4,
+        meta=qwen_meta,
+    )
+    assert plan.sharding.world == 4
+    one = {i.name: i.gpu for i in qwen_plan.items}
+    deepspeed = config.startswith("zero")
+    assert one["weights (frozen base)"] == 2 * 7_615_616_512  # bf16 either way
+    # DeepSpeed runs the module cast to bf16 (adapters included) with fp32 master copies in its optimizer
+    # (12 bytes per trainable parameter with m and v); the others keep fp32 adapters and m, v (8 bytes).
+    expected = {
+        "weights (frozen base)": one["weights (frozen base)"],
+        "trainable weights (LoRA)": (2 if deepspeed else 4) * 40_370_176,
+        "optimizer states": (12 if deepspeed else 8) * 40_370_176,
+    }
+    for item, nbytes in expected.items():
+        nbytes = nbytes / 4 if item in divided else nbytes
+        assert _gib(plan, item) == pytest.approx(nbytes / GIB, rel=1e-6), item
+    assert any(i.name == "gathered layers" for i in plan.items) == ("weights (frozen base)" in divided)
+
+
+def test_offload_moves_state_to_cpu(hub_models, qwen_meta):
+    recipe = _recipe(
+        hub_models["qwen2.5-7b"],
+        "7b_lora.yaml",
+        "launch.accelerate_config=accelerate_configs/zero3_offload.yaml",
+    )
+    plan = plan_recipe(recipe, gpus=2, meta=qwen_meta)
+    for name in ("weights (frozen base)", "optimizer states", "gradients"):
+        item = next(i for i in plan.items if i.name == name)
+        assert item.gpu == 0 and item.cpu > 0
+    # Per process, half of: bf16 weights; bf16 adapters, bf16 + fp32 gradients, fp32 master + m + v (20 bytes).
+    expected = (2 * 7_615_616_512 + 20 * 40_370_176) / 2
+    assert plan.total_cpu == pytest.approx(expected, rel=1e-6)
+    assert any("CPU RAM" in n for n in plan.notes)
+
+
+def test_does_not_fit_names_the_biggest_item_and_what_helps(hub_models, qwen_meta):
+    recipe = _recipe(
+        hub_models["qwen2.5-7b"],
+        "7b_lora.yaml",
+        "train.gradient_checkpointing=false",
+        "train.micro_batch_size=8",
+    )
+    plan = plan_recipe(recipe, gpu_mem_gib=80, meta=qwen_meta)
+    assert not plan.fits
+    assert plan.biggest.name == "activations"
+    assert 0 < plan.largest_micro_batch < 8
+    assert any(s.startswith("train.micro_batch_size=") for s in plan.suggestions)
+    # The suggested micro-batch really fits: planning it again says so.
+    b = plan.largest_micro_batch
+    again = recipe.model_copy(update={"train": recipe.train.model_copy(update={"micro_batch_size": b})})
+    assert plan_recipe(again, meta=qwen_meta).fits
+    bigger = recipe.model_copy(update={"train": recipe.train.model_copy(update={"micro_batch_size": b + 1})})
+    assert not plan_recipe(bigger, meta=qwen_meta).fits
+
+
+def test_cli_plan_table_and_json(hub_models, capsys):
+    recipe = str(REPO / "recipes/7b_lora.yaml")
+    assert main(["plan", recipe, f"model.path={hub_models['qwen2.5-7b']}", "--gpu-mem-gib", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: does NOT fit" in out and "biggest item: logits + loss" in out
+    assert "largest micro-batch that fits: 2" in out
+    assert main(["plan", recipe, "--json", "--gpus", "2", f"model.path={hub_models['qwen2.5-7b']}"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is True and data["sharding"]["world"] == 2
+    assert data["total_gpu_bytes"] == sum(i["gpu"] for i in data["items"])
+
+
+def test_cli_plan_user_errors(tmp_path, capsys):
+    recipe = str(REPO / "recipes/7b_lora.yaml")
+    assert main(["plan", recipe, "lora.rank=8"]) == 2
+    assert "lora.rank: unknown key; did you mean `r`?" in capsys.readouterr().err
+    assert main(["plan", recipe, f"model.path={tmp_path}"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert main(["plan", recipe, "model.path=nobody/not-a-cached-model"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the config of nobody/not-a-cached-model" in err and "config.json" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["plan", recipe, "--gpus", "0"])
+    assert "expected a positive int" in capsys.readouterr().err
