@@ -5,6 +5,8 @@ What is measured: the bytes of every parameter, gradient and optimizer-state ten
 backward in one forward (`torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters
 excluded). Tolerances:
 
+- quantised weights (4-bit NF4 with and without double quantisation, 8-bit), loaded by bitsandbytes on CPU and
+  prepared for k-bit training as in training: exact, quantisation state included.
 - parameters, gradients, optimizer states: ±2 %. They are exact tensor sizes; the slack is for the optimizer's
   `step` counters (one scalar per tensor), which the estimate leaves out.
 - activations: ±5 %. The formula counts the tensors of the decoder layers (with sdpa's per-layer padding-mask
@@ -207,3 +209,54 @@ def test_vlm_counts_weights_and_activations_match(tiny_llava, tmp_path, one_thre
     model.train()
     measured = _saved_bytes(model, _batch(model, frozen, family), frozen)
     _close(_estimated_activations(build_meta_model(frozen), frozen), measured, ACT_TOL)
+
+
+def _quant_state_bytes(state) -> int:
+    """Tensors of a bitsandbytes 4-bit QuantState: absmax, code, offset, and the nested state's."""
+    if state is None:
+        return 0
+    own = sum(
+        t.nbytes
+        for t in (getattr(state, k, None) for k in ("absmax", "code", "offset"))
+        if isinstance(t, torch.Tensor)
+    )
+    return own + _quant_state_bytes(getattr(state, "state2", None))
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"bits": 4, "double_quant": True, "storage_dtype": "bfloat16"},
+        {"bits": 4, "double_quant": False},
+        {"bits": 8},
+    ],
+    ids=["nf4-double-quant", "nf4", "int8"],
+)
+def test_quantized_weights_match_bitsandbytes(tiny_model_dir, tmp_path, one_thread, quant):
+    """Weights loaded by bitsandbytes and prepared for k-bit training (the training path), byte for byte:
+    packed weights with their quantisation state (or int8 with per-row scales), and the unquantised rest in
+    fp32; the same layers are adapted."""
+    from transformers import AutoModelForCausalLM
+
+    from vlmtune.model.quant import bnb_config
+
+    recipe = _recipe(
+        tiny_model_dir, tmp_path, model={"dtype": "bfloat16"}, quant=quant, train={"mixed_precision": "bf16"}
+    )
+    est = parameters(build_meta_model(recipe), recipe, Sharding())
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model.path,
+        dtype=torch.bfloat16,
+        quantization_config=bnb_config(recipe.quant),
+        device_map={"": "cpu"},
+    )
+    model = apply_lora(model, recipe.lora, quantized=True, gradient_checkpointing=False)
+    measured = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            scales = getattr(p, "SCB", None)
+            measured += p.nbytes + _quant_state_bytes(getattr(p, "quant_state", None))
+            measured += scales.nbytes if isinstance(scales, torch.Tensor) else 0
+    assert est.frozen_bytes == measured
+    assert est.trainable == count_parameters(model)[0]
+    assert est.quantized > 0
