@@ -37,7 +37,7 @@ class Plan:
     micro_batch: int
     seq: int
     checkpointing: bool
-    total_params: int
+    frozen_params: int
     trainable_params: int
     items: list[Item]
     budget: int
@@ -164,7 +164,7 @@ def plan_recipe(
     """
     from vlmtune.config.checks import load_accelerate_config
 
-    sharding = sharding_from_accelerate(load_accelerate_config(recipe), gpus)
+    sharding = sharding_from_accelerate(load_accelerate_config(recipe), gpus, recipe._base_dir)
     meta = meta or build_meta_model(recipe)
     budget = int(gpu_mem_gib * GIB)
     items, total, trainable, per_row = estimate(meta, recipe, sharding)
@@ -178,7 +178,7 @@ def plan_recipe(
         micro_batch=t.micro_batch_size,
         seq=recipe.data.max_length,
         checkpointing=t.gradient_checkpointing,
-        total_params=total - trainable,
+        frozen_params=total - trainable,
         trainable_params=trainable,
         items=items,
         budget=budget,
@@ -211,13 +211,8 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
         options.append(("train.gradient_checkpointing=true", train(gradient_checkpointing=True), s))
     if 0 < plan.largest_micro_batch < t.micro_batch_size:
         b = plan.largest_micro_batch
-        options.append(
-            (
-                f"train.micro_batch_size={b} (and grad_accum ×{t.micro_batch_size / b:g})",
-                train(micro_batch_size=b),
-                s,
-            )
-        )
+        accum = -(-t.micro_batch_size * t.grad_accum // b)  # about the same rows per optimizer step
+        options.append((f"train.micro_batch_size={b} train.grad_accum={accum}", train(micro_batch_size=b), s))
     if s.world > 1 and not s.shards_weights:
         zero3 = Sharding("deepspeed", s.world, zero_stage=3)
         options.append(("launch.accelerate_config=accelerate_configs/zero3.yaml (ZeRO-3)", recipe, zero3))
@@ -275,7 +270,7 @@ def plan_json(plan: Plan) -> dict:
         "micro_batch_size": plan.micro_batch,
         "max_length": plan.seq,
         "gradient_checkpointing": plan.checkpointing,
-        "parameters": {"frozen": plan.total_params, "trainable": plan.trainable_params},
+        "parameters": {"frozen": plan.frozen_params, "trainable": plan.trainable_params},
         "items": [asdict(i) for i in plan.items],
         "total_gpu_bytes": plan.total_gpu,
         "total_cpu_bytes": plan.total_cpu,
@@ -291,7 +286,7 @@ def plan_json(plan: Plan) -> dict:
 def format_plan(plan: Plan) -> str:
     """A table per item, the total against the GPU, the verdict and what to change."""
     s = plan.sharding
-    total = plan.total_params + plan.trainable_params
+    total = plan.frozen_params + plan.trainable_params
     lines = [
         f"model       {plan.model}" + (f" ({plan.family})" if plan.family else ""),
         f"parameters  {total:,} total, {plan.trainable_params:,} trainable "

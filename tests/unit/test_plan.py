@@ -4,13 +4,15 @@ sharding arithmetic, the verdict, and the command line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from vlmtune.cli import main
 from vlmtune.config.load import load_recipe
-from vlmtune.engine.memory import GIB, quantized_bytes
+from vlmtune.engine.memory import GIB, quantized_bytes, sharding_from_accelerate
+from vlmtune.errors import UserError
 from vlmtune.model.meta import build_meta_model
 from vlmtune.plan import plan_recipe
 
@@ -47,16 +49,6 @@ def _gib(plan, name: str) -> float:
     return next(i for i in plan.items if i.name == name).gpu / GIB
 
 
-@pytest.mark.parametrize(
-    ("name", "frozen", "trainable"),
-    # Published sizes; LoRA r=16 on all linear layers of the decoder (the output head excluded).
-    [("qwen2.5-7b", 7_615_616_512, 40_370_176), ("llama-3-8b", 8_030_261_248, 41_943_040)],
-)
-def test_hub_sized_parameter_counts(hub_models, name, frozen, trainable):
-    plan = plan_recipe(_recipe(hub_models[name]))
-    assert (plan.total_params, plan.trainable_params) == (frozen, trainable)
-
-
 @pytest.fixture(scope="module")
 def qwen_meta(hub_models):
     """One meta Qwen2.5-7B with the recipes' LoRA (r 16, all-linear), shared by the plans below."""
@@ -66,6 +58,13 @@ def qwen_meta(hub_models):
 @pytest.fixture(scope="module")
 def qwen_plan(hub_models, qwen_meta):
     return plan_recipe(_recipe(hub_models["qwen2.5-7b"]), meta=qwen_meta)
+
+
+# Published sizes; LoRA r=16 on all linear layers of the decoder (the output head excluded).
+def test_hub_sized_parameter_counts(hub_models, qwen_plan):
+    assert (qwen_plan.frozen_params, qwen_plan.trainable_params) == (7_615_616_512, 40_370_176)
+    llama = plan_recipe(_recipe(hub_models["llama-3-8b"]))
+    assert (llama.frozen_params, llama.trainable_params) == (8_030_261_248, 41_943_040)
 
 
 def test_7b_lora_on_one_80gb_gpu_is_plausible(qwen_plan):
@@ -178,16 +177,20 @@ def test_does_not_fit_names_the_biggest_item_and_what_helps(hub_models, qwen_met
     assert not plan_recipe(bigger, meta=qwen_meta).fits
 
 
-def test_cli_plan_table_and_json(hub_models, capsys):
+def test_cli_plan_json_and_table(hub_models, tiny_model_dir, capsys):
     recipe = str(REPO / "recipes/7b_lora.yaml")
-    assert main(["plan", recipe, f"model.path={hub_models['qwen2.5-7b']}", "--gpu-mem-gib", "40"]) == 0
-    out = capsys.readouterr().out
-    assert "verdict: does NOT fit" in out and "biggest item: logits + loss" in out
-    assert "largest micro-batch that fits: 2" in out
-    assert main(["plan", recipe, "--json", "--gpus", "2", f"model.path={hub_models['qwen2.5-7b']}"]) == 0
+    args = ["plan", recipe, "--json", "--gpus", "2", "--gpu-mem-gib", "40"]
+    assert main([*args, f"model.path={hub_models['qwen2.5-7b']}"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["fits"] is True and data["sharding"]["world"] == 2
-    assert data["total_gpu_bytes"] == sum(i["gpu"] for i in data["items"])
+    assert data["fits"] is False and data["biggest_item"] == "logits + loss"
+    assert data["largest_micro_batch"] == 2 and data["sharding"]["world"] == 2
+    assert data["total_gpu_bytes"] == sum(i["gpu"] for i in data["items"]) > data["gpu_budget_bytes"]
+    assert main(["plan", recipe, f"model.path={tiny_model_dir}", "model.dtype=float32"]) == 0
+    out = capsys.readouterr().out
+    # A 2-layer model at 4096 tokens: a few MiB per row, against 79 GiB left after the CUDA context.
+    assert "verdict: fits (1.3 of 80 GiB)" in out
+    assert int(re.search(r"largest micro-batch that fits: (\d+)", out).group(1)) > 1000
+    assert "weights (frozen base)" in out and "trainable weights (LoRA)" in out
 
 
 def test_cli_plan_user_errors(tmp_path, capsys):
@@ -196,6 +199,8 @@ def test_cli_plan_user_errors(tmp_path, capsys):
     assert "lora.rank: unknown key; did you mean `r`?" in capsys.readouterr().err
     assert main(["plan", recipe, f"model.path={tmp_path}"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    assert main(["plan", recipe, f"model.path={tmp_path / 'missing'}"]) == 2
+    assert "folder not found" in capsys.readouterr().err
     assert main(["plan", recipe, "model.path=nobody/not-a-cached-model"]) == 2
     err = capsys.readouterr().err
     assert "cannot read the config of nobody/not-a-cached-model" in err and "config.json" in err
@@ -203,3 +208,19 @@ def test_cli_plan_user_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plan", recipe, "--gpus", "0"])
     assert "expected a positive int" in capsys.readouterr().err
+
+
+def test_sharding_from_a_deepspeed_json_file(tmp_path):
+    ds = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    accel = {"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": "ds.json"}}
+    sharding = sharding_from_accelerate(accel, 4, base_dir=tmp_path)
+    assert (sharding.zero_stage, sharding.world, sharding.offload_optimizer, sharding.offload_params) == (
+        3,
+        4,
+        True,
+        False,
+    )
+    (tmp_path / "ds.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"deepspeed_config_file ds\.json cannot be read as JSON"):
+        sharding_from_accelerate(accel, 4, base_dir=tmp_path)

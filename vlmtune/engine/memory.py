@@ -11,13 +11,17 @@ trainable weights in its optimizer.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
+from vlmtune.config.checks import resolve_path
 from vlmtune.config.schema import Recipe
+from vlmtune.errors import UserError
 from vlmtune.model.meta import MetaModel
 
 GIB = 1024**3
@@ -69,18 +73,18 @@ class Sharding:
         return self.strategy == "fsdp2" or (self.strategy == "deepspeed" and self.zero_stage == 3)
 
 
-def sharding_from_accelerate(accel: dict, gpus: int | None = None) -> Sharding:
-    """The sharding an accelerate config file asks for; `gpus` overrides its num_processes."""
-    import json
+def sharding_from_accelerate(accel: dict, gpus: int | None = None, base_dir: Path | None = None) -> Sharding:
+    """The sharding an accelerate config file asks for; `gpus` overrides its num_processes.
 
+    Raises:
+        UserError: a DeepSpeed JSON file (`deepspeed_config_file`) that cannot be read.
+    """
     dist = str(accel.get("distributed_type", "NO"))
     world = gpus or int(accel.get("num_processes") or 1)
     if dist == "DEEPSPEED":
         ds = dict(accel.get("deepspeed_config") or {})
         if ds.get("deepspeed_config_file"):
-            from pathlib import Path
-
-            zero = json.loads(Path(ds["deepspeed_config_file"]).read_text()).get("zero_optimization", {})
+            zero = _deepspeed_json(ds["deepspeed_config_file"], base_dir).get("zero_optimization") or {}
             ds["zero_stage"] = zero.get("stage", 0)
             for part in ("optimizer", "param"):
                 ds[f"offload_{part}_device"] = (zero.get(f"offload_{part}") or {}).get("device", "none")
@@ -100,6 +104,19 @@ def sharding_from_accelerate(accel: dict, gpus: int | None = None) -> Sharding:
             reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)),
         )
     return Sharding("ddp" if world > 1 else "none", world)
+
+
+def _deepspeed_json(name: str, base_dir: Path | None) -> dict:
+    path = resolve_path(name, base_dir)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"launch.accelerate_config: deepspeed_config_file {name} cannot be read as JSON ({exc})"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"launch.accelerate_config: deepspeed_config_file {name} must hold a JSON object")
+    return data
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ def load_config(recipe: Recipe) -> PretrainedConfig:
     """
     cfg, where = recipe.model, model_location(recipe.model, recipe._base_dir)
     local = Path(where).exists()
+    if not local and cfg.path.startswith((".", "/", "~")):
+        raise UserError(f"model.path: folder not found: {cfg.path}; give a model folder or a hub id")
     if local and not (Path(where) / "config.json").is_file():
         raise UserError(
             f"model.path: {cfg.path} has no config.json ({where}); give a model folder or a hub id"
