@@ -40,6 +40,7 @@ class Plan:
     frozen_params: int
     trainable_params: int
     items: list[Item]
+    activations: dict[str, int]  # with and without checkpointing, whichever the recipe uses
     budget: int
     largest_micro_batch: int
     suggestions: list[str] = field(default_factory=list)
@@ -73,8 +74,19 @@ def _dtype_bytes(recipe: Recipe, sharding: Sharding) -> tuple[int, int, bool]:
     return model, residual, autocast
 
 
-def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> tuple[list[Item], int, int, int]:
-    """The per-GPU items for `recipe`, and (total parameters, trainable parameters, bytes per extra batch row)."""
+@dataclass
+class Estimate:
+    """The per-GPU items of one recipe and sharding, with what the plan derives from them."""
+
+    items: list[Item]
+    total_params: int
+    trainable_params: int
+    per_row: int  # GPU bytes of one more row in the micro-batch (activations and logits)
+    activations: dict[str, int]  # with and without gradient checkpointing, at the recipe's micro-batch
+
+
+def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Estimate:
+    """The per-GPU items for `recipe` under `sharding`."""
     t, n = recipe.train, sharding.world
     p = parameters(meta, recipe, sharding)
     model_bytes, residual_bytes, autocast = _dtype_bytes(recipe, sharding)
@@ -86,9 +98,18 @@ def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> tuple[list[
         model_bytes=model_bytes,
         residual_bytes=residual_bytes,
         attention=recipe.model.attn_implementation,
+        # DeepSpeed runs the whole module, adapters included, in the half type.
+        adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
     )
     act = activation_bytes(shape, batch=t.micro_batch_size, **kwargs)
     one = activation_bytes(shape, batch=1, **kwargs)
+    alt = activation_bytes(
+        shape, batch=t.micro_batch_size, **{**kwargs, "checkpointing": not t.gradient_checkpointing}
+    )
+    both = {
+        t.gradient_checkpointing: act.stored + act.recompute,
+        not t.gradient_checkpointing: alt.stored + alt.recompute,
+    }
 
     def split(nbytes: int, sharded: bool, offloaded: bool) -> tuple[int, int]:
         part = nbytes // n if sharded else nbytes
@@ -138,9 +159,9 @@ def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> tuple[list[
             0,
             f"{t.micro_batch_size} × {recipe.data.max_length} tokens, "
             + (
-                "checkpointed: layer inputs + one recomputed layer"
+                f"checkpointed: layer inputs + one recomputed layer (without: {both[False] / GIB:.1f} GiB)"
                 if t.gradient_checkpointing
-                else "no checkpointing"
+                else f"no checkpointing (with: {both[True] / GIB:.1f} GiB)"
             ),
         ),
         Item("logits + loss", act.logits_peak, 0, "full-vocab logits, fp32 log-probs and their gradient"),
@@ -152,7 +173,8 @@ def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> tuple[list[
         ),
     ]
     per_row = one.stored + one.recompute + one.logits_peak
-    return items, p.total, p.trainable, per_row
+    activations = {"checkpointed": both[True], "not_checkpointed": both[False]}
+    return Estimate(items, p.total, p.trainable, per_row, activations)
 
 
 def plan_recipe(
@@ -167,9 +189,9 @@ def plan_recipe(
     sharding = sharding_from_accelerate(load_accelerate_config(recipe), gpus, recipe._base_dir)
     meta = meta or build_meta_model(recipe)
     budget = int(gpu_mem_gib * GIB)
-    items, total, trainable, per_row = estimate(meta, recipe, sharding)
-    t = recipe.train
-    fixed = sum(i.gpu for i in items) - per_row * t.micro_batch_size
+    est = estimate(meta, recipe, sharding)
+    t, per_row = recipe.train, est.per_row
+    fixed = sum(i.gpu for i in est.items) - per_row * t.micro_batch_size
     largest = max(0, min(_MAX_MICRO_BATCH, (budget - fixed) // per_row)) if per_row else 0
     plan = Plan(
         model=recipe.model.path,
@@ -178,9 +200,10 @@ def plan_recipe(
         micro_batch=t.micro_batch_size,
         seq=recipe.data.max_length,
         checkpointing=t.gradient_checkpointing,
-        frozen_params=total - trainable,
-        trainable_params=trainable,
-        items=items,
+        frozen_params=est.total_params - est.trainable_params,
+        trainable_params=est.trainable_params,
+        items=est.items,
+        activations=est.activations,
         budget=budget,
         largest_micro_batch=int(largest),
     )
@@ -190,7 +213,7 @@ def plan_recipe(
 
 
 def _total(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> int:
-    return sum(i.gpu for i in estimate(meta, recipe, sharding)[0])
+    return sum(i.gpu for i in estimate(meta, recipe, sharding).items)
 
 
 def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
@@ -215,15 +238,25 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
         options.append((f"train.micro_batch_size={b} train.grad_accum={accum}", train(micro_batch_size=b), s))
     if s.world > 1 and not s.shards_weights:
         zero3 = Sharding("deepspeed", s.world, zero_stage=3)
-        options.append(("launch.accelerate_config=accelerate_configs/zero3.yaml (ZeRO-3)", recipe, zero3))
+        options.append(
+            (
+                f"launch.accelerate_config=accelerate_configs/zero3.yaml (ZeRO-3 over {s.world} GPUs)",
+                recipe,
+                zero3,
+            )
+        )
     if recipe.quant is None:
         qlora = recipe.model_copy(update={"quant": QuantConfig(bits=4, storage_dtype=recipe.model.dtype)})
-        options.append(("quant.bits=4 (QLoRA)", qlora, s))
+        label = f"quant.bits=4 quant.storage_dtype={recipe.model.dtype} (QLoRA)"
+        options.append((label, qlora, s))
+    if t.optimizer == "adamw":
+        options.append(("train.optimizer=adamw_8bit", train(optimizer="adamw_8bit"), s))
     if not s.offload_params:
         offload = Sharding("deepspeed", s.world, zero_stage=3, offload_optimizer=True, offload_params=True)
-        options.append(
-            ("launch.accelerate_config=accelerate_configs/zero3_offload.yaml (slow)", recipe, offload)
+        label = (
+            f"launch.accelerate_config=accelerate_configs/zero3_offload.yaml (over {s.world} GPU(s); slow)"
         )
+        options.append((label, recipe, offload))
     out = []
     for label, r, sh in options:
         total = _total(meta, r, sh)
@@ -272,6 +305,7 @@ def plan_json(plan: Plan) -> dict:
         "gradient_checkpointing": plan.checkpointing,
         "parameters": {"frozen": plan.frozen_params, "trainable": plan.trainable_params},
         "items": [asdict(i) for i in plan.items],
+        "activations_bytes": plan.activations,
         "total_gpu_bytes": plan.total_gpu,
         "total_cpu_bytes": plan.total_cpu,
         "gpu_budget_bytes": plan.budget,

@@ -224,3 +224,42 @@ def test_sharding_from_a_deepspeed_json_file(tmp_path):
     (tmp_path / "ds.json").write_text("{not json")
     with pytest.raises(UserError, match=r"deepspeed_config_file ds\.json cannot be read as JSON"):
         sharding_from_accelerate(accel, 4, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpu_mem_gib", "expected"),
+    [
+        (
+            ["train.gradient_checkpointing=false", "train.micro_batch_size=2"],
+            48,
+            ["train.gradient_checkpointing"],
+        ),
+        (
+            ["train.micro_batch_size=1", "data.max_length=1024"],
+            16,
+            ["quant.bits", "launch.accelerate_config"],
+        ),
+    ],
+)
+def test_every_suggestion_fits_when_applied(hub_models, qwen_meta, overrides, gpu_mem_gib, expected):
+    """Each suggested change, applied as the overrides it names, makes a plan that fits at the stated total."""
+    base = [f"model.path={hub_models['qwen2.5-7b']}", *overrides]
+    plan = plan_recipe(
+        load_recipe(REPO / "recipes/7b_lora.yaml", base), gpu_mem_gib=gpu_mem_gib, meta=qwen_meta
+    )
+    assert not plan.fits
+    assert [s.split("=")[0] for s in plan.suggestions] == expected
+    for suggestion in plan.suggestions:
+        change, total = suggestion.rsplit(": ", 1)
+        fixed = load_recipe(REPO / "recipes/7b_lora.yaml", base + [t for t in change.split() if "=" in t])
+        # The same number of GPUs: a suggested accelerate config says 8 processes, the plan was for one.
+        again = plan_recipe(fixed, gpus=plan.sharding.world, gpu_mem_gib=gpu_mem_gib, meta=qwen_meta)
+        assert again.fits, suggestion
+        assert again.total_gpu / GIB == pytest.approx(float(total.removesuffix(" GiB")), abs=0.05)
+
+
+def test_activations_are_reported_with_and_without_checkpointing(qwen_plan):
+    both = qwen_plan.activations
+    assert both["checkpointed"] == next(i.gpu for i in qwen_plan.items if i.name == "activations")
+    # Without checkpointing all 28 layers keep everything: far more than 28 layer inputs + one layer.
+    assert both["not_checkpointed"] > 15 * both["checkpointed"]

@@ -329,6 +329,7 @@ def activation_bytes(
     residual_bytes: int,
     attention: str = "sdpa",
     padded: bool = True,
+    adapter_bytes: int | None = None,
 ) -> Activations:
     """Bytes saved for backward, derived per decoder layer (T = batch × seq tokens).
 
@@ -350,6 +351,8 @@ def activation_bytes(
       With a padding mask, sdpa converts it to a float bias in every layer and keeps it: e·batch·seq².
     - the final norm: 4·T·h + 4·T.
 
+    `adapter_bytes` overrides the adapters' dtype read from the model (DeepSpeed casts them to bf16/fp16).
+
     With checkpointing, the forward keeps only each layer's input (er·T·h) and backward recomputes one layer at
     a time, so `recompute` = one layer. Logits: the model's logits (e·T·V), the loss's fp32 log-probabilities
     (4·T·V, kept for backward), and in the loss's backward their fp32 gradient and the gradient of the fp32
@@ -370,6 +373,7 @@ def activation_bytes(
     lora = 0
     shared: dict[str, int] = {}
     for group, width, rank, dropout, adapter in s.lora:
+        adapter = adapter_bytes or adapter
         x_bytes = er if group.endswith("_in") else e
         peft_cast = x_bytes != adapter  # PEFT casts x to the adapter's dtype: a new tensor
         autocast_cast = autocast and (adapter if peft_cast else x_bytes) != 2  # autocast casts it down again
