@@ -177,7 +177,7 @@ def parameters(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Parameter
 
     q, half = recipe.quant, _half(recipe, sharding)
     model = meta.model
-    quantized_weights: dict[str, int] = {}  # id(weight) → out_features, for the layers bitsandbytes replaces
+    quantized_weights: dict[int, int] = {}  # id(weight) → out_features, for the layers bitsandbytes replaces
     if q is not None:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not hasattr(module, "lora_A"):
@@ -198,31 +198,41 @@ def parameters(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Parameter
                 grad_bytes += 4 * n
             else:
                 optim += _optimizer_state_bytes(n, size, recipe.train.optimizer)
-        elif id(p) in quantized_weights:
-            quantized += n
-            frozen_bytes += quantized_bytes(n, quantized_weights[id(p)], q.bits, q.double_quant)
         else:
-            # k-bit preparation upcasts the frozen float weights that stay unquantised to fp32.
-            frozen_bytes += n * (2 if half else 4 if q is not None else p.element_size())
+            quantized += n if id(p) in quantized_weights else 0
+            frozen_bytes += _frozen_bytes(p, quantized_weights, q, half)
     layers = decoder_layers(meta)
     largest = max(
-        (sum(_layer_bytes(p, quantized_weights, q, half) for p in m.parameters()) for m in layers), default=0
+        (
+            sum(
+                p.numel() * (2 if half else p.element_size())
+                if p.requires_grad
+                else _frozen_bytes(p, quantized_weights, q, half)
+                for p in m.parameters()
+            )
+            for m in layers
+        ),
+        default=0,
     )
-    note = f"{recipe.model.dtype}" if q is None else _quant_note(q, quantized, total - trainable - quantized)
+    kept = total - trainable - quantized
+    note = (
+        recipe.model.dtype if q is None else _quant_note(q, quantized, kept, "bf16/fp16" if half else "fp32")
+    )
     return Parameters(
         total, trainable, quantized, frozen_bytes, trainable_bytes, grad_bytes, optim, largest, note
     )
 
 
-def _layer_bytes(p, quantized_weights, q, half) -> int:
+def _frozen_bytes(p: torch.nn.Parameter, quantized_weights: dict[int, int], q, half: bool) -> int:
     if id(p) in quantized_weights:
         return quantized_bytes(p.numel(), quantized_weights[id(p)], q.bits, q.double_quant)
-    return p.numel() * (2 if half else p.element_size())
+    # k-bit preparation upcasts the frozen float weights that stay unquantised to fp32.
+    return p.numel() * (2 if half else 4 if q is not None else p.element_size())
 
 
-def _quant_note(q, quantized: int, kept: int) -> str:
+def _quant_note(q, quantized: int, kept: int, kept_dtype: str) -> str:
     kind = f"4-bit {q.type}" + (" double-quant" if q.double_quant else "") if q.bits == 4 else "8-bit"
-    return f"{kind}: {quantized:,} quantised; {kept:,} kept unquantised in fp32 (embeddings, norms, head)"
+    return f"{kind}: {quantized:,} quantised; {kept:,} unquantised in {kept_dtype} (embeddings, norms, head)"
 
 
 def decoder_layers(meta: MetaModel) -> list[torch.nn.Module]:
