@@ -30,11 +30,32 @@ LLAMA_3_8B = {
 }  # fmt: skip
 
 
+QWEN2_5_VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "text_config": {
+        "model_type": "qwen2_5_vl_text", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    },
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def hub_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hub_configs")
     out = {}
-    for name, config in (("qwen2.5-7b", QWEN2_5_7B), ("llama-3-8b", LLAMA_3_8B)):
+    for name, config in (
+        ("qwen2.5-7b", QWEN2_5_7B),
+        ("llama-3-8b", LLAMA_3_8B),
+        ("qwen2.5-vl-7b", QWEN2_5_VL_7B),
+    ):
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
         out[name] = root / name
@@ -65,6 +86,17 @@ def test_hub_sized_parameter_counts(hub_models, qwen_plan):
     assert (qwen_plan.frozen_params, qwen_plan.trainable_params) == (7_615_616_512, 40_370_176)
     llama = plan_recipe(_recipe(hub_models["llama-3-8b"]))
     assert (llama.frozen_params, llama.trainable_params) == (8_030_261_248, 41_943_040)
+
+
+def test_hub_sized_vlm_adapts_the_language_model_only(hub_models):
+    """Qwen2.5-VL-7B (published: 8,292,166,656 parameters) with its recipe: `all-linear` adapts exactly the
+    language model's layers (the same 40,370,176 as Qwen2.5-7B), the frozen tower keeps no activations."""
+    plan = plan_recipe(
+        load_recipe(REPO / "recipes/qwen2_5_vl_7b_lora.yaml", [f"model.path={hub_models['qwen2.5-vl-7b']}"])
+    )
+    assert plan.family == "qwen2_5_vl"
+    assert (plan.frozen_params, plan.trainable_params) == (8_292_166_656, 40_370_176)
+    assert plan.fits and 30 < plan.total_gpu / GIB < 45
 
 
 def test_7b_lora_on_one_80gb_gpu_is_plausible(qwen_plan):
