@@ -15,7 +15,9 @@ from vlmtune.engine.memory import (
     CUDA_OVERHEAD,
     GIB,
     NCCL_OVERHEAD,
+    Activations,
     Item,
+    LayerShape,
     Sharding,
     activation_bytes,
     layer_shape,
@@ -42,7 +44,8 @@ class Plan:
     items: list[Item]
     activations: dict[str, int]  # with and without checkpointing, whichever the recipe uses
     budget: int
-    largest_micro_batch: int
+    largest_micro_batch: int  # the largest value of `batch_key` that fits
+    batch_key: str = "train.micro_batch_size"
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -63,6 +66,26 @@ class Plan:
         return max(self.items, key=lambda i: i.gpu)
 
 
+def micro_batch_shape(recipe: Recipe) -> tuple[int, int, str]:
+    """(rows, tokens per row, description) of the largest micro-batch the recipe's batching can form.
+
+    padded: micro_batch_size rows of data.max_length (with train.micro_batch_tokens: as many max-length rows as
+    the budget holds); packed: micro_batch_size bins of data.pack_length; padding_free: one row of all the
+    micro-batch's tokens, so attention terms that grow with the square of the row length grow with it.
+    """
+    d, t = recipe.data, recipe.train
+    if d.batching == "packed":
+        length = d.pack_length or d.max_length
+        return t.micro_batch_size, length, f"{t.micro_batch_size} packed bins × {length} tokens"
+    tokens = t.micro_batch_tokens or t.micro_batch_size * d.max_length
+    if d.batching == "padding_free":
+        return 1, tokens, f"one padding-free row of {tokens} tokens"
+    if t.micro_batch_tokens:
+        rows = max(1, t.micro_batch_tokens // d.max_length)
+        return rows, d.max_length, f"≤ {t.micro_batch_tokens} tokens ({rows} × {d.max_length} at most)"
+    return t.micro_batch_size, d.max_length, f"{t.micro_batch_size} × {d.max_length} tokens"
+
+
 def _dtype_bytes(recipe: Recipe, sharding: Sharding) -> tuple[int, int, bool]:
     """(weights bytes, residual-stream bytes, autocast on) as training runs the recipe."""
     half = sharding.strategy == "deepspeed" and recipe.train.mixed_precision in ("bf16", "fp16")
@@ -81,19 +104,20 @@ class Estimate:
     items: list[Item]
     total_params: int
     trainable_params: int
-    per_row: int  # GPU bytes of one more row in the micro-batch (activations and logits)
     activations: dict[str, int]  # with and without gradient checkpointing, at the recipe's micro-batch
 
 
-def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Estimate:
-    """The per-GPU items for `recipe` under `sharding`."""
-    t, n = recipe.train, sharding.world
-    p = parameters(meta, recipe, sharding)
+def batch_activations(
+    shape: LayerShape, recipe: Recipe, sharding: Sharding, checkpointing: bool | None = None
+) -> Activations:
+    """Activation and logits bytes of the recipe's fullest micro-batch (`checkpointing` overrides the recipe's)."""
     model_bytes, residual_bytes, autocast = _dtype_bytes(recipe, sharding)
-    shape = layer_shape(meta)
-    kwargs = dict(
-        seq=recipe.data.max_length,
-        checkpointing=t.gradient_checkpointing,
+    rows, seq, _ = micro_batch_shape(recipe)
+    return activation_bytes(
+        shape,
+        batch=rows,
+        seq=seq,
+        checkpointing=recipe.train.gradient_checkpointing if checkpointing is None else checkpointing,
         autocast=autocast,
         model_bytes=model_bytes,
         residual_bytes=residual_bytes,
@@ -101,11 +125,19 @@ def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Estimate:
         # DeepSpeed runs the whole module, adapters included, in the half type.
         adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
     )
-    act = activation_bytes(shape, batch=t.micro_batch_size, **kwargs)
-    one = activation_bytes(shape, batch=1, **kwargs)
-    alt = activation_bytes(
-        shape, batch=t.micro_batch_size, **{**kwargs, "checkpointing": not t.gradient_checkpointing}
-    )
+
+
+def estimate(
+    meta: MetaModel, recipe: Recipe, sharding: Sharding, shape: LayerShape | None = None
+) -> Estimate:
+    """The per-GPU items for `recipe` under `sharding` (`shape`: `layer_shape(meta)` when already known)."""
+    t, n = recipe.train, sharding.world
+    p = parameters(meta, recipe, sharding)
+    model_bytes = _dtype_bytes(recipe, sharding)[0]
+    shape = shape or layer_shape(meta)
+    described = micro_batch_shape(recipe)[2]
+    act = batch_activations(shape, recipe, sharding)
+    alt = batch_activations(shape, recipe, sharding, checkpointing=not t.gradient_checkpointing)
     both = {
         t.gradient_checkpointing: act.stored + act.recompute,
         not t.gradient_checkpointing: alt.stored + alt.recompute,
@@ -157,7 +189,7 @@ def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Estimate:
             "activations",
             act.stored + act.recompute,
             0,
-            f"{t.micro_batch_size} × {recipe.data.max_length} tokens, "
+            f"{described}, "
             + (
                 f"checkpointed: layer inputs + one recomputed layer (without: {both[False] / GIB:.1f} GiB)"
                 if t.gradient_checkpointing
@@ -172,9 +204,8 @@ def estimate(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Estimate:
             "outside PyTorch's allocator, and fragmentation",
         ),
     ]
-    per_row = one.stored + one.recompute + one.logits_peak
     activations = {"checkpointed": both[True], "not_checkpointed": both[False]}
-    return Estimate(items, p.total, p.trainable, per_row, activations)
+    return Estimate(items, p.total, p.trainable, activations)
 
 
 def plan_recipe(
@@ -190,9 +221,8 @@ def plan_recipe(
     meta = meta or build_meta_model(recipe)
     budget = int(gpu_mem_gib * GIB)
     est = estimate(meta, recipe, sharding)
-    t, per_row = recipe.train, est.per_row
-    fixed = sum(i.gpu for i in est.items) - per_row * t.micro_batch_size
-    largest = max(0, min(_MAX_MICRO_BATCH, (budget - fixed) // per_row)) if per_row else 0
+    t = recipe.train
+    largest = _largest_batch(meta, recipe, sharding, budget, est)
     plan = Plan(
         model=recipe.model.path,
         family=meta.family.name if meta.family else None,
@@ -206,10 +236,44 @@ def plan_recipe(
         activations=est.activations,
         budget=budget,
         largest_micro_batch=int(largest),
+        batch_key=_batch_key(recipe),
     )
     plan.suggestions = _suggestions(meta, recipe, plan)
     plan.notes = _notes(recipe, plan)
     return plan
+
+
+def _batch_key(recipe: Recipe) -> str:
+    return "train.micro_batch_tokens" if recipe.train.micro_batch_tokens else "train.micro_batch_size"
+
+
+def _with_batch(recipe: Recipe, value: int) -> Recipe:
+    key = _batch_key(recipe).split(".")[1]
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={key: value})})
+
+
+def _largest_batch(meta: MetaModel, recipe: Recipe, sharding: Sharding, budget: int, est: Estimate) -> int:
+    """The largest micro-batch (rows, or a token budget in steps of data.max_length) that fits; 0 if none.
+
+    Only activations and logits depend on the micro-batch, so the rest of `est` is computed once.
+    """
+    step = recipe.data.max_length if recipe.train.micro_batch_tokens else 1
+    shape = layer_shape(meta)
+    fixed = sum(i.gpu for i in est.items if i.name not in ("activations", "logits + loss"))
+
+    def fits(n: int) -> bool:
+        act = batch_activations(shape, _with_batch(recipe, n * step), sharding)
+        return fixed + act.stored + act.recompute + act.logits_peak <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, _MAX_MICRO_BATCH  # memory grows with the batch: bisect for the last size that fits
+    if fits(hi):
+        return hi * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
 
 
 def _total(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> int:
@@ -232,10 +296,12 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
     options: list[tuple[str, Recipe, Sharding]] = []
     if not t.gradient_checkpointing:
         options.append(("train.gradient_checkpointing=true", train(gradient_checkpointing=True), s))
-    if 0 < plan.largest_micro_batch < t.micro_batch_size:
+    current = t.micro_batch_tokens or t.micro_batch_size
+    if 0 < plan.largest_micro_batch < current:
         b = plan.largest_micro_batch
-        accum = -(-t.micro_batch_size * t.grad_accum // b)  # about the same rows per optimizer step
-        options.append((f"train.micro_batch_size={b} train.grad_accum={accum}", train(micro_batch_size=b), s))
+        accum = -(-current * t.grad_accum // b)  # about the same rows (tokens) per optimizer step
+        label = f"{plan.batch_key}={b} train.grad_accum={accum}"
+        options.append((label, _with_batch(recipe, b), s))
     if s.world > 1 and not s.shards_weights:
         zero3 = Sharding("deepspeed", s.world, zero_stage=3)
         options.append(
@@ -275,8 +341,8 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
 
     logits = next(i for i in plan.items if i.name == "logits + loss").gpu
     notes = [
-        f"activations assume every row is data.max_length ({recipe.data.max_length}) tokens long "
-        "(padded batches of shorter rows take less)",
+        f"activations assume the fullest micro-batch ({micro_batch_shape(recipe)[2]}); "
+        "batches of shorter rows take less",
     ]
     if "loss" not in TrainConfig.model_fields:
         notes.append(
@@ -312,6 +378,7 @@ def plan_json(plan: Plan) -> dict:
         "fits": plan.fits,
         "biggest_item": plan.biggest.name,
         "largest_micro_batch": plan.largest_micro_batch,
+        "batch_key": plan.batch_key,
         "suggestions": plan.suggestions,
         "notes": plan.notes,
     }
@@ -348,8 +415,8 @@ def format_plan(plan: Plan) -> str:
             f"biggest item: {b.name} ({b.gpu / GIB:.1f} GiB)"
         )
     lines.append(
-        f"largest micro-batch that fits: {plan.largest_micro_batch}"
-        + (" (not even 1 row)" if plan.largest_micro_batch == 0 else "")
+        f"largest micro-batch that fits: {plan.batch_key}={plan.largest_micro_batch}"
+        + (" (not even the smallest)" if plan.largest_micro_batch == 0 else "")
     )
     lines += [("try: " if not plan.fits else "hint: ") + x for x in plan.suggestions]
     lines += [f"note: {x}" for x in plan.notes]

@@ -221,7 +221,7 @@ def test_cli_plan_json_and_table(hub_models, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     # A 2-layer model at 4096 tokens: a few MiB per row, against 79 GiB left after the CUDA context.
     assert "verdict: fits (1.3 of 80 GiB)" in out
-    assert int(re.search(r"largest micro-batch that fits: (\d+)", out).group(1)) > 1000
+    assert int(re.search(r"largest micro-batch that fits: train.micro_batch_size=(\d+)", out).group(1)) > 1000
     assert "weights (frozen base)" in out and "trainable weights (LoRA)" in out
 
 
@@ -295,3 +295,22 @@ def test_activations_are_reported_with_and_without_checkpointing(qwen_plan):
     assert both["checkpointed"] == next(i.gpu for i in qwen_plan.items if i.name == "activations")
     # Without checkpointing all 28 layers keep everything: far more than 28 layer inputs + one layer.
     assert both["not_checkpointed"] > 15 * both["checkpointed"]
+
+
+def test_batching_layouts_shape_the_micro_batch(hub_models, qwen_meta):
+    base = [f"model.path={hub_models['qwen2.5-7b']}"]
+
+    def plan(*overrides: str):
+        return plan_recipe(load_recipe(REPO / "recipes/7b_lora.yaml", base + list(overrides)), meta=qwen_meta)
+
+    padded = plan()
+    assert plan("data.batching=packed").activations == padded.activations  # 4 bins × 4096: the same tokens
+    # One padding-free row of 16,384 tokens: the same tokens, but sdpa's float mask bias grows with the square
+    # of the row length (kept by the one recomputed layer under checkpointing; bf16).
+    free = plan("data.batching=padding_free")
+    assert free.activations["checkpointed"] - padded.activations["checkpointed"] == 2 * (
+        16384**2 - 4 * 4096**2
+    )
+    budget = plan("train.micro_batch_tokens=16384")
+    assert budget.activations == padded.activations and budget.batch_key == "train.micro_batch_tokens"
+    assert budget.largest_micro_batch == 6 * 4096  # the same 6 rows of 4096 as the row-count plan
