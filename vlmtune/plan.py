@@ -401,9 +401,9 @@ def format_plan(plan: Plan) -> str:
         cpu = f"{i.cpu / GIB:8.2f}" if i.cpu else " " * 8
         lines.append(f"{i.name:<26} {i.gpu / GIB:8.2f} {cpu}  {i.note}")
     pct = 100 * plan.total_gpu / plan.budget
+    total_cpu = f"{plan.total_cpu / GIB:8.2f}" if plan.total_cpu else " " * 8
     lines += [
-        f"{'total':<26} {plan.total_gpu / GIB:8.2f} {(plan.total_cpu / GIB) if plan.total_cpu else '':>8}  "
-        f"of {plan.budget / GIB:g} GiB ({pct:.0f}%)",
+        f"{'total':<26} {plan.total_gpu / GIB:8.2f} {total_cpu}  of {plan.budget / GIB:g} GiB ({pct:.0f}%)",
         "",
     ]
     b = plan.biggest
