@@ -32,6 +32,12 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     """Allowed but risky settings, each as `key.path: why`; logged by `train` and printed by `validate`."""
     warnings = []
     m = recipe.model
+    t = recipe.train
+    if t.activation_offloading and not t.gradient_checkpointing:
+        warnings.append(
+            "train.activation_offloading: without gradient_checkpointing every activation is copied to the CPU "
+            "and back in each step, which is slow; set train.gradient_checkpointing: true"
+        )
     if m.trust_remote_code and not m.revision:
         warnings.append(
             "model.trust_remote_code: true runs Python code from the model repository, and with no model.revision "
@@ -165,6 +171,10 @@ def environment_problems(recipe: Recipe) -> list[str]:
         and importlib.util.find_spec("flash_attn") is None
     ):
         problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package; use sdpa")
+    if recipe.train.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(
+            "train.loss: liger needs the liger-kernel package (pip install 'vlmtune[liger]'); or use chunked"
+        )
     for tracker in recipe.train.report_to:
         if tracker != "tensorboard" and importlib.util.find_spec(tracker) is None:
             problems.append(f"train.report_to: {tracker} is not installed (pip install {tracker})")
@@ -216,6 +226,11 @@ def _accelerate_problems(recipe: Recipe, accel: dict) -> list[str]:
     problems = fsdp_problems(accel.get("fsdp_config") or {}) if dist == "FSDP" else []
     if dist == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         problems.append("launch.accelerate_config: DeepSpeed config but deepspeed is not installed")
+    if dist == "DEEPSPEED" and recipe.train.compile:
+        problems.append(
+            "train.compile: vlmtune does not compile under DeepSpeed (its ZeRO hooks gather parameters around "
+            "each module, which torch.compile graphs do not see); set train.compile: false, or use DDP / FSDP"
+        )
     q = recipe.quant
     sharded_params = (dist == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3) or dist == "FSDP"
     if q is not None and sharded_params:

@@ -75,3 +75,29 @@ def test_llava_format_and_image_root_parse():
         }
     )
     assert recipe.data.train[0].format == "llava" and recipe.data.train[0].image_root == "imgs"
+
+
+def test_compile_under_deepspeed_is_refused():
+    from vlmtune.config.checks import _accelerate_problems
+
+    problems = _accelerate_problems(
+        _recipe(train={"output_dir": "out", "compile": True}),
+        {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}},
+    )
+    assert any(p.startswith("train.compile: vlmtune does not compile under DeepSpeed") for p in problems)
+    assert _accelerate_problems(_recipe(train={"output_dir": "out", "compile": True}), {}) == []
+
+
+def test_offloading_without_checkpointing_is_a_warning():
+    from vlmtune.config.checks import recipe_warnings
+
+    recipe = _recipe(
+        train={"output_dir": "out", "activation_offloading": True, "gradient_checkpointing": False}
+    )
+    assert [w.split(":")[0] for w in recipe_warnings(recipe)] == ["train.activation_offloading"]
+    assert recipe_warnings(_recipe(train={"output_dir": "out", "activation_offloading": True})) == []
+
+
+def test_unknown_loss_lists_the_choices():
+    with pytest.raises(ValidationError, match=r"train\.loss\n.*'standard', 'chunked' or 'liger'"):
+        _recipe(train={"output_dir": "out", "loss": "fused"})
