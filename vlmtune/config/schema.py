@@ -213,7 +213,7 @@ class TrainConfig(_Section):
     )
     loss_chunk_tokens: PositiveInt = Field(
         1024,
-        description="With loss chunked: trained tokens per chunk of logits (memory ~ this × vocab × 6 bytes).",
+        description="With loss chunked: trained tokens per chunk of logits (memory ~ this × vocab × 12 bytes).",
     )
     compile: bool = Field(
         False,

@@ -292,6 +292,7 @@ class Trainer:
                     record = self._record(out, window)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     window = self._new_window()
+                paused = time.perf_counter()  # eval and checkpoints are not training throughput
                 if c.eval_data is not None and (
                     (t.eval_every and state.step % t.eval_every == 0) or state.step == total
                 ):
@@ -302,6 +303,7 @@ class Trainer:
                 saved = every and state.step % every == 0 and state.step < total
                 if saved:
                     c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
+                window["start"] += time.perf_counter() - paused
                 if state.step < total and stop.agreed(acc):
                     if not saved:
                         c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)

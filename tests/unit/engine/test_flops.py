@@ -59,3 +59,23 @@ def test_peak_flops_from_the_environment_or_unknown(monkeypatch):
     monkeypatch.setenv(PEAK_ENV, "fast")
     with pytest.raises(UserError, match=r"\$VLMTUNE_PEAK_TFLOPS='fast': expected a number"):
         peak_flops(torch.device("cpu"))
+
+
+def test_a_vlm_counts_its_language_model_only(tiny_vlm_root):
+    from vlmtune.model.families import get_family
+    from vlmtune.testing.tiny_vlm import build_tiny_vlm
+
+    family = get_family("llava")
+    model = family.load_class().from_pretrained(build_tiny_vlm("llava", tiny_vlm_root / "llava"))
+    vision = sum(
+        p.numel()
+        for m in (model.model.vision_tower, model.model.multi_modal_projector)
+        for p in m.parameters()
+    )
+    text = model.config.text_config
+    with_vision, language = flop_counter(model), flop_counter(model, family)
+    assert with_vision.trainable - language.trainable == vision > 0  # no LoRA here: every weight has grad
+    assert (language.layers, language.attn_dim) == (
+        text.num_hidden_layers,
+        text.num_attention_heads * text.head_dim,
+    )
