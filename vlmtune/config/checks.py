@@ -233,6 +233,13 @@ def _accelerate_problems(recipe: Recipe, accel: dict) -> list[str]:
         )
     q = recipe.quant
     sharded_params = (dist == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3) or dist == "FSDP"
+    if sharded_params and recipe.train.loss != "standard":
+        # Found with two CPU processes: FSDP2 ranks fell out of step; ZeRO-3 had released the head's weight
+        # when backward recomputed a chunk. DDP and ZeRO-2 matched one process.
+        problems.append(
+            f"train.loss: {recipe.train.loss} applies the output head outside the model's forward, which ZeRO-3 / "
+            "FSDP parameter sharding does not support; use train.loss: standard, or DDP / ZeRO-2"
+        )
     if q is not None and sharded_params:
         if q.bits == 8:
             problems.append(

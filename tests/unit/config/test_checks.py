@@ -101,3 +101,21 @@ def test_offloading_without_checkpointing_is_a_warning():
 def test_unknown_loss_lists_the_choices():
     with pytest.raises(ValidationError, match=r"train\.loss\n.*'standard', 'chunked' or 'liger'"):
         _recipe(train={"output_dir": "out", "loss": "fused"})
+
+
+def test_lean_loss_with_sharded_parameters_is_refused():
+    from vlmtune.config.checks import _accelerate_problems
+
+    chunked = _recipe(train={"output_dir": "out", "loss": "chunked"})
+    for accel in (
+        {"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}},
+        {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}},
+    ):
+        assert [p.split(":")[0] for p in _accelerate_problems(chunked, accel)] == ["train.loss"]
+        assert _accelerate_problems(_recipe(), accel) == []
+    assert (
+        _accelerate_problems(
+            chunked, {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}
+        )
+        == []
+    )
