@@ -82,9 +82,8 @@ class Components:
     collator: object
     checkpoints: CheckpointManager
     metrics: MetricsWriter
-    family: object | None = (
-        None  # the VLM family (None for a text model): FLOP counting skips its vision parts
-    )
+    # The VLM family (None for a text model): the FLOP count leaves out its vision tower and projector.
+    family: object | None = None
 
 
 class Trainer:
