@@ -121,6 +121,10 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             family=family,
             vision=recipe.vision,
         )
+        if t.compile:
+            from vlmtune.model.compile import compile_blocks
+
+            compile_blocks(model)
         optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -148,7 +152,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
-            collator=train_collator, eval_collator=collator,
+            collator=train_collator, eval_collator=collator, family=family,
             checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)

@@ -33,6 +33,12 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     """Allowed but risky settings, each as `key.path: why`; logged by `train` and printed by `validate`."""
     warnings = []
     m = recipe.model
+    t = recipe.train
+    if t.activation_offloading and not t.gradient_checkpointing:
+        warnings.append(
+            "train.activation_offloading: without gradient_checkpointing every activation is copied to the CPU "
+            "and back in each step, which is slow; set train.gradient_checkpointing: true"
+        )
     if m.trust_remote_code and not m.revision:
         warnings.append(
             "model.trust_remote_code: true runs Python code from the model repository, and with no model.revision "
@@ -224,6 +230,10 @@ def environment_problems(recipe: Recipe) -> list[str]:
         and importlib.util.find_spec("flash_attn") is None
     ):
         problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package; use sdpa")
+    if recipe.train.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(
+            "train.loss: liger needs the liger-kernel package (pip install 'vlmtune[liger]'); or use chunked"
+        )
     for tracker in recipe.train.report_to:
         module, package = TRACKER_PACKAGES[tracker]
         if importlib.util.find_spec(module) is None:
@@ -299,8 +309,20 @@ def _accelerate_problems(recipe: Recipe, accel: dict) -> list[str]:
     problems = fsdp_problems(accel.get("fsdp_config") or {}) if dist == "FSDP" else []
     if dist == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         problems.append("launch.accelerate_config: DeepSpeed config but deepspeed is not installed")
+    if dist == "DEEPSPEED" and recipe.train.compile:
+        problems.append(
+            "train.compile: vlmtune does not compile under DeepSpeed (its ZeRO hooks gather parameters around "
+            "each module, which torch.compile graphs do not see); set train.compile: false, or use DDP / FSDP"
+        )
     q = recipe.quant
     sharded_params = (dist == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3) or dist == "FSDP"
+    if sharded_params and recipe.train.loss != "standard":
+        # Found with two CPU processes: FSDP2 ranks fell out of step; ZeRO-3 had released the head's weight
+        # when backward recomputed a chunk. DDP and ZeRO-2 matched one process.
+        problems.append(
+            f"train.loss: {recipe.train.loss} applies the output head outside the model's forward, which ZeRO-3 / "
+            "FSDP parameter sharding does not support; use train.loss: standard, or DDP / ZeRO-2"
+        )
     if q is not None and sharded_params:
         if q.bits == 8:
             problems.append(

@@ -238,6 +238,27 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward (non-reentrant)."
     )
+    activation_offloading: bool = Field(
+        False,
+        description="Keep the tensors saved for backward in pinned CPU memory instead of GPU memory (best with "
+        "gradient_checkpointing, which leaves one per layer). No effect on CPU.",
+    )
+    loss: Literal["standard", "chunked", "liger"] = Field(
+        "standard",
+        description="standard: cross-entropy on the model's full logits; chunked: the output head and cross-entropy "
+        "applied to trained tokens only, loss_chunk_tokens at a time and recomputed in backward, so full-vocabulary "
+        "logits never exist (same loss to float rounding; not with ZeRO-3 / FSDP); liger: Liger's fused linear cross-entropy kernel "
+        "(CUDA, `pip install 'vlmtune[liger]'`, plain unsharded lm_head).",
+    )
+    loss_chunk_tokens: PositiveInt = Field(
+        1024,
+        description="With loss chunked: trained tokens per chunk of logits (memory ~ this × vocab × 12 bytes).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder / vision block (the first steps are slower while it compiles; "
+        "not with DeepSpeed).",
+    )
     nonfinite: Literal["skip", "abort"] = Field(
         "skip",
         description="A NaN/Inf loss or gradient norm: skip the update (counted), or abort with diagnostics.",

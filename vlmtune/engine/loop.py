@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,10 @@ from vlmtune.config.schema import Recipe
 from vlmtune.data.batching import layout
 from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.distributed import params_without_grad, strategy, unused_parameters_error
+from vlmtune.engine.flops import flop_counter, peak_flops, sequence_lengths
+from vlmtune.engine.loss import LeanLoss, unwrap
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
+from vlmtune.engine.offload import OffloadActivations
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
 from vlmtune.errors import Preempted, TrainingDiverged
@@ -51,18 +55,19 @@ _NOT_INPUTS = ("labels", "length", "n_tokens")
 
 
 def forward(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None, **extra
 ) -> torch.Tensor:
     """The logits of `batch`: every collated input (text, and a VLM's vision inputs) goes to the model.
 
     Floating inputs (pixel values) are cast to `dtype`, the model's weights dtype, which the vision tower needs.
+    `extra` keyword arguments go to the model as well (the lean loss asks for `logits_to_keep=1`).
     """
     inputs = {
         k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
         for k, v in batch.items()
         if k not in _NOT_INPUTS
     }
-    return model(**inputs).logits
+    return model(**inputs, **extra).logits
 
 
 def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
@@ -108,6 +113,8 @@ class Components:
     checkpoints: CheckpointManager
     metrics: MetricsWriter
     eval_collator: object | None = None  # padded, for evaluation (default: `collator`)
+    # The VLM family (None for a text model): the FLOP count leaves out its vision tower and projector.
+    family: object | None = None
 
 
 class Trainer:
@@ -126,12 +133,34 @@ class Trainer:
         # Trainable parameters the first step left without a gradient, named if DDP then fails on them.
         self._no_grad: list[str] = []
         self._dtype = weights_dtype(c.model)
+        t = c.recipe.train
+        self._lean = None if t.loss == "standard" else LeanLoss(c.model, t.loss, t.loss_chunk_tokens)
+        # On the CPU, activations already live in CPU memory: offloading would only copy them.
+        self._offloading = t.activation_offloading and self.acc.device.type == "cuda"
+        if t.activation_offloading and not self._offloading:
+            log.info(
+                "train.activation_offloading: no effect on %s (activations are in CPU memory)",
+                self.acc.device,
+            )
+        self._flops = flop_counter(unwrap(c.model), c.family)
+        self._peak_flops = peak_flops(self.acc.device)
 
     def _batch(self, data, rows: list[int], collator=None) -> dict[str, torch.Tensor]:
         batch = collate(collator or self.c.collator, data, rows)
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     # --- one step ------------------------------------------------------------------------------------
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of one micro-batch, as `train.loss` computes it."""
+        if self._lean is None:
+            return token_loss_sum(forward(self.c.model, batch, self._dtype), batch["labels"])
+        # The head now runs outside the model's forward, which accelerate wraps in autocast: wrap it the same way.
+        with self.acc.autocast():
+            return self._lean(partial(forward, self.c.model, batch, self._dtype), batch)
+
+    def _offload(self) -> AbstractContextManager:
+        return OffloadActivations() if self._offloading else nullcontext()
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
         """Forward/backward every micro-batch of the window, then one optimizer step.
@@ -159,8 +188,8 @@ class Trainer:
             last = i == len(micro_batches) - 1
             acc.sync_gradients = last  # all-reduce gradients and step only at the end of the window
             with nullcontext() if last else acc.no_sync(model):
-                logits = forward(model, mb, self._dtype)
-                loss = token_loss_sum(logits, mb["labels"])
+                with self._offload():  # saved tensors go to the CPU during the forward, come back in backward
+                    loss = self.loss_sum(mb)
                 acc.backward(loss * scale)
             loss_sum += loss.detach()
 
@@ -181,11 +210,19 @@ class Trainer:
             self.c.scheduler.step()  # a skipped step does not advance the schedule
         self.c.optimizer.zero_grad(set_to_none=True)
 
-        inputs = sum(input_tokens(mb) for mb in micro_batches)
+        lengths = [n for mb in micro_batches for n in sequence_lengths(mb)]
+        # One all-reduce for both: input tokens and model FLOPs summed over ranks.
+        local = torch.tensor(
+            [sum(input_tokens(mb) for mb in micro_batches), self._flops.step(lengths)],
+            dtype=torch.float64,
+            device=acc.device,
+        )
+        inputs, flops = acc.reduce(local, "sum").tolist()
         return {
             "loss_sum": total_loss,
             "tokens": window_tokens,
-            "input_tokens": int(acc.reduce(torch.tensor(inputs, device=acc.device), "sum")),
+            "input_tokens": int(inputs),
+            "flops": flops,
             "grad_norm": grad_norm,
             "skipped": skipped,
             "nonfinite": nonfinite,
@@ -237,9 +274,9 @@ class Trainer:
             real = b < n_batches
             rows = list(range(b * mb, min((b + 1) * mb, len(data)))) if real else [0]
             batch = self._batch(data, rows, self.c.eval_collator)
-            logits = forward(model, batch, self._dtype)
+            loss = self.loss_sum(batch)
             if real:
-                loss_sum += token_loss_sum(logits, batch["labels"])
+                loss_sum += loss
                 tokens += trained_tokens(batch["labels"])
         model.train()
         loss = float(acc.reduce(loss_sum, "sum")) / max(float(acc.reduce(tokens, "sum")), 1.0)
@@ -288,7 +325,7 @@ class Trainer:
                 self._handle_nonfinite(out, rows)
                 state.trained_tokens += out["tokens"]
                 state.skipped_steps += int(out["skipped"])
-                for key in ("loss_sum", "tokens", "input_tokens"):
+                for key in ("loss_sum", "tokens", "input_tokens", "flops"):
                     window[key] += out[key]
                 bar.update(1)
 
@@ -297,6 +334,7 @@ class Trainer:
                     record = self._record(out, window)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     window = self._new_window()
+                paused = time.perf_counter()  # eval and checkpoints are not training throughput
                 if c.eval_data is not None and (
                     (t.eval_every and state.step % t.eval_every == 0) or state.step == total
                 ):
@@ -307,6 +345,7 @@ class Trainer:
                 saved = every and state.step % every == 0 and state.step < total
                 if saved:
                     c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
+                window["start"] += time.perf_counter() - paused
                 if state.step < total and stop.agreed(acc):
                     if not saved:
                         c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
@@ -339,12 +378,12 @@ class Trainer:
 
     @staticmethod
     def _new_window() -> dict:
-        return {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "start": time.perf_counter()}
+        return {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "flops": 0.0, "start": time.perf_counter()}
 
     def _record(self, out: dict, window: dict) -> dict:
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         state = self.state
-        return {
+        record = {
             "step": state.step,
             "epoch": round(state.step / self.sampler.steps_per_epoch, 4),
             "loss": window["loss_sum"] / max(window["tokens"], 1),
@@ -352,7 +391,11 @@ class Trainer:
             "grad_norm": out["grad_norm"],
             "trained_tokens": state.trained_tokens,
             "tokens_per_sec": window["input_tokens"] / elapsed,
+            "trained_tokens_per_sec": window["tokens"] / elapsed,
             "peak_mem_mb": round(peak_memory_mb(self.acc.device), 1),
             "skipped_steps": state.skipped_steps,
             "nonfinite_steps": state.nonfinite_steps,
         }
+        if self._peak_flops:  # a known GPU, or $VLMTUNE_PEAK_TFLOPS
+            record["mfu"] = window["flops"] / elapsed / (self._peak_flops * self.acc.num_processes)
+        return record

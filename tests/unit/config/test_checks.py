@@ -101,3 +101,47 @@ def test_a_family_detected_from_a_local_config_is_checked_too(tmp_path):
     (tmp_path / "pics").mkdir()
     (tmp_path / "model/config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     assert environment_problems(recipe) == []
+
+
+def test_compile_under_deepspeed_is_refused():
+    from vlmtune.config.checks import _accelerate_problems
+
+    problems = _accelerate_problems(
+        _recipe(train={"output_dir": "out", "compile": True}),
+        {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}},
+    )
+    assert any(p.startswith("train.compile: vlmtune does not compile under DeepSpeed") for p in problems)
+    assert _accelerate_problems(_recipe(train={"output_dir": "out", "compile": True}), {}) == []
+
+
+def test_offloading_without_checkpointing_is_a_warning():
+    from vlmtune.config.checks import recipe_warnings
+
+    recipe = _recipe(
+        train={"output_dir": "out", "activation_offloading": True, "gradient_checkpointing": False}
+    )
+    assert [w.split(":")[0] for w in recipe_warnings(recipe)] == ["train.activation_offloading"]
+    assert recipe_warnings(_recipe(train={"output_dir": "out", "activation_offloading": True})) == []
+
+
+def test_unknown_loss_lists_the_choices():
+    with pytest.raises(ValidationError, match=r"train\.loss\n.*'standard', 'chunked' or 'liger'"):
+        _recipe(train={"output_dir": "out", "loss": "fused"})
+
+
+def test_lean_loss_with_sharded_parameters_is_refused():
+    from vlmtune.config.checks import _accelerate_problems
+
+    chunked = _recipe(train={"output_dir": "out", "loss": "chunked"})
+    for accel in (
+        {"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}},
+        {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}},
+    ):
+        assert [p.split(":")[0] for p in _accelerate_problems(chunked, accel)] == ["train.loss"]
+        assert _accelerate_problems(_recipe(), accel) == []
+    assert (
+        _accelerate_problems(
+            chunked, {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}
+        )
+        == []
+    )

@@ -1,0 +1,172 @@
+"""The chunked loss equals the standard one (loss and gradients, fp32) and never builds full-vocabulary logits."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from vlmtune.config.schema import LoraConfig
+from vlmtune.engine.loop import forward, token_loss_sum
+from vlmtune.engine.loss import LeanLoss, chunked_cross_entropy_sum, trained_rows
+from vlmtune.errors import UserError
+from vlmtune.model.families import get_family
+from vlmtune.model.lora import apply_lora
+from vlmtune.testing.tiny_vlm import build_tiny_vlm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _randomise_adapters(model) -> None:
+    """LoRA B starts at zero, which leaves A without gradient: give every trainable weight random values."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    # lm_head trained in full too: its gradient must match as well, through PEFT's wrapper.
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"])
+    model = apply_lora(model, cfg, quantized=False, gradient_checkpointing=True)
+    _randomise_adapters(model)
+    return model.train()
+
+
+def _text_batch(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100  # a prompt
+    labels[2, 15:] = -100  # a shorter row, right-padded
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _assert_equal_to_standard(model, batch, chunk: int) -> None:
+    standard = _loss_and_grads(model, lambda: token_loss_sum(forward(model, batch), batch["labels"]))
+    lean = LeanLoss(model, "chunked", chunk)
+    chunked = _loss_and_grads(model, lambda: lean(partial(forward, model, batch), batch))
+    torch.testing.assert_close(chunked[0], standard[0], rtol=1e-6, atol=1e-5)
+    assert standard[1].keys() == chunked[1].keys()
+    assert all(g.abs().max() > 0 for g in standard[1].values())  # every compared gradient is a real one
+    for name, g in standard[1].items():
+        torch.testing.assert_close(chunked[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])  # many chunks (one cut mid-row), and one chunk for all
+def test_chunked_loss_and_gradients_equal_standard_on_the_tiny_llm(llm, chunk):
+    _assert_equal_to_standard(llm, _text_batch(llm.config.vocab_size), chunk)
+
+
+def test_chunked_loss_and_gradients_equal_standard_on_a_tiny_vlm(tiny_vlm_root):
+    family = get_family("llava")
+    folder = build_tiny_vlm("llava", tiny_vlm_root / "llava")
+    model = family.load_class().from_pretrained(folder, dtype=torch.float32)
+    model = apply_lora(
+        model,
+        LoraConfig(r=4, alpha=8, dropout=0.0),
+        quantized=False,
+        gradient_checkpointing=False,
+        family=family,
+    )
+    _randomise_adapters(model)
+    processor = AutoProcessor.from_pretrained(folder)
+    images = [torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8).numpy().transpose(1, 2, 0)] * 2
+    text = ["<image>\nWhat shape is this? A red square.", "<image>\nAnd this? A blue circle, small."]
+    batch = dict(processor(text=text, images=images, return_tensors="pt", padding=True))
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[:, :20] = -100  # the image span and the question
+    batch["labels"] = labels
+    _assert_equal_to_standard(model.train(), batch, chunk=4)
+
+
+def test_eval_without_grad_equals_standard(llm):
+    batch = _text_batch(llm.config.vocab_size)
+    lean = LeanLoss(llm, "chunked", 6)
+    with torch.no_grad():
+        expected = token_loss_sum(forward(llm, batch), batch["labels"])
+        torch.testing.assert_close(lean(partial(forward, llm, batch), batch), expected, rtol=1e-6, atol=1e-5)
+
+
+class _LogitRows(TorchDispatchMode):
+    """Records the most rows of any fp32 (..., vocab) tensor made in forward or backward (the head's weight
+    seen as (hidden, vocab) is not logits and is left out)."""
+
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.vocab, self.hidden, self.largest = vocab, hidden, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dtype == torch.float32
+                and t.dim()
+                and t.shape[-1] == self.vocab
+                and tuple(t.shape) != (self.hidden, self.vocab)
+            ):
+                self.largest = max(self.largest, t.numel() // self.vocab)
+        return out
+
+
+def test_chunked_path_never_holds_more_than_a_chunk_of_logits(llm):
+    batch = _text_batch(llm.config.vocab_size)
+    vocab, hidden = llm.config.vocab_size, llm.config.hidden_size
+    lean = LeanLoss(llm, "chunked", 4)
+    lean(partial(forward, llm, batch), batch)  # the one-time head check runs outside the measurement
+    with _LogitRows(vocab, hidden) as chunked:
+        lean(partial(forward, llm, batch), batch).backward()
+    # One chunk (4 rows); the model itself computes one position per row (3 rows).
+    assert chunked.largest == 4
+    with _LogitRows(vocab, hidden) as standard:
+        token_loss_sum(forward(llm, batch), batch["labels"]).backward()
+    assert standard.largest >= 3 * 23  # the meter does see the standard path's full logits
+    llm.zero_grad(set_to_none=True)
+
+
+def test_no_trained_token_gives_zero_loss_with_a_graph():
+    rows = torch.randn(0, 8, requires_grad=True)
+    loss = chunked_cross_entropy_sum(rows, torch.zeros(0, dtype=torch.long), torch.nn.Linear(8, 10), 4)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and rows.grad is not None
+
+
+def test_trained_rows_pair_each_position_with_the_next_label():
+    hidden = torch.arange(12.0).reshape(1, 6, 2)
+    labels = torch.tensor([[-100, -100, 7, 8, -100, 9]])
+    rows, targets = trained_rows(hidden, labels)
+    assert targets.tolist() == [7, 8, 9]
+    assert rows.tolist() == [[2.0, 3.0], [4.0, 5.0], [8.0, 9.0]]  # positions 1, 2 and 4
+
+
+def test_a_model_whose_logits_differ_from_its_head_is_refused(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    # Llama does not soft-cap; a config that says it does makes our head and the model's logits disagree.
+    model.config.final_logit_softcapping = 0.5
+    batch = _text_batch(model.config.vocab_size)
+    lean = LeanLoss(model, "chunked", 8)
+    with pytest.raises(UserError, match=r"train\.loss: chunked: this model transforms its logits"):
+        lean(partial(forward, model, batch), batch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_liger_without_a_gpu_is_refused(llm):
+    with pytest.raises(UserError, match=r"train\.loss: liger .*needs a CUDA GPU; use train\.loss: chunked"):
+        LeanLoss(llm, "liger", 1024)
