@@ -124,6 +124,7 @@ def batch_activations(
         attention=recipe.model.attn_implementation,
         # DeepSpeed runs the whole module, adapters included, in the half type.
         adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
+        loss_chunk=None if recipe.train.loss == "standard" else recipe.train.loss_chunk_tokens,
     )
 
 
@@ -315,6 +316,8 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
         qlora = recipe.model_copy(update={"quant": QuantConfig(bits=4, storage_dtype=recipe.model.dtype)})
         label = f"quant.bits=4 quant.storage_dtype={recipe.model.dtype} (QLoRA)"
         options.append((label, qlora, s))
+    if t.loss == "standard" and not s.shards_weights:  # the chunked loss is refused under ZeRO-3 / FSDP2
+        options.append(("train.loss=chunked", train(loss="chunked"), s))
     if t.optimizer == "adamw":
         options.append(("train.optimizer=adamw_8bit", train(optimizer="adamw_8bit"), s))
     if not s.offload_params:
@@ -337,16 +340,15 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
 
 
 def _notes(recipe: Recipe, plan: Plan) -> list[str]:
-    from vlmtune.config.schema import TrainConfig
-
     logits = next(i for i in plan.items if i.name == "logits + loss").gpu
     notes = [
         f"activations assume the fullest micro-batch ({micro_batch_shape(recipe)[2]}); "
         "batches of shorter rows take less",
     ]
-    if "loss" not in TrainConfig.model_fields:
+    if recipe.train.loss == "standard" and not plan.sharding.shards_weights:
         notes.append(
-            f"a chunked loss (not in vlmtune yet) would avoid most of the {logits / GIB:.1f} GiB of logits + loss"
+            f"train.loss=chunked would avoid most of the {logits / GIB:.1f} GiB of logits + loss (same loss, "
+            "computed a chunk of tokens at a time)"
         )
     if plan.family and (recipe.vision.tower != "frozen" or recipe.vision.projector != "frozen"):
         notes.append("the vision tower's / projector's own activations are not included (they train here)")

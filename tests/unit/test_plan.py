@@ -112,6 +112,15 @@ def test_7b_lora_on_one_80gb_gpu_is_plausible(qwen_plan):
     assert p.largest_micro_batch == 6
 
 
+def test_a_chunked_loss_holds_one_chunk_of_logits(hub_models, qwen_meta, qwen_plan):
+    chunked = plan_recipe(
+        _recipe(hub_models["qwen2.5-7b"], "7b_lora.yaml", "train.loss=chunked"), meta=qwen_meta
+    )
+    assert _gib(chunked, "logits + loss") == pytest.approx(14 * 1024 * 152064 / GIB)  # loss_chunk_tokens 1024
+    assert chunked.total_gpu == pytest.approx(qwen_plan.total_gpu - (14 * (4 * 4096 - 1024) * 152064))
+    assert chunked.largest_micro_batch > qwen_plan.largest_micro_batch
+
+
 def test_qlora_keeps_unquantised_weights_in_fp32(hub_models, qwen_meta):
     recipe = _recipe(hub_models["qwen2.5-7b"], "7b_qlora.yaml")
     plan = plan_recipe(recipe, gpu_mem_gib=24, meta=qwen_meta)

@@ -340,6 +340,7 @@ def activation_bytes(
     attention: str = "sdpa",
     padded: bool = True,
     adapter_bytes: int | None = None,
+    loss_chunk: int | None = None,
 ) -> Activations:
     """Bytes saved for backward, derived per decoder layer (T = batch × seq tokens).
 
@@ -366,7 +367,8 @@ def activation_bytes(
     With checkpointing, the forward keeps only each layer's input (er·T·h) and backward recomputes one layer at
     a time, so `recompute` = one layer. Logits: the model's logits (e·T·V), the loss's fp32 log-probabilities
     (4·T·V, kept for backward), and in the loss's backward their fp32 gradient and the gradient of the fp32
-    copy (2 × 4·T·V): peak (e + 12)·T·V.
+    copy (2 × 4·T·V): peak (e + 12)·T·V. A chunked loss (`loss_chunk` tokens at a time, recomputed in backward)
+    keeps none of them for backward and peaks at one chunk's worth: (e + 12)·min(chunk, T)·V.
     """
     s = shape
     T = batch * seq
@@ -405,6 +407,6 @@ def activation_bytes(
         per_layer=per_layer,
         stored=stored,
         recompute=recompute,
-        logits_saved=4 * batch * (seq - 1) * s.vocab,
-        logits_peak=(e + 12) * T * s.vocab,
+        logits_saved=0 if loss_chunk else 4 * batch * (seq - 1) * s.vocab,
+        logits_peak=(e + 12) * min(loss_chunk or T, T) * s.vocab,
     )
