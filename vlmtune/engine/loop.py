@@ -132,8 +132,9 @@ class Trainer:
             last = i == len(micro_batches) - 1
             acc.sync_gradients = last  # all-reduce gradients and step only at the end of the window
             with nullcontext() if last else acc.no_sync(model):
-                logits = forward(model, mb, self._dtype)
-                loss = token_loss_sum(logits, mb["labels"])
+                # No name holds the logits: backward needs only the loss's saved tensors, and keeping the
+                # logits alive through it cost one more batch × length × vocab tensor of peak memory.
+                loss = token_loss_sum(forward(model, mb, self._dtype), mb["labels"])
                 acc.backward(loss * scale)
             loss_sum += loss.detach()
 

@@ -34,3 +34,30 @@ def test_first_label_is_never_a_target_and_last_logit_never_used():
     token_loss_sum(logits, labels).backward()
     # Only position 2 predicts a labelled token (3); label 0 has no predicting position.
     assert logits.grad[0].abs().sum(-1).nonzero().flatten().tolist() == [2]
+
+
+def test_the_loop_frees_the_logits_before_backward(tiny_recipe, monkeypatch, one_thread):
+    """Holding the logits through backward costs a batch × length × vocab tensor of peak memory."""
+    import weakref
+
+    import vlmtune.engine.loop as loop
+    from vlmtune.train import run
+
+    real_forward, real_loss = loop.forward, loop.token_loss_sum
+    refs, alive_in_backward = [], []
+
+    def forward(*args, **kwargs):
+        logits = real_forward(*args, **kwargs)
+        refs.append(weakref.ref(logits))
+        return logits
+
+    def loss_sum(logits, labels):
+        loss = real_loss(logits, labels)
+        ref = refs[-1]
+        loss.register_hook(lambda grad: alive_in_backward.append(ref() is not None))
+        return loss
+
+    monkeypatch.setattr(loop, "forward", forward)
+    monkeypatch.setattr(loop, "token_loss_sum", loss_sum)
+    run(tiny_recipe(train={"max_steps": 2}))
+    assert alive_in_backward == [False, False]
