@@ -40,21 +40,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument(
-        "--rows", type=int, default=96, help="training rows (one epoch); a multiple of --micro-batch"
+        "--rows", type=int, default=32, help="training rows (one epoch); a multiple of --micro-batch"
     )
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--pack-length", type=int, default=1024, help="packed mode: tokens per packed row")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="vlmtune train.micro_batch_tokens")
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (the machine is shared)")
     p.add_argument("--quick", action="store_true", help="1 round, 16 rows of 4: a harness check")
+    p.add_argument(
+        "--summary-of", type=Path, default=None, help="re-print the summary of a (partial) run's --work"
+    )
     p.add_argument("--child", nargs=2, metavar=("CONTENDER", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.work = args.work.resolve()  # each child runs in its own folder
     if args.quick:
-        args.rounds, args.rows, args.micro_batch = 1, 16, 4
+        args.rounds, args.rows, args.micro_batch = 1, 8, 2
     if args.rows % args.micro_batch:
         p.error("--rows must be a multiple of --micro-batch (one whole epoch, no wrapped rows)")
     return args
@@ -81,6 +85,7 @@ def child(contender: str, spec_path: str) -> None:
         "tokens_per_s": sum(tokens[1:]) / elapsed if n > 1 else float("nan"),
         "first_step_wall": clock.first_step_wall,
         "losses": clock.losses[:3],
+        "step_s": [round(b - a, 3) for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)],
         **recorder.summary(),
     }
     Path(spec["result"]).write_text(json.dumps(result))
@@ -226,7 +231,7 @@ def summarise(results: dict, prep: dict, args) -> bool:
         print(f"{mode:13} {who:9} {m['tokens_per_s']:8.0f} {m['peak_rss_mb']:12.0f} {m['ttfs_s']:10.1f} "
               f"{ok[0]['steps']:6d} {loss1:12.6f} {','.join(shas):>17}  (n={len(ok)})")  # fmt: skip
     for mode, why in prep["skipped"].items():
-        print(f"{mode:13} {'vlmtune':9} skipped: {why.splitlines()[0]}")
+        print(f"{mode:13} {'vlmtune':9} skipped: {'; '.join(line.strip() for line in why.splitlines())}")
 
     print("\n=== fairness: same data, same order, same model → same step-1 loss ===")
     for mode in args.modes:
@@ -273,11 +278,24 @@ def summarise(results: dict, prep: dict, args) -> bool:
     return fair
 
 
+def save(work: Path, prep: dict, results: dict, rounds_done: int) -> None:
+    """Every finished run is kept, so an interrupted benchmark can still be summarised (--summary-of)."""
+    flat = {f"{mode}/{who}": runs for (mode, who), runs in results.items()}
+    tmp = work / "results.json.tmp"
+    tmp.write_text(json.dumps({"prep": prep, "rounds_done": rounds_done, "results": flat}))
+    tmp.replace(work / "results.json")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         child(*args.child)
         return 0
+    if args.summary_of:
+        saved = json.loads((args.summary_of / "results.json").read_text())
+        args.rounds = saved["rounds_done"]
+        results = {tuple(k.split("/")): v for k, v in saved["results"].items()}
+        return 0 if summarise(results, saved["prep"], args) else 1
     import shutil
 
     shutil.rmtree(args.work, ignore_errors=True)
@@ -300,6 +318,7 @@ def main(argv=None) -> int:
                 brief = r.get("error") or f"{r['tokens_per_s']:.0f} tok/s, {r['peak_rss_mb']:.0f} MB, " \
                     f"1st step {r['ttfs_s']:.1f} s, loss1 {r['losses'][:1]}, sha {r['tokens_sha256']}"  # fmt: skip
                 print(f"round {rnd + 1} {mode:13} {who:8} {brief}", flush=True)
+                save(args.work, prep, results, rnd + 1)
     fair = summarise(results, prep, args)
     print(f"\ntotal wall time {time.time() - t0:.0f} s; raw results under {args.work}/runs/*/result.json")
     return 0 if fair else 1
