@@ -33,9 +33,15 @@ IGNORE = -100
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over trained positions (labels are aligned with inputs)."""
+    """Summed next-token cross-entropy over trained positions (labels are aligned with inputs).
+
+    The labels are shifted, not the logits: `logits[:, :-1]` is not contiguous, so flattening it copied the whole
+    (batch, length, vocab) tensor every micro-batch (with a 32k vocabulary, more time and memory than the
+    LoRA matmuls on CPU). The last position gets label IGNORE, so the sum is unchanged.
+    """
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+        logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum"
     )
 
 
