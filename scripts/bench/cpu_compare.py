@@ -122,7 +122,9 @@ def prepare(args) -> dict:
             skipped[mode] = f"not supported by this vlmtune (its recipe schema rejects the keys): {exc}"
 
     # vlmtune's own tokenisation and order, so the other contenders train on exactly its token ids.
-    recipe = load_recipe(work / "vlmtune-padded.yaml")
+    tokenise = work / "vlmtune-tokenise.yaml"
+    tokenise.write_text(yaml.safe_dump(vlmtune_recipe(args, model_dir, data_dir / "train.jsonl", "padded")))
+    recipe = load_recipe(tokenise)
     data = build_dataset(
         recipe.data.train, recipe.data, load_tokenizer(recipe.model, recipe._base_dir), seed=recipe.train.seed
     )
@@ -168,8 +170,9 @@ def vlmtune_recipe(args, model_dir: Path, data: Path, mode: str) -> dict:
     # The batching keys (CONTRACT with the batching work): padded is the default, so it is not written.
     if mode != "padded":
         recipe["data"]["batching"] = mode
-    if mode == "packed":
+    if mode == "packed":  # one pack of pack_length tokens per step, as TRL's packed run gets
         recipe["data"]["pack_length"] = args.pack_length
+        recipe["train"]["micro_batch_size"] = 1
     if mode != "padded" and args.micro_batch_tokens:
         recipe["train"]["micro_batch_tokens"] = args.micro_batch_tokens
     return recipe

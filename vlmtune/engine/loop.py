@@ -325,7 +325,9 @@ class Trainer:
         steps = iter(self._steps(state.step, total))
         with StopWatcher(c.checkpoints.root.parent) as stop:
             while state.step < total:
+                waiting = time.perf_counter()
                 rows, batches = next(steps)
+                window["data_wait"] += time.perf_counter() - waiting
                 out = self.train_step([{k: v.to(acc.device) for k, v in b.items()} for b in batches])
                 state.step += 1
                 self._handle_nonfinite(out, rows)
@@ -384,7 +386,10 @@ class Trainer:
 
     @staticmethod
     def _new_window() -> dict:
-        return {"loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "flops": 0.0, "start": time.perf_counter()}
+        return {
+            "loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "flops": 0.0, "data_wait": 0.0,
+            "start": time.perf_counter(),
+        }  # fmt: skip
 
     def _record(self, out: dict, window: dict) -> dict:
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
@@ -399,6 +404,8 @@ class Trainer:
             "tokens_per_sec": window["input_tokens"] / elapsed,
             "trained_tokens_per_sec": window["tokens"] / elapsed,
             "peak_mem_mb": round(peak_memory_mb(self.acc.device), 1),
+            # Share of the time spent waiting for batches (sampling + collating): near 0 when data keeps up.
+            "data_wait_frac": round(window["data_wait"] / elapsed, 4),
             "skipped_steps": state.skipped_steps,
             "nonfinite_steps": state.nonfinite_steps,
         }
