@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# How many rows to look through for the smallest image (the cost of a text-only step grows with its size).
+# How many image rows to look through for the smallest image (a text-only step's extra cost grows with it).
 _SCAN_ROWS = 256
 
 
@@ -74,7 +74,7 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
     if family is None or accelerator.num_processes < 2:
         return None
     keys = [k for k in collator.vision if collator.vision[k] != "count"]
-    image_rows = [i for i in range(min(len(data), _SCAN_ROWS)) if any(k in data[i] for k in keys)]
+    image_rows = [i for i in range(len(data)) if any(k in data[i] for k in keys)]
     if not image_rows or len(image_rows) == len(data):
         return None  # every process runs the same path on every batch
     if family.cross_attention_images:
@@ -85,7 +85,7 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
                 "and with images on another cannot stay in step; give every row an image, or use DDP / ZeRO-2"
             )
         return None  # DDP finds the skipped layers' weights unused (configure_ddp)
-    smallest = min(image_rows, key=lambda i: data[i]["pixel_values"].numel())
+    smallest = min(image_rows[:_SCAN_ROWS], key=lambda i: data[i]["pixel_values"].numel())
     batch = collator([data[smallest]])
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     inputs = {

@@ -66,3 +66,35 @@ def test_text_only_forward_runs_the_vision_path(name, tiny_vlm_root, tmp_path):
     with torch.no_grad():
         forward(model, image_batch)
     assert len(tower_calls) == 2
+
+
+def test_installed_when_images_come_only_after_many_text_rows(tiny_vlm_root, tmp_path):
+    """Sources are concatenated in order: a long text-only source first must not hide the image rows."""
+    from types import SimpleNamespace
+
+    from vlmtune.engine.vision_sync import keep_vision_in_step
+
+    family = get_family("qwen2_vl")
+    path = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = family.load_class().from_pretrained(path, local_files_only=True)
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "red.png")
+    rows = {
+        "image": {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}],
+                  "images": ["red.png"]},
+        "text": {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
+    }  # fmt: skip
+    encoded = {}
+    for kind, row in rows.items():
+        conv = normalise_vlm(row, "messages")
+        encoded[kind] = encode_vlm_row(
+            processor, family, conv.messages, conv.images, image_root=tmp_path, max_length=1024
+        )
+    collate = VLMCollator(processor.tokenizer.pad_token_id, family)
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), unwrap_model=lambda m: m)
+    data = [encoded["text"]] * 1000 + [encoded["image"]]
+    keep = keep_vision_in_step(accelerator, model, family, data, collate)
+    assert keep is not None and keep.inputs["pixel_values"].shape == encoded["image"]["pixel_values"].shape
+    keep.remove()
+    assert keep_vision_in_step(accelerator, model, family, [encoded["text"]] * 4, collate) is None
+    assert keep_vision_in_step(accelerator, model, family, [encoded["image"]] * 4, collate) is None
