@@ -29,8 +29,15 @@ def test_every_torch_load_is_weights_only_and_nothing_unpickles():
                     and flags["weights_only"].value is True
                 ):
                     unsafe.append(f"{where}: torch.load without weights_only=True")
-            if name in ("pickle.load", "pickle.loads", "dill.load", "joblib.load", "numpy.load", "np.load"):
+            if name in ("pickle.load", "pickle.loads", "dill.load", "joblib.load"):
                 unsafe.append(f"{where}: {name}")
+            if name in ("numpy.load", "np.load"):  # safe only with pickles refused
+                flags = {k.arg: k.value for k in call.keywords}
+                if not (
+                    isinstance(flags.get("allow_pickle"), ast.Constant)
+                    and flags["allow_pickle"].value is False
+                ):
+                    unsafe.append(f"{where}: {name} without allow_pickle=False")
             for k in call.keywords:
                 if (
                     k.arg == "trust_remote_code"
