@@ -22,10 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SYNCED = [f.name for f in FAMILIES.values() if not (f.needs_images or f.cross_attention_images)]
 
 
-@pytest.mark.parametrize("name", SYNCED)
-def test_text_only_forward_runs_the_vision_path(name, tiny_vlm_root, tmp_path):
+def _tiny(name: str, root, tmp_path):
+    """(family, model, collator, {"image": row, "text": row}) for a tiny model of family `name`."""
     family = get_family(name)
-    path = build_tiny_vlm(name, tiny_vlm_root / name)
+    path = build_tiny_vlm(name, root / name)
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     model = family.load_class().from_pretrained(path, local_files_only=True)
     Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "red.png")
@@ -34,13 +34,18 @@ def test_text_only_forward_runs_the_vision_path(name, tiny_vlm_root, tmp_path):
                   "images": ["red.png"]},
         "text": {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
     }  # fmt: skip
-    collate = VLMCollator(processor.tokenizer.pad_token_id, family)
     encoded = {}
     for kind, row in rows.items():
         conv = normalise_vlm(row, "messages")
         encoded[kind] = encode_vlm_row(
             processor, family, conv.messages, conv.images, image_root=tmp_path, max_length=1024
         )
+    return family, model, VLMCollator(processor.tokenizer.pad_token_id, family), encoded
+
+
+@pytest.mark.parametrize("name", SYNCED)
+def test_text_only_forward_runs_the_vision_path(name, tiny_vlm_root, tmp_path):
+    family, model, collate, encoded = _tiny(name, tiny_vlm_root, tmp_path)
     image_batch, text_batch = collate([encoded["image"]]), collate([encoded["text"]])
     for n, p in model.named_parameters():
         p.requires_grad_(part_of(n, family) == "projector")
@@ -74,23 +79,7 @@ def test_installed_when_images_come_only_after_many_text_rows(tiny_vlm_root, tmp
 
     from vlmtune.engine.vision_sync import keep_vision_in_step
 
-    family = get_family("qwen2_vl")
-    path = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
-    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
-    model = family.load_class().from_pretrained(path, local_files_only=True)
-    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "red.png")
-    rows = {
-        "image": {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}],
-                  "images": ["red.png"]},
-        "text": {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
-    }  # fmt: skip
-    encoded = {}
-    for kind, row in rows.items():
-        conv = normalise_vlm(row, "messages")
-        encoded[kind] = encode_vlm_row(
-            processor, family, conv.messages, conv.images, image_root=tmp_path, max_length=1024
-        )
-    collate = VLMCollator(processor.tokenizer.pad_token_id, family)
+    family, model, collate, encoded = _tiny("qwen2_vl", tiny_vlm_root, tmp_path)
     accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), unwrap_model=lambda m: m)
     data = [encoded["text"]] * 1000 + [encoded["image"]]
     keep = keep_vision_in_step(accelerator, model, family, data, collate)
