@@ -36,3 +36,9 @@ class Preempted(Exception):
 
 class TrainingDiverged(Exception):
     """Training produced non-finite losses or gradients beyond what train.nonfinite allows."""
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (library errors run long), for one-line user errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

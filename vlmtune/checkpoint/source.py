@@ -17,7 +17,7 @@ from typing import Any
 
 from vlmtune.checkpoint.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
 from vlmtune.config.schema import ModelConfig, Recipe, VisionConfig
-from vlmtune.errors import UserError
+from vlmtune.errors import UserError, first_line
 from vlmtune.logging import get_logger
 from vlmtune.model.families import Family, find_family, get_family
 
@@ -182,7 +182,7 @@ def _family(where: str, base_from: str, recipe: Recipe | None, trust_remote_code
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"cannot load the model config of {where} (from {base_from}): {_first_line(exc)}; "
+            f"cannot load the model config of {where} (from {base_from}): {first_line(exc)}; "
             "pass --base with the base model's folder or hub id"
         ) from None
     return find_family(config)
@@ -195,28 +195,19 @@ def load_model(source: Source, *, dtype: str, device: str = "cpu") -> Any:
     Raises:
         UserError: the weights cannot be loaded or are incomplete, or the adapter does not fit the base.
     """
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from vlmtune.model.load import DTYPES
+    from vlmtune.model.load import DTYPES, from_pretrained_complete
 
     cls = AutoModelForCausalLM if source.family is None else source.family.load_class()
-    try:
-        model, info = cls.from_pretrained(
-            source.base,
-            dtype=DTYPES[dtype],
-            revision=source.revision,
-            trust_remote_code=source.trust_remote_code,
-            output_loading_info=True,
-        )
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"cannot load {source.base} (from {source.base_from}): {_first_line(exc)}") from None
-    missing = info.get("missing_keys") or []
-    if missing:  # transformers fills them with random values and only warns
-        raise UserError(
-            f"{source.base} (from {source.base_from}) lacks weights for {len(missing)} parameter(s) "
-            f"(e.g. {sorted(missing)[0]}); its weight files are incomplete or it is another kind of model"
-        )
+    model = from_pretrained_complete(
+        cls,
+        source.base,
+        origin=source.base_from,
+        dtype=DTYPES[dtype],
+        revision=source.revision,
+        trust_remote_code=source.trust_remote_code,
+    )
     if source.adapter_dir is not None:
         model = _attach_adapter(model, source)
     return model.to(device).eval()
@@ -232,7 +223,7 @@ def _attach_adapter(model: Any, source: Source) -> Any:
     try:
         peft_model = PeftModel.from_pretrained(model, str(source.adapter_dir), is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as exc:
-        detail = _first_line(exc) if "size mismatch" not in str(exc) else _size_mismatch(exc)
+        detail = first_line(exc) if "size mismatch" not in str(exc) else _size_mismatch(exc)
         raise UserError(
             f"the adapter {source.adapter_dir} does not fit the base model: {detail}; {hint}"
         ) from None
@@ -267,7 +258,7 @@ def load_processor(source: Source) -> Any:
         try:
             loaded = cls.from_pretrained(str(folder), trust_remote_code=source.trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load the tokenizer/processor in {folder}: {_first_line(exc)}") from None
+            raise UserError(f"cannot load the tokenizer/processor in {folder}: {first_line(exc)}") from None
         return loaded
     cfg = (
         source.recipe.model.model_copy(update={"path": source.base})
@@ -282,10 +273,5 @@ def load_processor(source: Source) -> Any:
 
 
 def _size_mismatch(exc: Exception) -> str:
-    line = next((s.strip() for s in str(exc).splitlines() if "size mismatch" in s), _first_line(exc))
+    line = next((s.strip() for s in str(exc).splitlines() if "size mismatch" in s), first_line(exc))
     return line.rstrip(".")[:300]
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

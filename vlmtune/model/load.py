@@ -18,7 +18,7 @@ from transformers import (
 
 from vlmtune.config.checks import resolve_path
 from vlmtune.config.schema import ModelConfig, QuantConfig, VisionConfig
-from vlmtune.errors import UserError
+from vlmtune.errors import UserError, first_line
 from vlmtune.logging import get_logger
 from vlmtune.model.families import Family, find_family, get_family, set_image_size
 from vlmtune.model.quant import bnb_config
@@ -34,19 +34,22 @@ def model_location(cfg: ModelConfig, base_dir: Path | None = None) -> str:
     return str(local) if local.exists() else cfg.path
 
 
+def _tokenizer_location(cfg: ModelConfig, base_dir: Path | None) -> str:
+    """`model.tokenizer_path` if given, else the model's own location."""
+    if cfg.tokenizer_path is None:
+        return model_location(cfg, base_dir)
+    return str(resolve_path(cfg.tokenizer_path, base_dir))
+
+
 def load_tokenizer(cfg: ModelConfig, base_dir: Path | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token and the recipe's chat template when it gives one."""
-    where = (
-        model_location(cfg, base_dir)
-        if cfg.tokenizer_path is None
-        else str(resolve_path(cfg.tokenizer_path, base_dir))
-    )
+    where = _tokenizer_location(cfg, base_dir)
     try:
         tok = AutoTokenizer.from_pretrained(
             where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except OSError as exc:
-        raise UserError(f"model.path: cannot load a tokenizer from {where}: {_first_line(exc)}") from None
+        raise UserError(f"model.path: cannot load a tokenizer from {where}: {first_line(exc)}") from None
     if cfg.chat_template:
         tok.chat_template = _chat_template(cfg.chat_template, base_dir)
     _set_padding(tok)
@@ -64,7 +67,7 @@ def model_family(cfg: ModelConfig, base_dir: Path | None = None) -> Family | Non
             where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.path: cannot load the config of {where}: {_first_line(exc)}") from None
+        raise UserError(f"model.path: cannot load the config of {where}: {first_line(exc)}") from None
     return find_family(config)
 
 
@@ -76,17 +79,13 @@ def load_processor(
     Raises:
         UserError: the processor cannot be loaded, has no chat template, or the family takes no such size key.
     """
-    where = (
-        model_location(cfg, base_dir)
-        if cfg.tokenizer_path is None
-        else str(resolve_path(cfg.tokenizer_path, base_dir))
-    )
+    where = _tokenizer_location(cfg, base_dir)
     try:
         processor = AutoProcessor.from_pretrained(
             where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.path: cannot load a processor from {where}: {_first_line(exc)}") from None
+        raise UserError(f"model.path: cannot load a processor from {where}: {first_line(exc)}") from None
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise UserError(
@@ -145,23 +144,27 @@ def load_model(
 
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the weights itself
             kwargs["device_map"] = {"": device}
-    try:
-        cls = AutoModelForCausalLM if family is None else family.load_class()
-        model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"model.path: cannot load {where}: {_first_line(exc)}") from None
-    # transformers fills weights missing from the files with random values and only warns: fine-tuning a
-    # partly random model would waste the whole run.
-    missing = info.get("missing_keys") or []
-    if missing:
-        raise UserError(
-            f"model.path: {where} lacks weights for {len(missing)} parameter(s) (e.g. {sorted(missing)[0]}); "
-            "its weight files are incomplete or corrupt: download the model again"
-        )
+    cls = AutoModelForCausalLM if family is None else family.load_class()
+    model = from_pretrained_complete(cls, where, origin="model.path", **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
     return model
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def from_pretrained_complete(cls, where: str, *, origin: str, **kwargs) -> PreTrainedModel:
+    """`cls.from_pretrained(where, **kwargs)`, refusing weight files that lack parameters: transformers fills them
+    with random values and only warns, and training or merging a partly random model would be silently wrong.
+
+    Raises:
+        UserError: starting with `origin` (where the location came from, e.g. `model.path`).
+    """
+    try:
+        model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"{origin}: cannot load {where}: {first_line(exc)}") from None
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise UserError(
+            f"{origin}: {where} lacks weights for {len(missing)} parameter(s) (e.g. {sorted(missing)[0]}); its "
+            "weight files are incomplete or corrupt (download the model again), or it is another kind of model"
+        )
+    return model

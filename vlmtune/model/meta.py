@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from vlmtune.config.schema import Recipe
-from vlmtune.errors import UserError
+from vlmtune.errors import UserError, first_line
 from vlmtune.model.families import Family, find_family, get_family
 from vlmtune.model.load import DTYPES, model_location
 from vlmtune.model.lora import apply_lora
@@ -52,14 +52,13 @@ def load_config(recipe: Recipe) -> PretrainedConfig:
             where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (
             ""
             if local
             else f"; the plan needs only its config.json: `hf download {cfg.path} config.json` "
             "on a machine online, or point model.path at a folder holding it"
         )
-        raise UserError(f"model.path: cannot read the config of {where}: {first}{hint}") from None
+        raise UserError(f"model.path: cannot read the config of {where}: {first_line(exc)}{hint}") from None
 
 
 def build_meta_model(recipe: Recipe) -> MetaModel:
