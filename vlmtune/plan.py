@@ -316,7 +316,7 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
         qlora = recipe.model_copy(update={"quant": QuantConfig(bits=4, storage_dtype=recipe.model.dtype)})
         label = f"quant.bits=4 quant.storage_dtype={recipe.model.dtype} (QLoRA)"
         options.append((label, qlora, s))
-    if t.loss == "standard" and not s.shards_weights:  # the chunked loss is refused under ZeRO-3 / FSDP2
+    if t.loss == "standard":
         options.append(("train.loss=chunked", train(loss="chunked"), s))
     if t.optimizer == "adamw":
         options.append(("train.optimizer=adamw_8bit", train(optimizer="adamw_8bit"), s))
@@ -345,7 +345,7 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
         f"activations assume the fullest micro-batch ({micro_batch_shape(recipe)[2]}); "
         "batches of shorter rows take less",
     ]
-    if recipe.train.loss == "standard" and not plan.sharding.shards_weights:
+    if recipe.train.loss == "standard":
         notes.append(
             f"train.loss=chunked would avoid most of the {logits / GIB:.1f} GiB of logits + loss (same loss, "
             "computed a chunk of tokens at a time)"

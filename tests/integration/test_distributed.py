@@ -123,6 +123,20 @@ def test_qlora_with_sharded_weights_matches_one_process(name, recipe_file, qlora
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_chunked_loss_with_sharded_weights_matches_the_standard_loss(name, recipe_file, reference, tmp_path):
+    """The chunked loss gathers the frozen head once per micro-batch, so ranks with different trained-token counts
+    (so different chunk counts) stay in step; they train like one process with the standard loss."""
+    out = tmp_path / "run"
+    args = (f"train.output_dir={out}", f"launch.accelerate_config={cpu_config(name, tmp_path)}")
+    lean = ("train.loss=chunked", "train.loss_chunk_tokens=7", "train.gradient_checkpointing=true")
+    proc = launch(recipe_file, *args, *lean, "checkpoint.every=0", procs=2)
+    assert STRATEGIES[name] in proc.stderr
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-5)
+    assert max_diff(adapter(out), adapter(reference)) < 2e-5
+
+
+@pytest.mark.slow
 def test_preempting_the_launcher_checkpoints_exits_75_and_resumes(recipe_file, tmp_path):
     """SIGUSR1 to `vlmtune launch` (what a scheduler sends): every rank stops at the same step with a checkpoint,
     the launcher exits 75 (not torchrun's 1), and the same command resumes to the uninterrupted result."""

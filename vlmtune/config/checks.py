@@ -316,12 +316,17 @@ def _accelerate_problems(recipe: Recipe, accel: dict) -> list[str]:
         )
     q = recipe.quant
     sharded_params = (dist == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3) or dist == "FSDP"
-    if sharded_params and recipe.train.loss != "standard":
-        # Found with two CPU processes: FSDP2 ranks fell out of step; ZeRO-3 had released the head's weight
-        # when backward recomputed a chunk. DDP and ZeRO-2 matched one process.
+    if sharded_params and recipe.train.loss == "liger":
         problems.append(
-            f"train.loss: {recipe.train.loss} applies the output head outside the model's forward, which ZeRO-3 / "
-            "FSDP parameter sharding does not support; use train.loss: standard, or DDP / ZeRO-2"
+            "train.loss: liger needs the whole output head on every GPU, which ZeRO-3 / FSDP parameter sharding "
+            "splits; use train.loss: chunked (it gathers the head), or DDP / ZeRO-2"
+        )
+    targets = recipe.lora.target_modules if isinstance(recipe.lora.target_modules, list) else []
+    head_trains = [m for m in recipe.lora.modules_to_save + targets if "lm_head" in m]
+    if sharded_params and recipe.train.loss == "chunked" and head_trains:
+        problems.append(
+            f"train.loss: chunked under ZeRO-3 / FSDP needs a frozen output head, and the recipe trains "
+            f"{head_trains[0]!r} (lora.modules_to_save / target_modules); use train.loss: standard, or DDP / ZeRO-2"
         )
     if q is not None and sharded_params:
         if q.bits == 8:

@@ -246,9 +246,9 @@ class TrainConfig(_Section):
     loss: Literal["standard", "chunked", "liger"] = Field(
         "standard",
         description="standard: cross-entropy on the model's full logits; chunked: the output head and cross-entropy "
-        "applied to trained tokens only, loss_chunk_tokens at a time and recomputed in backward, so full-vocabulary "
-        "logits never exist (same loss to float rounding; not with ZeRO-3 / FSDP); liger: Liger's fused linear cross-entropy kernel "
-        "(CUDA, `pip install 'vlmtune[liger]'`, plain unsharded lm_head).",
+        "applied to trained tokens only, loss_chunk_tokens at a time with their gradients, so full-vocabulary "
+        "logits never exist (same loss to float rounding; under ZeRO-3 / FSDP the head must be frozen); liger: "
+        "Liger's fused linear cross-entropy kernel (CUDA, `pip install 'vlmtune[liger]'`, plain unsharded lm_head).",
     )
     loss_chunk_tokens: PositiveInt = Field(
         1024,

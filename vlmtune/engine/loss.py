@@ -4,8 +4,15 @@ The standard path (`vlmtune.engine.loop.token_loss_sum`) takes the model's logit
 tensor, and upcasts it to fp32: with a 150k vocabulary that is the largest tensor of a LoRA step. Here the model
 is called with `logits_to_keep=1` (every causal LM and VLM class of transformers takes it, so it computes one
 position's logits), the last hidden state is taken from its backbone by a forward hook, and the head is applied
-only to the positions that have a label, `chunk` rows at a time. Each chunk runs under non-reentrant activation
-checkpointing, so backward recomputes its logits instead of keeping them: peak memory is O(chunk × vocab).
+only to the positions that have a label, `chunk` rows at a time.
+
+For a plain linear head (the usual case, also when trained through `lora.modules_to_save`), each chunk's
+gradients are computed right in the forward pass and kept (trained rows × hidden, plus the head's shape when it
+trains): no pass holds more than a chunk of logits, nothing is recomputed, and backward never touches the head's
+weight. That is what makes the loss work under ZeRO-3 / FSDP2: the head's (frozen) weight is gathered once per
+micro-batch, the same collective on every rank whatever its token count, and released before backward. A head
+adapted by LoRA or quantised falls back to autograd through the module, each chunk under non-reentrant
+activation checkpointing (recomputed in backward); that path needs unsharded weights.
 
 Going through the wrapped model's own forward (not calling the backbone directly) keeps DDP, FSDP2 and DeepSpeed
 hooks where they expect to be. `train.loss: liger` hands the same trained rows to Liger's fused linear
@@ -14,7 +21,8 @@ cross-entropy (Triton, GPU only).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +43,22 @@ def trained_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return hidden[:, :-1][mask], labels[:, 1:][mask]
 
 
+def _capped(z: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits from the head's output, Gemma's tanh soft-cap applied; and tanh's value, for the gradient."""
+    z = z.float()
+    if softcap is None:
+        return z, None
+    th = torch.tanh(z / softcap)
+    return th * softcap, th
+
+
 def _chunk_loss(
     head: Callable[[torch.Tensor], torch.Tensor],
     h: torch.Tensor,
     targets: torch.Tensor,
     softcap: float | None,
 ) -> torch.Tensor:
-    logits = head(h).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(_capped(head(h), softcap)[0], targets, reduction="sum")
 
 
 def chunked_cross_entropy_sum(
@@ -71,6 +85,96 @@ def chunked_cross_entropy_sum(
             part = _chunk_loss(head, h, t, softcap)
         total = part if total is None else total + part
     return total
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `rows @ weightᵀ + bias` against `targets`, `chunk` rows at a time, with every
+    gradient computed chunk by chunk in forward and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, chunk: int, softcap: float | None):
+        need_rows, need_w, need_b = ctx.needs_input_grad[:3]
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        g_rows = torch.empty_like(rows) if need_rows else None
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, rows.shape[0], chunk):
+            h, t = rows[start : start + chunk], targets[start : start + chunk]
+            z = F.linear(h, weight, bias)
+            logits, th = _capped(z, softcap)
+            total += F.cross_entropy(logits, t, reduction="sum")
+            if not (need_rows or need_w or need_b):
+                continue
+            g = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - one-hot
+            g[torch.arange(len(t), device=g.device), t] -= 1
+            if th is not None:
+                g *= 1 - th * th
+            g = g.to(z.dtype)  # as autograd would hand it back through `.float()`
+            if need_rows:
+                g_rows[start : start + chunk] = g @ weight.to(g.dtype)
+            if need_w:
+                g_w += (g.t() @ h.to(g.dtype)).float()
+            if need_b:
+                g_b += g.sum(0).float()
+        ctx.save_for_backward(
+            g_rows,
+            None if g_w is None else g_w.to(weight.dtype),
+            None if g_b is None else g_b.to(bias.dtype),
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g_rows, g_w, g_b = ctx.saved_tensors
+        scale = [None if g is None else g * grad_out.to(g.dtype) for g in (g_rows, g_w, g_b)]
+        return *scale, None, None, None
+
+
+def linear_cross_entropy_sum(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of the linear head `(weight, bias)` on `rows`, never holding more than `chunk` rows
+    of logits; backward only scales gradients computed here, so it needs neither the weight nor a recompute."""
+    return _LinearCrossEntropy.apply(rows, weight, bias, targets, chunk, softcap)
+
+
+def plain_linear(head: nn.Module) -> nn.Linear | None:
+    """The `nn.Linear` that `head` applies, also through PEFT's `modules_to_save` wrapper or FSDP2's dynamic
+    subclass (hooks, same forward); None for a head that LoRA adapts or that is quantised (its own forward)."""
+    if isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward:
+        return head
+    copies = getattr(head, "modules_to_save", None)
+    if not isinstance(copies, nn.ModuleDict):
+        return None
+    active = head.active_adapters
+    if head.disable_adapters or any(a not in copies for a in active):
+        return plain_linear(head.original_module)
+    return plain_linear(copies[active[0]]) if len(active) == 1 else None
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    """Partitioned by ZeRO-3 (`ds_id`) or sharded by FSDP2 (a DTensor)."""
+    return hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+
+
+@contextmanager
+def full_weights(linear: nn.Linear) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The head's whole weight and bias. Under ZeRO-3 / FSDP2 (frozen head) they are gathered: a collective that
+    every rank runs once per micro-batch, whatever its token count, and released on exit."""
+    params = [p for p in (linear.weight, linear.bias) if p is not None]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        return
+    full = [p.detach().full_tensor() if _is_sharded(p) else p for p in params]
+    yield full[0], full[1] if linear.bias is not None else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -113,7 +217,15 @@ class LeanLoss:
                 f"{type(hf).__name__} has none; use train.loss: standard"
             )
         self.kind, self.chunk, self.head = kind, chunk, head
+        self.linear = plain_linear(head)
         self.softcap = final_logit_softcap(hf)
+        sharded = [n for n, p in head.named_parameters() if _is_sharded(p)]
+        if sharded and (self.linear is None or any(p.requires_grad for p in self.linear.parameters())):
+            raise UserError(
+                f"train.loss: {kind} under ZeRO-3 / FSDP2 needs a frozen, plain linear output head, and this "
+                f"{type(head).__name__} is {'trained' if self.linear is not None else 'adapted or quantised'}; "
+                "keep lm_head out of lora.target_modules / lora.modules_to_save, or use train.loss: standard"
+            )
         self._hidden: torch.Tensor | None = None
         self._checked = False
         backbone.register_forward_hook(self._keep_hidden)
@@ -134,20 +246,24 @@ class LeanLoss:
                 f"train.loss: {self.kind}: the model's backbone did not run through its forward; "
                 "use train.loss: standard"
             )
-        if not self._checked:
-            self._check_head(hidden, last_logits)
         rows, targets = trained_rows(hidden, batch["labels"])
         if self._liger is not None:
+            self._check(hidden, last_logits, self.head)
             return self._liger(self.head.weight, rows.to(self.head.weight.dtype), targets, self.head.bias)
-        return chunked_cross_entropy_sum(rows, targets, self.head, self.chunk, self.softcap)
+        if self.linear is None:
+            self._check(hidden, last_logits, self.head)
+            return chunked_cross_entropy_sum(rows, targets, self.head, self.chunk, self.softcap)
+        with full_weights(self.linear) as (weight, bias):
+            self._check(hidden, last_logits, lambda h: F.linear(h, weight, bias))
+            return linear_cross_entropy_sum(rows, targets, weight, bias, self.chunk, self.softcap)
 
     @torch.no_grad()
-    def _check_head(self, hidden: torch.Tensor, last_logits: torch.Tensor) -> None:
-        """Refuse a model whose forward does more after the head than this module knows (a logit scale...):
+    def _check(self, hidden: torch.Tensor, last_logits: torch.Tensor, head: Callable) -> None:
+        """Once: refuse a model whose forward does more after the head than this module knows (a logit scale...):
         the one position the model computed must equal the head applied here to the same hidden state."""
-        ours = self.head(hidden[:, -1:]).float()
-        if self.softcap is not None:
-            ours = torch.tanh(ours / self.softcap) * self.softcap
+        if self._checked:
+            return
+        ours, _ = _capped(head(hidden[:, -1:]), self.softcap)
         theirs = last_logits[:, -1:].float()
         tol = 1e-3 * max(float(theirs.abs().max()), 1.0)
         if ours.shape != theirs.shape or float((ours - theirs).abs().max()) > tol:

@@ -129,19 +129,20 @@ def test_unknown_loss_lists_the_choices():
         _recipe(train={"output_dir": "out", "loss": "fused"})
 
 
-def test_lean_loss_with_sharded_parameters_is_refused():
+def test_under_sharded_parameters_liger_is_refused_and_chunked_needs_a_frozen_head():
     from vlmtune.config.checks import _accelerate_problems
 
-    chunked = _recipe(train={"output_dir": "out", "loss": "chunked"})
+    out = {"output_dir": "out"}
+    chunked, liger = _recipe(train={**out, "loss": "chunked"}), _recipe(train={**out, "loss": "liger"})
+    head = _recipe(train={**out, "loss": "chunked"}, lora={"modules_to_save": ["lm_head"]})
     for accel in (
         {"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}},
         {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}},
     ):
-        assert [p.split(":")[0] for p in _accelerate_problems(chunked, accel)] == ["train.loss"]
-        assert _accelerate_problems(_recipe(), accel) == []
-    assert (
-        _accelerate_problems(
-            chunked, {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}
-        )
-        == []
-    )
+        assert _accelerate_problems(chunked, accel) == []
+        assert [p.split(":")[0] for p in _accelerate_problems(liger, accel)] == ["train.loss"]
+        [problem] = _accelerate_problems(head, accel)
+        assert problem.startswith("train.loss: chunked under ZeRO-3 / FSDP needs a frozen output head")
+        assert "'lm_head'" in problem
+    zero2 = {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}
+    assert _accelerate_problems(liger, zero2) == _accelerate_problems(head, zero2) == []
