@@ -87,35 +87,42 @@ def chunked_cross_entropy_sum(
     return total
 
 
+def _loss_and_grads(rows, weight, bias, targets, chunk: int, softcap: float | None, need: tuple[bool, ...]):
+    """The summed loss and, where `need` asks (rows, weight, bias), its gradients, `chunk` rows at a time."""
+    need_rows, need_w, need_b = need
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    g_rows = torch.empty_like(rows) if need_rows else None
+    g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    for start in range(0, rows.shape[0], chunk):
+        h, t = rows[start : start + chunk], targets[start : start + chunk]
+        z = F.linear(h, weight, bias)
+        logits, th = _capped(z, softcap)
+        total += F.cross_entropy(logits, t, reduction="sum")
+        if not any(need):
+            continue
+        g = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - one-hot
+        g[torch.arange(len(t), device=g.device), t] -= 1
+        if th is not None:
+            g *= 1 - th * th
+        g = g.to(z.dtype)  # as autograd would hand it back through `.float()`
+        if need_rows:
+            g_rows[start : start + chunk] = g @ weight.to(g.dtype)
+        if need_w:
+            g_w += (g.t() @ h.to(g.dtype)).float()
+        if need_b:
+            g_b += g.sum(0).float()
+    return total, g_rows, g_w, g_b
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `rows @ weightᵀ + bias` against `targets`, `chunk` rows at a time, with every
-    gradient computed chunk by chunk in forward and only scaled in backward."""
+    """`_loss_and_grads` as an autograd function: backward only scales the gradients forward computed."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk: int, softcap: float | None):
-        need_rows, need_w, need_b = ctx.needs_input_grad[:3]
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        g_rows = torch.empty_like(rows) if need_rows else None
-        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for start in range(0, rows.shape[0], chunk):
-            h, t = rows[start : start + chunk], targets[start : start + chunk]
-            z = F.linear(h, weight, bias)
-            logits, th = _capped(z, softcap)
-            total += F.cross_entropy(logits, t, reduction="sum")
-            if not (need_rows or need_w or need_b):
-                continue
-            g = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - one-hot
-            g[torch.arange(len(t), device=g.device), t] -= 1
-            if th is not None:
-                g *= 1 - th * th
-            g = g.to(z.dtype)  # as autograd would hand it back through `.float()`
-            if need_rows:
-                g_rows[start : start + chunk] = g @ weight.to(g.dtype)
-            if need_w:
-                g_w += (g.t() @ h.to(g.dtype)).float()
-            if need_b:
-                g_b += g.sum(0).float()
+        total, g_rows, g_w, g_b = _loss_and_grads(
+            rows, weight, bias, targets, chunk, softcap, ctx.needs_input_grad[:3]
+        )
         ctx.save_for_backward(
             g_rows,
             None if g_w is None else g_w.to(weight.dtype),
@@ -140,7 +147,10 @@ def linear_cross_entropy_sum(
 ) -> torch.Tensor:
     """Summed cross-entropy of the linear head `(weight, bias)` on `rows`, never holding more than `chunk` rows
     of logits; backward only scales gradients computed here, so it needs neither the weight nor a recompute."""
-    return _LinearCrossEntropy.apply(rows, weight, bias, targets, chunk, softcap)
+    tensors = (rows, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _LinearCrossEntropy.apply(rows, weight, bias, targets, chunk, softcap)
+    return _loss_and_grads(rows, weight, bias, targets, chunk, softcap, (False, False, False))[0]
 
 
 def plain_linear(head: nn.Module) -> nn.Linear | None:
@@ -163,18 +173,23 @@ def _is_sharded(p: torch.Tensor) -> bool:
 
 
 @contextmanager
-def full_weights(linear: nn.Linear) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The head's whole weight and bias. Under ZeRO-3 / FSDP2 (frozen head) they are gathered: a collective that
-    every rank runs once per micro-batch, whatever its token count, and released on exit."""
+def full_weights(linear: nn.Linear, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The head's whole weight and bias. Under ZeRO-3 / FSDP2 (frozen head) they are gathered, in `dtype` as the
+    sharding's own unshard would cast them: a collective that every rank runs once per micro-batch, whatever its
+    token count, and released on exit."""
     params = [p for p in (linear.weight, linear.bias) if p is not None]
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+            yield tuple(None if p is None else p.detach().to(dtype) for p in (linear.weight, linear.bias))
         return
-    full = [p.detach().full_tensor() if _is_sharded(p) else p for p in params]
-    yield full[0], full[1] if linear.bias is not None else None
+    if any(_is_sharded(p) for p in params):
+        yield tuple(
+            None if p is None else p.detach().full_tensor().to(dtype) for p in (linear.weight, linear.bias)
+        )
+        return
+    yield linear.weight, linear.bias
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -253,7 +268,7 @@ class LeanLoss:
         if self.linear is None:
             self._check(hidden, last_logits, self.head)
             return chunked_cross_entropy_sum(rows, targets, self.head, self.chunk, self.softcap)
-        with full_weights(self.linear) as (weight, bias):
+        with full_weights(self.linear, rows.dtype) as (weight, bias):
             self._check(hidden, last_logits, lambda h: F.linear(h, weight, bias))
             return linear_cross_entropy_sum(rows, targets, weight, bias, self.chunk, self.softcap)
 

@@ -5,8 +5,9 @@ from functools import partial
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers import AutoModelForCausalLM
 
+from tests.unit.engine.test_vision_sync import tiny_vlm_batch
 from vlmtune.config.schema import LoraConfig
 from vlmtune.engine.loop import forward, token_loss_sum
 from vlmtune.engine.loss import (
@@ -17,9 +18,8 @@ from vlmtune.engine.loss import (
     trained_rows,
 )
 from vlmtune.errors import UserError
-from vlmtune.model.families import get_family
+from vlmtune.model.families import FAMILIES
 from vlmtune.model.lora import apply_lora
-from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,27 +80,22 @@ def test_chunked_loss_and_gradients_equal_standard_on_the_tiny_llm(llm, chunk):
     _assert_equal_to_standard(llm, _text_batch(llm.config.vocab_size), chunk)
 
 
-def test_chunked_loss_and_gradients_equal_standard_on_a_tiny_vlm(tiny_vlm_root):
-    family = get_family("llava")
-    folder = build_tiny_vlm("llava", tiny_vlm_root / "llava")
-    model = family.load_class().from_pretrained(folder, dtype=torch.float32)
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_chunked_loss_and_gradients_equal_standard_on_every_vlm_family(name, tiny_vlm_root, tmp_path):
+    family, model, collate, encoded = tiny_vlm_batch(name, tiny_vlm_root, tmp_path)
+    with torch.no_grad():  # Mllama's zero-initialised cross-attention gates would leave those layers no gradient
+        for n, p in model.named_parameters():
+            if n.endswith(("attn_gate", "mlp_gate")):
+                p.fill_(1.0)
     model = apply_lora(
-        model,
+        model.float(),
         LoraConfig(r=4, alpha=8, dropout=0.0),
         quantized=False,
         gradient_checkpointing=False,
         family=family,
     )
     _randomise_adapters(model)
-    processor = AutoProcessor.from_pretrained(folder)
-    images = [torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8).numpy().transpose(1, 2, 0)] * 2
-    text = ["<image>\nWhat shape is this? A red square.", "<image>\nAnd this? A blue circle, small."]
-    batch = dict(processor(text=text, images=images, return_tensors="pt", padding=True))
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    labels[:, :20] = -100  # the image span and the question
-    batch["labels"] = labels
-    _assert_equal_to_standard(model.train(), batch, chunk=4)
+    _assert_equal_to_standard(model.train(), collate([encoded["image"], encoded["image"]]), chunk=4)
 
 
 def test_a_lora_adapted_head_goes_through_autograd_and_equals_standard(tiny_model_dir):
