@@ -169,7 +169,9 @@ def plain_linear(head: nn.Module) -> nn.Linear | None:
 
 def _is_sharded(p: torch.Tensor) -> bool:
     """Partitioned by ZeRO-3 (`ds_id`) or sharded by FSDP2 (a DTensor)."""
-    return hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+    from torch.distributed.tensor import DTensor
+
+    return hasattr(p, "ds_id") or isinstance(p, DTensor)
 
 
 @contextmanager
@@ -234,7 +236,7 @@ class LeanLoss:
         self.kind, self.chunk, self.head = kind, chunk, head
         self.linear = plain_linear(head)
         self.softcap = final_logit_softcap(hf)
-        sharded = [n for n, p in head.named_parameters() if _is_sharded(p)]
+        sharded = any(_is_sharded(p) for p in head.parameters())
         if sharded and (self.linear is None or any(p.requires_grad for p in self.linear.parameters())):
             raise UserError(
                 f"train.loss: {kind} under ZeRO-3 / FSDP2 needs a frozen, plain linear output head, and this "
