@@ -13,6 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from vlmtune.config.schema import DataConfig, DataSource
@@ -209,23 +210,38 @@ def test_a_datasets_folder_with_an_image_column_trains(tiny_vlm_root, vlm_data, 
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
 
 
-def test_qlora_on_a_vlm_trains_a_language_model_lora(tiny_vlm_root, vlm_data, tmp_path, monkeypatch):
-    """A 4-bit NF4 base (every linear layer: bitsandbytes quantises tower and projector too), LoRA on the language
-    model; the adapter reloads in plain PEFT on the unquantised base."""
+@pytest.mark.parametrize("vision", ["quantized", "float"])
+def test_qlora_on_a_vlm(vision, tiny_vlm_root, vlm_data, tmp_path, monkeypatch):
+    """A 4-bit NF4 base with LoRA on the language model. quant.vision quantized: bitsandbytes quantises tower and
+    projector too; float: they stay unquantised, so the projector trains in full and the tower takes LoRA.
+    The adapter reloads in plain PEFT on the unquantised base."""
     bnb = pytest.importorskip("bitsandbytes")
     family = get_family("qwen2_vl")
     model_dir = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
-    quant = {"bits": 4, "type": "nf4", "compute_dtype": "float32", "storage_dtype": "float32"}
-    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, quant=quant, train={"max_steps": 6})
-    recipe["quant"] = quant
+    quant = {
+        "bits": 4,
+        "type": "nf4",
+        "compute_dtype": "float32",
+        "storage_dtype": "float32",
+        "vision": vision,
+    }
+    parts = {"tower": "lora", "projector": "full"} if vision == "float" else {}
+    recipe = _recipe(
+        model_dir, vlm_data, tmp_path / "run", family, quant=quant, train={"max_steps": 6}, vision=parts
+    )
     trained = _keep_trained_model(monkeypatch)
     result = run(recipe)
     quantised = {
         part_of(n, family) for n, m in trained["model"].named_modules() if isinstance(m, bnb.nn.Linear4bit)
     }
-    assert "language" in quantised
+    assert quantised == ({"language"} if vision == "float" else {"vision", "projector", "language"})
     losses = _losses(result.output_dir)
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
     base = family.load_class().from_pretrained(model_dir, dtype=torch.float32)
+    before = {n: p.clone() for n, p in base.named_parameters() if part_of(n, family) == "projector"}
     reloaded = PeftModel.from_pretrained(base, result.adapter_dir)
-    assert {part_of(n, family) for n, _ in reloaded.named_parameters() if "lora_" in n} == {"language"}
+    adapted = {part_of(n, family) for n, _ in reloaded.named_parameters() if "lora_" in n}
+    assert adapted == ({"vision", "language"} if vision == "float" else {"language"})
+    if vision == "float":  # the fully trained projector comes back with the adapter
+        saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+        assert before and all(not torch.equal(saved[f"base_model.model.{n}"], p) for n, p in before.items())

@@ -139,9 +139,11 @@ def vision_problems(recipe: Recipe) -> list[str]:
     family = FAMILIES.get(recipe.model.family) if recipe.model.family else None
     if family is not None:
         problems += image_size_problems(recipe, family)
-    if recipe.quant is not None and "full" in (v.tower, v.projector):
+    if recipe.quant is not None and recipe.quant.vision == "quantized" and "full" in (v.tower, v.projector):
+        part = "tower" if v.tower == "full" else "projector"
         problems.append(
-            "vision: `full` training of a quantised tower or projector is not supported; use lora, or no quant"
+            f"vision.{part}: full training of a quantised {part} is not possible; set quant.vision: float "
+            "(keeps the tower and projector unquantised), or train it with lora"
         )
     return problems
 

@@ -96,6 +96,12 @@ class QuantConfig(_Section):
         "uint8",
         description="Dtype the packed 4-bit weights are stored in; bfloat16 lets ZeRO-3/FSDP shard them.",
     )
+    vision: Literal["quantized", "float"] = Field(
+        "quantized",
+        description="VLMs: `quantized` quantises the vision tower and projector too (bitsandbytes' default); "
+        "`float` keeps them unquantised (in fp32 for training, as k-bit preparation upcasts them), which "
+        "vision.tower / vision.projector: full need.",
+    )
 
 
 class LoraConfig(_Section):

@@ -216,7 +216,9 @@ def parameters(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> Parameter
     )
     kept = total - trainable - quantized
     note = (
-        recipe.model.dtype if q is None else _quant_note(q, quantized, kept, "bf16/fp16" if half else "fp32")
+        recipe.model.dtype
+        if q is None
+        else _quant_note(q, quantized, kept, "bf16/fp16" if half else "fp32", vlm=meta.family is not None)
     )
     return Parameters(
         total, trainable, quantized, frozen_bytes, trainable_bytes, grad_bytes, optim, largest, note
@@ -230,9 +232,10 @@ def _frozen_bytes(p: torch.nn.Parameter, quantized_weights: dict[int, int], q, h
     return p.numel() * (2 if half else 4 if q is not None else p.element_size())
 
 
-def _quant_note(q, quantized: int, kept: int, kept_dtype: str) -> str:
+def _quant_note(q, quantized: int, kept: int, kept_dtype: str, vlm: bool) -> str:
     kind = f"4-bit {q.type}" + (" double-quant" if q.double_quant else "") if q.bits == 4 else "8-bit"
-    return f"{kind}: {quantized:,} quantised; {kept:,} unquantised in {kept_dtype} (embeddings, norms, head)"
+    parts = "embeddings, norms, head" + (", vision tower, projector" if vlm and q.vision == "float" else "")
+    return f"{kind}: {quantized:,} quantised; {kept:,} unquantised in {kept_dtype} ({parts})"
 
 
 def decoder_layers(meta: MetaModel) -> list[torch.nn.Module]:

@@ -139,7 +139,7 @@ def load_model(
         "trust_remote_code": cfg.trust_remote_code,
     }
     if quant is not None:
-        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["quantization_config"] = bnb_config(quant, family)
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the weights itself

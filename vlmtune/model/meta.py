@@ -77,7 +77,7 @@ def build_meta_model(recipe: Recipe) -> MetaModel:
             raise UserError(
                 f"model.path: cannot build a {cls.__name__} from the config of {recipe.model.path}: {exc}"
             ) from None
-        unquantized = unquantized_modules(model)
+        unquantized = unquantized_modules(model, recipe.quant, family)
         # Quantised or not, the same linear layers are adapted (bitsandbytes layers are nn.Linear subclasses).
         model = apply_lora(
             model,

@@ -6,6 +6,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from vlmtune.config.schema import QuantConfig
+from vlmtune.model.families import Family
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -15,23 +16,33 @@ _DTYPES = {
 }
 
 
-def bnb_config(q: QuantConfig) -> BitsAndBytesConfig:
-    """The transformers quantization_config for a recipe's `quant` section."""
+def float_modules(q: QuantConfig, family: Family | None) -> list[str] | None:
+    """Module prefixes bitsandbytes must leave unquantised, or None for its own default (output head, tied
+    weights, the model's `_keep_in_fp32_modules`). A list replaces that default, so it names the head too."""
+    if family is None or q.vision == "quantized":
+        return None
+    return ["lm_head", *family.vision, *family.projector]
+
+
+def bnb_config(q: QuantConfig, family: Family | None = None) -> BitsAndBytesConfig:
+    """The transformers quantization_config for a recipe's `quant` section (and the VLM family, if any)."""
     if q.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=float_modules(q, family))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=_DTYPES[q.compute_dtype],
         bnb_4bit_quant_storage=_DTYPES[q.storage_dtype],
+        llm_int8_skip_modules=float_modules(q, family),
     )
 
 
-def unquantized_modules(model) -> list[str]:
-    """Module names that bitsandbytes leaves in float when loading `model` (transformers' own rule: the output
-    head, tied weights, the last module and the model's `_keep_in_fp32_modules`)."""
+def unquantized_modules(model, q: QuantConfig | None = None, family: Family | None = None) -> list[str]:
+    """Module names that bitsandbytes leaves in float when loading `model` with `bnb_config(q, family)`
+    (transformers' own rule; the model's `_keep_in_fp32_modules` always stay)."""
     from transformers.quantizers.base import HfQuantizer
 
     keep = getattr(model, "_keep_in_fp32_modules", None)
-    return HfQuantizer.get_modules_to_not_convert(model, None, list(keep) if keep else None)
+    skip = float_modules(q, family) if q is not None else None
+    return HfQuantizer.get_modules_to_not_convert(model, skip, list(keep) if keep else None)

@@ -59,9 +59,16 @@ def test_family_image_size_keys_accepted():
     assert cross_field_problems(_recipe(vision=ok)) == []
 
 
-def test_full_training_of_a_quantised_part_is_refused():
+def test_full_training_of_a_quantised_part_is_refused_unless_it_stays_float():
     problems = cross_field_problems(_recipe(vision={"projector": "full"}, quant={"bits": 4}))
-    assert any(p.startswith("vision: `full`") for p in problems)
+    assert (
+        "vision.projector: full training of a quantised projector is not possible; set quant.vision: float"
+        in ("\n".join(problems))
+    )
+    assert (
+        cross_field_problems(_recipe(vision={"projector": "full"}, quant={"bits": 4, "vision": "float"}))
+        == []
+    )
 
 
 def test_llava_format_and_image_root_parse():

@@ -251,12 +251,50 @@ def test_quantized_weights_match_bitsandbytes(tiny_model_dir, tmp_path, one_thre
         device_map={"": "cpu"},
     )
     model = apply_lora(model, recipe.lora, quantized=True, gradient_checkpointing=False)
+    assert est.frozen_bytes == _frozen_bytes(model)
+    assert est.trainable == count_parameters(model)[0]
+    assert est.quantized > 0
+
+
+def _frozen_bytes(model) -> int:
+    """Bytes of the frozen weights as loaded: quantisation state and int8 scales included."""
     measured = 0
     for p in model.parameters():
         if not p.requires_grad:
             scales = getattr(p, "SCB", None)
             measured += p.nbytes + _quant_state_bytes(getattr(p, "quant_state", None))
             measured += scales.nbytes if isinstance(scales, torch.Tensor) else 0
-    assert est.frozen_bytes == measured
+    return measured
+
+
+@pytest.mark.parametrize("vision", ["quantized", "float"])
+def test_quantized_vlm_weights_match_bitsandbytes(tiny_vlm_root, tmp_path, one_thread, vision):
+    """quant.vision: the planner leaves the same tower / projector layers unquantised as bitsandbytes does."""
+    from vlmtune.model.families import get_family
+    from vlmtune.model.quant import bnb_config
+    from vlmtune.testing.tiny_vlm import build_tiny_vlm
+
+    family = get_family("llava")
+    model_dir = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
+    quant = {"bits": 4, "storage_dtype": "bfloat16", "vision": vision}
+    recipe = _recipe(
+        model_dir, tmp_path, model={"dtype": "bfloat16"}, quant=quant, train={"mixed_precision": "bf16"}
+    )
+    est = parameters(build_meta_model(recipe), recipe, Sharding())
+    model = family.load_class().from_pretrained(
+        model_dir,
+        dtype=torch.bfloat16,
+        quantization_config=bnb_config(recipe.quant, family),
+        device_map={"": "cpu"},
+    )
+    model = apply_lora(model, recipe.lora, quantized=True, gradient_checkpointing=False, family=family)
+    assert est.frozen_bytes == _frozen_bytes(model)
     assert est.trainable == count_parameters(model)[0]
-    assert est.quantized > 0
+    quantized_layers = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    assert quantized_layers > 0 and est.quantized > 0
+    tower_layers = [
+        m for n, m in model.named_modules() if ".vision_tower." in n and isinstance(m, torch.nn.Linear)
+    ]
+    assert tower_layers and all(
+        (type(m).__name__ == "Linear4bit") == (vision == "quantized") for m in tower_layers
+    )
