@@ -158,7 +158,15 @@ def from_pretrained_complete(cls, where: str, *, origin: str, **kwargs) -> PreTr
         UserError: starting with `origin` (where the location came from, e.g. `model.path`).
     """
     try:
-        model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
+        try:
+            model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
+        except ValueError as exc:
+            # Some architectures have no sdpa path (Gemma 2: its attention soft-capping); eager is what they run.
+            if kwargs.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+                raise
+            log.warning("%s: %s; using eager attention", origin, first_line(exc).split(" yet.")[0])
+            kwargs["attn_implementation"] = "eager"
+            model, info = cls.from_pretrained(where, output_loading_info=True, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"{origin}: cannot load {where}: {first_line(exc)}") from None
     missing = info.get("missing_keys") or []
