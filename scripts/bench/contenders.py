@@ -166,4 +166,14 @@ def run_hf(spec: dict, clock: Clock) -> BatchRecorder:
     return recorder
 
 
-CONTENDERS = {"vlmtune": run_vlmtune, "trl": run_trl, "hf": run_hf}
+def run_vlmtune_in_memory(spec: dict, clock: Clock) -> BatchRecorder:
+    """vlmtune with every step's batches collated before step 1 and served from memory: the same steps with no
+    data work while training, to set against `run_vlmtune` (tokenised rows, sampler and collator as it goes)."""
+    import vlmtune.engine.loop as loop
+
+    steps = loop.Trainer._steps
+    loop.Trainer._steps = lambda self, start, total: iter(list(steps(self, start, total)))
+    return run_vlmtune(spec, clock)
+
+
+CONTENDERS = {"vlmtune": run_vlmtune, "in-memory": run_vlmtune_in_memory, "trl": run_trl, "hf": run_hf}
