@@ -113,6 +113,9 @@ def batch_activations(
     """Activation and logits bytes of the recipe's fullest micro-batch (`checkpointing` overrides the recipe's)."""
     model_bytes, residual_bytes, autocast = _dtype_bytes(recipe, sharding)
     rows, seq, _ = micro_batch_shape(recipe)
+    attention = recipe.model.attn_implementation
+    if attention == "sdpa" and not shape.sdpa:  # as `load_model` falls back for an architecture without sdpa
+        attention = "eager"
     return activation_bytes(
         shape,
         batch=rows,
@@ -121,7 +124,7 @@ def batch_activations(
         autocast=autocast,
         model_bytes=model_bytes,
         residual_bytes=residual_bytes,
-        attention=recipe.model.attn_implementation,
+        attention=attention,
         # DeepSpeed runs the whole module, adapters included, in the half type.
         adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
         loss_chunk=None if recipe.train.loss == "standard" else recipe.train.loss_chunk_tokens,

@@ -21,6 +21,7 @@ import torch
 
 from vlmtune.config.checks import resolve_path
 from vlmtune.config.schema import Recipe
+from vlmtune.engine.loss import unwrap
 from vlmtune.errors import UserError
 from vlmtune.model.meta import MetaModel
 
@@ -274,6 +275,7 @@ class LayerShape:
     gated: bool  # SwiGLU-style MLP (gate, up, down)
     # Per adapted linear layer of one decoder layer: (group, in_features, rank, dropout, adapter dtype bytes).
     lora: list[tuple[str, int, int, float, int]] = field(default_factory=list)
+    sdpa: bool = True  # the architecture has an sdpa path (Gemma 2 has not: it loads with eager attention)
 
 
 _OUT_NAMES = ("o_proj", "out_proj", "dense", "wo", "down_proj", "fc2", "w2", "c_proj")
@@ -317,6 +319,7 @@ def layer_shape(meta: MetaModel) -> LayerShape:
         norms=norms or 2,
         gated=any("gate" in n for n in linear_names),
         lora=lora,
+        sdpa=getattr(unwrap(meta.model), "_supports_sdpa", True),
     )
 
 

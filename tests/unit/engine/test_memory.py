@@ -270,9 +270,7 @@ def _frozen_bytes(model) -> int:
 @pytest.mark.parametrize("vision", ["quantized", "float"])
 def test_quantized_vlm_weights_match_bitsandbytes(tiny_vlm_root, tmp_path, one_thread, vision):
     """quant.vision: the planner leaves the same tower / projector layers unquantised as bitsandbytes does."""
-    from vlmtune.model.families import get_family
     from vlmtune.model.quant import bnb_config
-    from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
     family = get_family("llava")
     model_dir = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
@@ -298,3 +296,26 @@ def test_quantized_vlm_weights_match_bitsandbytes(tiny_vlm_root, tmp_path, one_t
     assert tower_layers and all(
         (type(m).__name__ == "Linear4bit") == (vision == "quantized") for m in tower_layers
     )
+
+
+def test_an_architecture_without_sdpa_is_planned_with_eager_attention(tiny_model_dir, tmp_path):
+    """`load_model` runs Gemma 2 with eager attention (it has no sdpa path), so the planner counts eager's
+    attention probabilities for it even when the recipe says sdpa."""
+    from transformers import AutoConfig
+
+    from vlmtune.plan import batch_activations
+
+    AutoConfig.for_model(
+        "gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    ).save_pretrained(tmp_path / "gemma2")  # fmt: skip
+    for model_dir, sdpa in ((tmp_path / "gemma2", False), (tiny_model_dir, True)):
+        sdpa_recipe, eager_recipe = (
+            _recipe(model_dir, tmp_path, model={"attn_implementation": a}) for a in ("sdpa", "eager")
+        )
+        shape = layer_shape(build_meta_model(sdpa_recipe))
+        assert shape.sdpa is sdpa
+        same = batch_activations(shape, sdpa_recipe, Sharding()) == batch_activations(
+            shape, eager_recipe, Sharding()
+        )
+        assert same is not sdpa
