@@ -15,6 +15,25 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "accelerate_configs"
 
 
+def tiny_recipe_for_processes(
+    model_dir: Path, output_dir: Path, *, grad_accum: int, max_steps: int, checkpoint: dict
+) -> dict:
+    """The tiny model on the demo data, 2 rows per micro-batch, fp32: what the multi-process tests compare."""
+    return {
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        # No dropout and a small lr: Adam would magnify float noise in near-zero gradients into visible differences.
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": [{"path": str(REPO / "data/demo/train.jsonl")}], "max_length": 256},
+        "train": {
+            "output_dir": str(output_dir), "micro_batch_size": 2, "grad_accum": grad_accum, "lr": 1.0e-3,
+            "max_steps": max_steps, "warmup_ratio": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
+            "log_every": 1, "report_to": [],
+        },
+        "checkpoint": checkpoint,
+        "launch": {"accelerate_config": str(CONFIGS / "cpu.yaml")},
+    }  # fmt: skip
+
+
 def cpu_config(name: str, out_dir: Path, processes: int = 2) -> Path:
     """The shipped config `name`, for `processes` CPU processes in fp32."""
     cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())

@@ -124,7 +124,9 @@ def test_qlora_with_sharded_weights_matches_one_process(name, recipe_file, qlora
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp2"])
-def test_chunked_loss_on_two_processes_matches_the_standard_loss_on_one(name, recipe_file, reference, tmp_path):
+def test_chunked_loss_on_two_processes_matches_the_standard_loss_on_one(
+    name, recipe_file, reference, tmp_path
+):
     """Under ZeRO-3 / FSDP2 the chunked loss gathers the frozen head once per micro-batch, so ranks with different
     trained-token counts (so different chunk counts) stay in step; they train like one process with the standard
     loss."""

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import vlmtune
 from tests.conftest import REPO
+from tests.integration.helpers import tiny_recipe_for_processes
 
 SCRIPT = textwrap.dedent(
     """
@@ -34,18 +35,9 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nb")
-    recipe = {
-        "model": {"path": str(tiny_model_dir), "dtype": "float32"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": [{"path": str(REPO / "data/demo/train.jsonl")}], "max_length": 256},
-        "train": {
-            "output_dir": str(tmp / "two"), "micro_batch_size": 2, "grad_accum": 1, "lr": 1.0e-3,
-            "max_steps": 3, "warmup_ratio": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
-            "log_every": 1, "report_to": [],
-        },
-        "checkpoint": {"every": 0},
-        "launch": {"accelerate_config": str(REPO / "accelerate_configs/cpu.yaml")},
-    }  # fmt: skip
+    recipe = tiny_recipe_for_processes(
+        tiny_model_dir, tmp / "two", grad_accum=1, max_steps=3, checkpoint={"every": 0}
+    )
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(recipe), "29637", str(tmp / "one")],
         capture_output=True, text=True, cwd=REPO, timeout=300,
