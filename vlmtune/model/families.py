@@ -234,21 +234,6 @@ def find_family(config: Any) -> Family | None:
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
 
-def detect_family(config: Any) -> Family:
-    """The family of a vision-language model config.
-
-    Raises:
-        UserError: when the config's `model_type` is not a supported vision-language family.
-    """
-    family = find_family(config)
-    if family is None:
-        raise UserError(
-            f"model_type {_model_type(config)!r} is not a supported vision-language model family; "
-            f"supported: {', '.join(FAMILIES)} (or set model.family)"
-        )
-    return family
-
-
 def set_image_size(processor: Any, family: Family, **sizes: int | None) -> None:
     """Set the recipe's image-size keys (e.g. `min_pixels`, `max_pixels`) on a loaded processor, in place.
 

@@ -83,7 +83,9 @@ def test_chunked_loss_and_gradients_equal_standard_on_the_tiny_llm(llm, chunk):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_chunked_loss_and_gradients_equal_standard_on_every_vlm_family(name, tiny_vlm_root, tmp_path):
     family, model, collate, encoded = tiny_vlm_batch(name, tiny_vlm_root, tmp_path)
-    with torch.no_grad():  # Mllama's zero-initialised cross-attention gates would leave those layers no gradient
+    with (
+        torch.no_grad()
+    ):  # Mllama's zero-initialised cross-attention gates would leave those layers no gradient
         for n, p in model.named_parameters():
             if n.endswith(("attn_gate", "mlp_gate")):
                 p.fill_(1.0)
