@@ -75,7 +75,6 @@ def notebook_launch(
     # Imported once here instead of in every worker: forked workers inherit them. (Not peft: it imports
     # bitsandbytes, after which accelerate refuses to fork.)
     import vlmtune.data
-    import vlmtune.data.vlm_dataset
     import vlmtune.engine.accelerator
     import vlmtune.model.load  # noqa: F401
 

@@ -74,7 +74,6 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from vlmtune.data import Collator
     from vlmtune.data.batching import build_collator, build_sampler
     from vlmtune.data.packing import check_packed_attention
-    from vlmtune.data.vlm_collate import VLMCollator
     from vlmtune.engine.accelerator import STEP_TIMEOUT, build_accelerator
     from vlmtune.engine.distributed import check_sharding, configure_ddp, set_collective_timeout
     from vlmtune.engine.loop import Components, Trainer
@@ -99,13 +98,12 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             _refuse_vision_settings(recipe)
             tokenizer = load_tokenizer(recipe.model, base)
             pad_token_id = tokenizer.pad_token_id
-            collator = Collator(pad_token_id=pad_token_id)
         else:
             log.info("vision-language model family %s", family.name)
             _refuse_vlm_packing(recipe, family.name)
             tokenizer = load_processor(recipe.model, family, recipe.vision, base)
             pad_token_id = tokenizer.tokenizer.pad_token_id
-            collator = VLMCollator(pad_token_id=pad_token_id, family=family)
+        collator = Collator(pad_token_id=pad_token_id, family=family)
         train_data, eval_data = _build_data(
             recipe, tokenizer, family, show_progress=accelerator.is_main_process
         )
@@ -209,14 +207,12 @@ def _build_data(recipe, tokenizer, family, *, show_progress: bool):
     `tokenizer` is a VLM's processor when `family` is given.
     """
     from vlmtune.data import build_dataset
-    from vlmtune.data.vlm_dataset import build_vlm_dataset
 
     def build(sources, split):
-        kwargs = {"seed": recipe.train.seed, "base_dir": recipe._base_dir, "show_progress": show_progress}
-        if family is None:
-            data = build_dataset(sources, recipe.data, tokenizer, **kwargs)
-        else:
-            data = build_vlm_dataset(sources, recipe.data, tokenizer, family, **kwargs)
+        data = build_dataset(
+            sources, recipe.data, tokenizer, family=family, seed=recipe.train.seed, base_dir=recipe._base_dir,
+            show_progress=show_progress,
+        )  # fmt: skip
         log.info("%s data: %s", split, data.stats.summary())
         return data
 

@@ -128,7 +128,8 @@ class LoraConfig(_Section):
 
 class DataSource(_Section):
     path: str = Field(
-        description=".jsonl, .json, .parquet, or a directory written by datasets' save_to_disk."
+        description=".jsonl, .json, .parquet, a directory written by datasets' save_to_disk, a dataset "
+        "repository folder (its data files under it), or a Hugging Face hub dataset id (org/name)."
     )
     format: Literal["messages", "sharegpt", "alpaca", "llava"] = Field(
         "messages",
@@ -139,7 +140,20 @@ class DataSource(_Section):
         1.0,
         description="Rows taken per epoch = round(weight × rows): 0.5 takes a seeded half, 2 repeats it twice.",
     )
-    split: str | None = Field(None, description="Split to use when `path` is a DatasetDict on disk.")
+    split: str | None = Field(
+        None,
+        description="Split to use when `path` is a DatasetDict on disk, a dataset repository or a hub id "
+        "(default there: train).",
+    )
+    name: str | None = Field(
+        None, description="Configuration (subset) of a dataset repository or hub dataset with several."
+    )
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit).")
+    columns: dict[str, str] | None = Field(
+        None,
+        description="The format's column names mapped to the source's, e.g. {messages: conversations, images: "
+        "image_paths}: each source column is read under the format's name.",
+    )
     image_root: str | None = Field(
         None,
         description="Folder that relative image paths start from (default: the data file's folder; relative "

@@ -1,6 +1,8 @@
-"""The text data pipeline: sources → formats → chat template and label masks → weighted dataset → batches."""
+"""The data pipeline, one for text and image-text rows: sources → formats → encoder (chat template, label masks,
+image tokens from header sizes) → indexed, weighted dataset → batches (images decoded as they are collated)."""
 
 from vlmtune.data.collate import Collator
-from vlmtune.data.dataset import DataStats, TokenizedDataset, build_dataset
+from vlmtune.data.dataset import DataStats, IndexedDataset, build_dataset
+from vlmtune.data.encode import IGNORE_INDEX, Encoder
 
-__all__ = ["Collator", "DataStats", "TokenizedDataset", "build_dataset"]
+__all__ = ["IGNORE_INDEX", "Collator", "DataStats", "Encoder", "IndexedDataset", "build_dataset"]

@@ -22,16 +22,12 @@ BAD_ROW_KINDS = (
     "empty_content",
     "template_error",
     "no_trained_tokens",
-)
-# Kinds only image-text rows have (`vlm_formats`, `vlm_encode`).
-VLM_BAD_ROW_KINDS = (
+    # Image-text rows:
     "image_count_mismatch",  # placeholders in the text != images given
     "bad_image",  # an image is missing, unreadable, truncated or too large
     "images_required",  # the family cannot train on a text-only row (PaliGemma)
     "image_not_in_user_turn",  # an image in a system or assistant message: only prompts show images
-    "overlength_images",  # longer than max_length, and cutting would cut image tokens
 )
-BAD_ROW_KINDS = BAD_ROW_KINDS + VLM_BAD_ROW_KINDS
 
 # Enough examples to see a pattern without flooding the log of a run over a dirty million-row file.
 _LOGGED_EXAMPLES = 5

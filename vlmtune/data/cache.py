@@ -1,38 +1,38 @@
-"""A cache of tokenised sources, so a second run over the same data skips reading and tokenising it.
+"""The on-disk index of encoded sources: built once per machine, then memory-mapped by every process.
 
-An entry holds one source's kept token rows plus a journal of what happened to the others (bad rows skipped,
-rows truncated or dropped), replayed on a hit so counts, logs, budgets and `data-check` reports come out the
-same. The key covers everything the result depends on: the file's bytes (a changed file is a new key), how the
-recipe names it, its format, the tokenizer's vocabulary and chat template, the row policies and the vlmtune
-version. Entries are written to a temporary folder and renamed into place, so a crash or a concurrent run
-never leaves a half entry to be read.
+An entry holds one source's kept rows (token ids, label mask, lengths, where each row came from, its image count
+and image tokens) as `.npy` arrays, plus a journal of what happened to the other rows (bad rows skipped, rows
+truncated or dropped), replayed on a hit so counts, logs, budgets and `data-check` reports come out the same.
+The key covers everything the result depends on: the data's bytes (a changed file is a new key; images are
+checked when collated instead, see `encode.Encoder.vision_inputs`), how the recipe names and reads it, the
+encoder (vocabulary, chat template, image processor settings), the row policies and the vlmtune version.
+
+Entries are written to a temporary folder and renamed into place, so a crash or a concurrent run never leaves a
+half entry to be read. `building` takes a lock per key, so of the processes of one machine (the ranks of a run,
+or two runs) one builds and the others wait, then map the same files: the pages are shared, not copied per rank.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import itertools
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 import vlmtune
 from vlmtune.logging import get_logger
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from vlmtune.config.schema import DataConfig
-
 logger = get_logger("data")
 
-FORMAT_VERSION = 1  # bump when the entry layout or the encoding code's output changes
+FORMAT_VERSION = 2  # bump when the entry layout or the encoding code's output changes
 
 
 def cache_root() -> Path:
@@ -41,20 +41,46 @@ def cache_root() -> Path:
 
 
 @dataclass
-class Encoded:
-    """One source's encoding: kept rows (file order) and the journal of the rows that were not kept as read.
+class Part:
+    """One source's encoded rows, in file order, in flat arrays (memory-mapped when read from the cache).
 
-    Journal entries: `["bad", where, kind, problem]` (a skipped bad row), `["note", where, kind, problem,
-    tokens]` (a row truncated or dropped; `kind` is `truncated` or `overlength`).
+    Attributes:
+        tokens: Every kept row's token ids, end to end (int32).
+        trained: Per token, whether it is trained.
+        offsets: Row `r` is `tokens[offsets[r]:offsets[r + 1]]` (int64, one more than rows).
+        rows: Each kept row's index in its source.
+        images: Images per kept row.
+        image_tokens: Image tokens per kept row.
+        trained_counts: Trained tokens per kept row.
+        rows_read: Rows in the source, bad ones included.
+        journal: The rows not kept as read, in order: `["bad", where, kind, problem]` (skipped under `skip`),
+            `["note", where, kind, problem, tokens]` (`truncated` or `overlength`), `["raise", message]`.
     """
 
-    tokens: list[np.ndarray] = field(default_factory=list)
-    trained: list[np.ndarray] = field(default_factory=list)
+    tokens: np.ndarray
+    trained: np.ndarray
+    offsets: np.ndarray
+    rows: np.ndarray
+    images: np.ndarray
+    image_tokens: np.ndarray
+    trained_counts: np.ndarray
     rows_read: int = 0
     journal: list[list] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return len(self.rows)
 
-def _file_digest(path: Path, h) -> None:
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+_STREAMED = {"tokens": np.int32, "trained": np.bool_}  # written chunk by chunk: they grow with the data
+_PER_ROW = ("offsets", "rows", "images", "image_tokens", "trained_counts")
+
+
+def file_digest(path: Path, h) -> None:
+    """Feed the bytes of a file, or of every file under a folder (with their names), into `h`."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
@@ -64,73 +90,120 @@ def _file_digest(path: Path, h) -> None:
         h.update(b"\0")
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """A digest of what tokenisation depends on; None when it cannot be taken (no cache then)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
+def source_key(data: Path | str, description: list, encoder_fingerprint: str) -> str:
+    """The cache key of one source: its data (a file or folder's bytes, or a string such as a `datasets`
+    fingerprint), how it is read (`description`: label, format, columns, policies), and the encoder."""
     h = hashlib.sha256()
-    h.update(type(tokenizer).__name__.encode())
-    h.update(backend.to_str().encode())
-    h.update(str(tokenizer.chat_template).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(json.dumps([FORMAT_VERSION, vlmtune.__version__, description, encoder_fingerprint]).encode())
+    if isinstance(data, Path):
+        file_digest(data, h)
+    else:
+        h.update(data.encode())
     return h.hexdigest()
 
 
-def source_key(path: Path, label: str, fmt: str, tok_fingerprint: str, cfg: DataConfig) -> str:
-    """The cache key of one source under the recipe's row policies."""
-    h = hashlib.sha256()
-    policies = [cfg.max_length, cfg.on_overlength, cfg.on_bad_row, cfg.train_on_prompt]
-    h.update(
-        json.dumps([FORMAT_VERSION, vlmtune.__version__, label, fmt, tok_fingerprint, policies]).encode()
-    )
-    _file_digest(path, h)
-    return h.hexdigest()
+@contextmanager
+def building(key: str | None) -> Iterator[None]:
+    """Hold the lock of `key` while looking it up and building it: one process per machine builds an entry,
+    the others wait here and then read it. No lock (and no cache) when the folder cannot be written."""
+    if key is None:
+        yield
+        return
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = (root / f".{key}.lock").open("a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
 
 
-def load(key: str) -> Encoded | None:
-    """The entry for `key`, or None (absent or unreadable: then it is simply rebuilt)."""
+def load(key: str) -> Part | None:
+    """The entry for `key`, memory-mapped, or None (absent or unreadable: then it is simply rebuilt)."""
     folder = cache_root() / key
     if not (folder / "meta.json").is_file():
         return None
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        with np.load(folder / "rows.npz", allow_pickle=False) as z:
-            tokens, trained, lengths = z["tokens"], z["trained"], z["lengths"]
+        return read(folder)
     except (OSError, ValueError, KeyError) as exc:
-        logger.warning("ignoring unreadable tokenisation cache entry %s (%s)", folder, exc)
+        logger.warning("ignoring unreadable data index entry %s (%s)", folder, exc)
         return None
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return Encoded(
-        tokens=[tokens[a:b] for a, b in itertools.pairwise(bounds)],
-        trained=[trained[a:b] for a, b in itertools.pairwise(bounds)],
-        rows_read=meta["rows_read"],
-        journal=meta["journal"],
-    )
 
 
-def save(key: str, encoded: Encoded) -> None:
-    """Store `encoded` under `key`; failures (read-only or full disk) only cost the next run the re-encoding."""
-    root = cache_root()
-    final = root / key
-    if final.exists():
-        return
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
-        empty_i, empty_b = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=bool)
-        np.savez(
-            tmp / "rows.npz",
-            tokens=np.concatenate(encoded.tokens) if encoded.tokens else empty_i,
-            trained=np.concatenate(encoded.trained) if encoded.trained else empty_b,
-            lengths=np.array([len(t) for t in encoded.tokens], dtype=np.int64),
+def read(folder: Path) -> Part:
+    """The part written in `folder`, its arrays memory-mapped (read-only, shared by every process mapping it)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _PER_ROW}
+    tokens = int(arrays["offsets"][-1])
+    for name, dtype in _STREAMED.items():
+        # np.memmap refuses an empty file: an empty part has nothing to map.
+        arrays[name] = (
+            np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r") if tokens else np.zeros(0, dtype)
         )
-        (tmp / "meta.json").write_text(
-            json.dumps({"rows_read": encoded.rows_read, "journal": encoded.journal})
-        )
+    return Part(**arrays, rows_read=meta["rows_read"], journal=meta["journal"])
+
+
+class PartWriter:
+    """Writes a part chunk by chunk into a new folder (token arrays appended to files, so the builder never holds
+    a whole source's tokens in memory), then publishes it under its cache key or reads it back.
+
+    Args:
+        key: The cache key; None writes to a temporary folder, removed once read back (the mapping stays valid).
+    """
+
+    def __init__(self, key: str | None) -> None:
+        self.key = key
+        root = cache_root()
         try:
-            tmp.rename(final)
+            if key is None:
+                raise OSError("no cache")
+            root.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
+        except OSError as exc:
+            if key is not None:
+                logger.warning("could not write the data index in %s (%s); continuing without it", root, exc)
+            self.key = None
+            self.folder = Path(tempfile.mkdtemp(prefix="vlmtune-index-"))
+        self._files = {name: (self.folder / f"{name}.bin").open("wb") for name in _STREAMED}
+        self._per_row: dict[str, list] = {name: [] for name in _PER_ROW if name != "offsets"}
+        self._lengths: list[int] = []
+
+    def add(self, row: int, ids: np.ndarray, trained: np.ndarray, images: int, image_tokens: int) -> None:
+        """Append one kept row."""
+        self._files["tokens"].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._files["trained"].write(np.ascontiguousarray(trained, dtype=np.bool_).tobytes())
+        self._lengths.append(len(ids))
+        for name, value in (
+            ("rows", row), ("images", images), ("image_tokens", image_tokens), ("trained_counts", int(trained.sum())),
+        ):  # fmt: skip
+            self._per_row[name].append(value)
+
+    def finish(self, rows_read: int, journal: list[list]) -> Part:
+        """Close the files, publish the entry (when caching) and map it."""
+        for f in self._files.values():
+            f.close()
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(self._lengths, dtype=np.int64))]).astype(np.int64)
+        np.save(self.folder / "offsets.npy", offsets, allow_pickle=False)
+        dtypes = {"rows": np.int64, "images": np.int32, "image_tokens": np.int32, "trained_counts": np.int32}
+        for name, values in self._per_row.items():
+            np.save(self.folder / f"{name}.npy", np.asarray(values, dtype=dtypes[name]), allow_pickle=False)
+        (self.folder / "meta.json").write_text(json.dumps({"rows_read": rows_read, "journal": journal}))
+        if self.key is None:
+            part = read(self.folder)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return part
+        final = cache_root() / self.key
+        try:
+            self.folder.rename(final)
         except OSError:  # another process stored the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
-        logger.warning("could not write the tokenisation cache in %s (%s); continuing without it", root, exc)
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return read(final)
+
+    def discard(self) -> None:
+        """Drop a half-written part (the build failed)."""
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,7 +1,8 @@
 """`vlmtune data-check`: scan all of a recipe's data before training and say what training would do with it.
 
 Every row is read and tokenised with the recipe's tokenizer and template, whatever the recipe's policies, so one
-bad row does not hide the next: problems are counted per kind, written one per line to a JSONL file, and token
+bad row does not hide the next, and every image is decoded (in parallel: finding every broken file is this
+command's job; training only reads image headers before it starts): problems are counted per kind, written one per line to a JSONL file, and token
 lengths are summarised as a histogram. The verdict then applies the recipe's own policies (`on_bad_row`,
 `max_bad_fraction`, `on_overlength`): it fails exactly when training would stop on this data.
 """
@@ -10,16 +11,19 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vlmtune.config.schema import Recipe
-from vlmtune.data.dataset import IGNORE_INDEX, TokenizedDataset, build_dataset
-from vlmtune.data.vlm_dataset import build_vlm_dataset
+from vlmtune.data.dataset import IndexedDataset, build_dataset
+from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.errors import DataError
 
 _BAR = 40  # characters of the longest histogram bar
@@ -28,7 +32,7 @@ _BAR = 40  # characters of the longest histogram bar
 @dataclass
 class SplitReport:
     name: str
-    dataset: TokenizedDataset | None
+    dataset: IndexedDataset | None
     problems: list[dict] = field(default_factory=list)
     error: str | None = None  # a problem that stops even the scan (missing file, no examples)
 
@@ -43,8 +47,8 @@ class SplitReport:
 def scan(recipe: Recipe, tokenizer, *, family=None, show_progress: bool = True) -> list[SplitReport]:
     """Read and tokenise every train and eval row, collecting problems instead of stopping at the first.
 
-    For a vision-language model (`family` given, `tokenizer` its processor) images are opened and expanded, so
-    lengths are the model's real sequence lengths.
+    For a vision-language model (`family` given, `tokenizer` its processor) lengths are the model's real sequence
+    lengths, and every image is decoded and run through the processor.
     """
     # Scan everything: skip bad rows, drop rows that would raise for length; the verdict applies the real policies.
     on_overlength = "drop" if recipe.data.on_overlength == "raise" else recipe.data.on_overlength
@@ -61,14 +65,40 @@ def scan(recipe: Recipe, tokenizer, *, family=None, show_progress: bool = True) 
             "problems": report.problems,
         }  # fmt: skip
         try:
-            if family is None:
-                report.dataset = build_dataset(sources, lenient, tokenizer, **kwargs)
-            else:
-                report.dataset = build_vlm_dataset(sources, lenient, tokenizer, family, **kwargs)
+            report.dataset = build_dataset(sources, lenient, tokenizer, family=family, **kwargs)
+            report.problems += decode_images(report.dataset, show_progress=show_progress)
         except DataError as exc:
             report.error = str(exc)
         reports.append(report)
     return reports
+
+
+_DATASET: IndexedDataset | None = None
+
+
+def _read(i: int) -> dict | None:
+    assert _DATASET is not None
+    return _DATASET[i].get("bad_row")
+
+
+def decode_images(dataset: IndexedDataset, *, show_progress: bool = True) -> list[dict]:
+    """Decode every image of the dataset as training would, in parallel over the cores: the problems found."""
+    global _DATASET
+    todo = dataset.image_examples()
+    if not todo:
+        return []
+    _DATASET = dataset  # forked workers inherit it
+    bar = tqdm(total=len(todo), desc="decoding images", unit="row", disable=not show_progress)
+    try:
+        with bar, multiprocessing.get_context("fork").Pool(len(os.sched_getaffinity(0))) as pool:
+            found = []
+            for bad in pool.imap(_read, todo, chunksize=16):
+                bar.update(1)
+                if bad is not None:
+                    found.append({**bad, "tokens": None})
+            return found
+    finally:
+        _DATASET = None
 
 
 def verdict(recipe: Recipe, reports: list[SplitReport]) -> list[str]:

@@ -1,13 +1,22 @@
-"""`build_dataset`: data sources in, one tokenised, label-masked, weighted dataset out.
+"""`build_dataset`: data sources in, one encoded, label-masked, weighted dataset out, for text and image-text rows.
 
-Each source is read, every row normalised, checked and tokenised (bad and over-length rows handled by the
-recipe's policies), and only then weighted, so a weight below 1 never hides a broken row from the checks.
-Examples are stored once in flat arrays; repeats from a weight above 1 are indices, not copies.
+Each source is read, every row normalised, checked and encoded (bad and over-length rows handled by the recipe's
+policies), and only then weighted, so a weight below 1 never hides a broken row from the checks. The result is
+an index: token ids, label masks, lengths and where each row came from, in flat arrays that the cache
+memory-maps; never pixels. An image-text row's images are decoded when the row is read (`IndexedDataset
+.__getitem__`, in the DataLoader workers, as its micro-batch is collated). Repeats from a weight above 1 are
+indices, not copies.
+
+Encoding runs in parallel over the machine's cores, once per machine: of the processes of a run, one builds a
+source's index while the others wait for it (`cache.building`), then all map the same files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,87 +27,174 @@ from tqdm.auto import tqdm
 from vlmtune.config.schema import DataConfig, DataSource
 from vlmtune.data import cache
 from vlmtune.data.bad_rows import BadRow, BadRowTracker
+from vlmtune.data.encode import IGNORE_INDEX, EncodedRow, Encoder
 from vlmtune.data.formats import normalise
 from vlmtune.data.mixing import weighted_take
-from vlmtune.data.sources import LoadedSource, Unparsable, datasets_progress, load_source, resolve_path
+from vlmtune.data.sources import (
+    LoadedSource,
+    Unparsable,
+    datasets_progress,
+    load_source,
+    locate,
+    resolve_path,
+    source_label,
+)
 from vlmtune.data.stats import DataStats
-from vlmtune.data.template import ChatTemplateError, check_tokenizer, tokenize_conversation
+from vlmtune.data.template import ChatTemplateError
 from vlmtune.errors import DataError
 from vlmtune.logging import get_logger
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from vlmtune.model.families import Family
 
 logger = get_logger("data")
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "DataStats", "IndexedDataset", "build_dataset"]
 
-__all__ = ["IGNORE_INDEX", "DataStats", "TokenizedDataset", "build_dataset"]
+_CHUNK = 1024  # rows per task of the parallel encoder
+_PARALLEL_FROM = 4 * _CHUNK  # fewer rows are encoded in this process: starting workers would cost more
 
 
-class TokenizedDataset(torch.utils.data.Dataset):
-    """Tokenised examples: `{"input_ids": list[int], "labels": list[int]}`, labels -100 where not trained.
+class _Source:
+    """One source as the dataset reads it back: its rows (Arrow, memory-mapped), format and image folder."""
 
-    Labels are aligned with `input_ids` (not shifted; the model or the trainer shifts).
+    def __init__(self, spec: DataSource, loaded: LoadedSource | None, image_root: Path | None) -> None:
+        self.spec, self.loaded, self.image_root = spec, loaded, image_root
+        self.label = source_label(spec)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Encoded examples: `{"input_ids": list[int], "labels": list[int]}`, labels -100 where not trained, plus an
+    image-text row's vision inputs, decoded when the row is read.
+
+    Labels are aligned with `input_ids` (not shifted; the model or the trainer shifts). A row whose image fails
+    to decode is `{"bad_row": {"where", "kind", "problem"}}` under `data.on_bad_row: skip` (the collator leaves
+    it out and counts it), and a `DataError` under `raise`.
 
     Attributes:
         stats: What the pipeline read, kept and dropped.
-        lengths: Tokens per example, e.g. for length-grouped batching.
+        lengths: Tokens per example (after image expansion), e.g. for length-grouped batching.
     """
 
     def __init__(
         self,
-        tokens: np.ndarray,
-        trained: np.ndarray,
-        offsets: np.ndarray,
-        index: Sequence[int],
+        parts: list[cache.Part],
+        index: np.ndarray,
         stats: DataStats | None = None,
+        *,
+        encoder: Encoder | None = None,
+        sources: list[_Source] | None = None,
+        on_bad_row: str = "raise",
     ) -> None:
-        self._tokens = tokens
-        self._trained = trained
-        self._offsets = offsets
+        self._parts = parts
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
         self._index = np.asarray(index, dtype=np.int64)
         self.stats = stats if stats is not None else DataStats()
-        self.lengths: list[int] = (offsets[1:] - offsets[:-1])[self._index].tolist()
+        self._encoder = encoder
+        self._sources = sources or []
+        self._on_bad_row = on_bad_row
+        self.lengths: list[int] = self._gather(lambda p: p.lengths).tolist()
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        row = self._index[i]
-        start, end = self._offsets[row], self._offsets[row + 1]
-        ids = self._tokens[start:end]
-        labels = np.where(self._trained[start:end], ids, IGNORE_INDEX)
-        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+    def _locate(self, i: int) -> tuple[cache.Part, int, int]:
+        row = int(self._index[i])
+        k = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self._parts[k], k, row - int(self._starts[k])
+
+    def _gather(self, per_part) -> np.ndarray:
+        """A per-row array of every part, taken at the dataset's examples (repeats included)."""
+        if not self._parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.asarray(per_part(p), dtype=np.int64) for p in self._parts])[self._index]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        part, k, r = self._locate(i)
+        start, end = part.offsets[r], part.offsets[r + 1]
+        ids = np.asarray(part.tokens[start:end])
+        trained = np.asarray(part.trained[start:end])
+        example: dict[str, Any] = {
+            "input_ids": ids.tolist(),
+            "labels": np.where(trained, ids, IGNORE_INDEX).tolist(),
+        }
+        family = self._encoder.family if self._encoder is not None else None
+        if family is not None and family.token_type_ids == "prefix":
+            # 0 is the bidirectional prefix: from the first trained token on, attention must be causal, or the
+            # answer would see its own future. (PaliGemma's processor marks everything 0 without a `suffix`.)
+            first = int(np.argmax(trained))
+            example["token_type_ids"] = [0] * first + [1] * (len(ids) - first)
+        if part.images[r]:
+            vision = self._vision_inputs(k, int(part.rows[r]), example["input_ids"])
+            if "bad_row" in vision:
+                return vision
+            example.update({key: v for key, v in vision.items() if key not in example})
+        return example
+
+    def _vision_inputs(self, k: int, row: int, ids: list[int]) -> dict[str, Any]:
+        source = self._sources[k]
+        where = source.loaded.where(row)
+        try:
+            conversation = normalise(
+                source.loaded.rows[row], source.spec.format, vision=True, image_key=source.spec.image_key
+            )
+            return self._encoder.vision_inputs(
+                conversation, ids, source=source.label, row=row, image_root=source.image_root
+            )
+        except BadRow as bad:
+            if self._on_bad_row == "raise":
+                raise DataError(
+                    f"{where}: {bad.problem}\n(set data.on_bad_row: skip to skip such rows and count them instead)"
+                ) from None
+            return {"bad_row": {"where": where, "kind": bad.kind, "problem": bad.problem}}
+
+    def image_examples(self) -> list[int]:
+        """One example index per stored row with images (repeats of a row left out)."""
+        _, first = np.unique(self._index, return_index=True)
+        images = self.images()
+        return sorted(int(i) for i in first if images[i])
 
     def trained_tokens(self) -> int:
         """Tokens with a label, over all examples (repeats counted)."""
-        running = np.concatenate([[0], np.cumsum(self._trained, dtype=np.int64)])
-        per_row = running[self._offsets[1:]] - running[self._offsets[:-1]]
-        return int(per_row[self._index].sum())
+        return int(self._gather(lambda p: p.trained_counts).sum())
+
+    def image_tokens(self) -> np.ndarray:
+        """Image tokens per example."""
+        return self._gather(lambda p: p.image_tokens)
+
+    def images(self) -> np.ndarray:
+        """Images per example."""
+        return self._gather(lambda p: p.images)
 
 
 def build_dataset(
     sources: list[DataSource],
     cfg: DataConfig,
-    tokenizer: PreTrainedTokenizerBase,
+    encoder: Any,
     *,
+    family: Family | None = None,
     seed: int,
     base_dir: Path | None = None,
     show_progress: bool = False,
     problems: list[dict] | None = None,
-) -> TokenizedDataset:
-    """Read, check, tokenise and mix `sources` into one dataset (training or evaluation alike).
+    max_pixels: int | None = None,
+) -> IndexedDataset:
+    """Read, check, encode and mix `sources` into one dataset (training or evaluation alike).
 
     Args:
-        sources: The sources, e.g. `recipe.data.train` or `recipe.data.eval`.
-        cfg: The policies: `max_length`, `on_overlength`, `on_bad_row`, `max_bad_fraction`, `train_on_prompt`.
-        tokenizer: A fast Hugging Face tokenizer with a chat template.
+        sources: The sources, e.g. `recipe.data.train` or `recipe.data.eval`; relative image paths start from
+            each source's `image_root` (default: the data file's folder).
+        cfg: The policies: `max_length`, `on_overlength`, `on_bad_row`, `max_bad_fraction`, `train_on_prompt`,
+            `cache`.
+        encoder: A text model's fast tokenizer with a chat template, a VLM's processor (with `family`), or an
+            `Encoder`.
+        family: The vision-language family when `encoder` is a processor.
         seed: Seeds the subsets drawn for fractional weights, so every process builds the same dataset.
         base_dir: The recipe's folder; relative paths not found from the working directory are looked up here.
         show_progress: Draw progress bars (pass True on the main process only).
         problems: If given, every skipped, dropped or truncated row is appended as
             `{"where", "kind", "problem", "tokens"}` (for `vlmtune data-check`).
+        max_pixels: Largest image accepted (default `images.DEFAULT_MAX_PIXELS`).
 
     Returns:
         The examples: each source's whole copies and seeded subset, in source order, then file order.
@@ -110,26 +206,39 @@ def build_dataset(
     """
     if not sources:
         raise DataError("no data sources given; list at least one under data.train (or data.eval)")
-    check_tokenizer(tokenizer)
-    builder = _Builder(cfg, tokenizer, show_progress, problems)
-    index: list[int] = []
+    if not isinstance(encoder, Encoder):
+        kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+        encoder = Encoder(encoder, family, train_on_prompt=cfg.train_on_prompt, **kwargs)
+    builder = _Builder(cfg, encoder, show_progress, problems)
+    parts: list[cache.Part] = []
+    read_back: list[_Source] = []
+    index: list[np.ndarray] = []
+    offset = 0
     with datasets_progress(show_progress):
-        for k, (source, name) in enumerate(zip(sources, _names(sources), strict=True)):
-            kept = builder.encode_source(source, base_dir)
-            index.extend(weigh(kept, source, name, k, seed=seed, stats=builder.stats))
+        for k, (spec, name) in enumerate(zip(sources, _names(sources), strict=True)):
+            part, source = builder.encode_source(spec, base_dir)
+            parts.append(part)
+            read_back.append(source)
+            taken = weigh(len(part), spec, name, k, seed=seed, stats=builder.stats)
+            index.append(np.asarray(taken, dtype=np.int64) + offset)
+            offset += len(part)
     check_bad_rows(builder.tracker, builder.stats)
-    return summarise(TokenizedDataset(*builder.finish(), index=index, stats=builder.stats), sources)
+    dataset = IndexedDataset(
+        parts,
+        np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
+        builder.stats,
+        encoder=encoder,
+        sources=read_back,
+        on_bad_row=cfg.on_bad_row,
+    )
+    return summarise(dataset, sources)
 
 
-def weigh(
-    kept: list[int], source: DataSource, name: str, k: int, *, seed: int, stats: DataStats
-) -> list[int]:
-    """The rows of source number `k` that enter the dataset, by its weight; counted per source in `stats`."""
-    taken = [kept[i] for i in weighted_take(len(kept), source.weight, seed=seed, source_index=k)]
-    if kept and not taken:
-        logger.warning(
-            "%s: weight %s × %d rows rounds to 0 rows; it adds nothing", name, source.weight, len(kept)
-        )
+def weigh(kept: int, source: DataSource, name: str, k: int, *, seed: int, stats: DataStats) -> list[int]:
+    """The rows (of `kept`) of source number `k` that enter the dataset, by its weight; counted in `stats`."""
+    taken = weighted_take(kept, source.weight, seed=seed, source_index=k)
+    if kept and not len(taken):
+        logger.warning("%s: weight %s × %d rows rounds to 0 rows; it adds nothing", name, source.weight, kept)
     stats.per_source[name] = len(taken)
     return taken
 
@@ -140,11 +249,11 @@ def check_bad_rows(tracker: BadRowTracker, stats: DataStats) -> None:
     tracker.check_budget(stats.rows_read)
 
 
-def summarise(dataset, sources: list[DataSource]):
+def summarise(dataset: IndexedDataset, sources: list[DataSource]) -> IndexedDataset:
     """Fill the dataset's token counts; an empty dataset is an error naming the sources."""
     stats = dataset.stats
     stats.rows_used = len(dataset)
-    stats.total_tokens = sum(dataset.lengths)
+    stats.total_tokens = int(sum(dataset.lengths))
     stats.trained_tokens = dataset.trained_tokens()
     if not dataset:
         raise DataError(f"no usable examples in {', '.join(s.path for s in sources)} ({stats.summary()})")
@@ -152,81 +261,88 @@ def summarise(dataset, sources: list[DataSource]):
 
 
 class _Builder:
-    """Encodes the rows of each source into shared flat token storage, applying the row policies."""
+    """Encodes the rows of each source into a `cache.Part`, applying the row policies (or takes it from the
+    cache), and replays what happened to the rows into the stats, the bad-row budget and `problems`."""
 
-    def __init__(
-        self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, show_progress: bool, problems: list | None
-    ) -> None:
+    def __init__(self, cfg: DataConfig, encoder: Encoder, show_progress: bool, problems: list | None) -> None:
         self.cfg = cfg
-        self.tokenizer = tokenizer
+        self.encoder = encoder
         self.show_progress = show_progress
         self.problems = problems
         self.tracker = BadRowTracker(cfg.on_bad_row, cfg.max_bad_fraction)
         self.stats = DataStats()
-        self._tok_fingerprint = cache.tokenizer_fingerprint(tokenizer)
-        self._tokens: list[np.ndarray] = []
-        self._trained: list[np.ndarray] = []
+        self._fingerprint = encoder.fingerprint() if cfg.cache else None
 
-    def encode_source(self, source: DataSource, base_dir: Path | None) -> list[int]:
-        """Encode one source (or take it from the tokenisation cache); returns the storage ids of the rows kept."""
-        key = self._cache_key(source, base_dir)
-        encoded = cache.load(key) if key else None
-        if encoded is None:
-            encoded = self.encode(load_source(source, base_dir=base_dir), source.format)
-            if key:
-                cache.save(key, encoded)
-        else:
-            logger.info("%s: tokenised rows taken from the cache (%s)", source.path, cache.cache_root() / key)
-            self.stats.rows_read += encoded.rows_read
-            for entry in encoded.journal:
-                self._apply(entry)
-        kept = list(range(len(self._tokens), len(self._tokens) + len(encoded.tokens)))
-        self._tokens += encoded.tokens
-        self._trained += encoded.trained
-        return kept
+    def encode_source(self, spec: DataSource, base_dir: Path | None) -> tuple[cache.Part, _Source]:
+        """The source's encoded part (built, or read from the cache) and how to read its rows back."""
+        label = source_label(spec)
+        loaded: LoadedSource | None = None
+        key = self._cache_key(spec, base_dir)
+        with cache.building(key):
+            part = cache.load(key) if key else None
+            if part is None:
+                loaded = load_source(spec, base_dir=base_dir)
+                part = self._encode(loaded, spec, _image_root(spec, loaded, base_dir), key)
+            else:
+                logger.info("%s: encoded rows taken from the cache (%s)", label, cache.cache_root() / key)
+        self.stats.rows_read += part.rows_read
+        for entry in part.journal:
+            self._apply(entry)
+        if self.encoder.vision and loaded is None and int(np.max(part.images, initial=0)):
+            loaded = load_source(spec, base_dir=base_dir)  # image rows read their images back from it
+        root = _image_root(spec, loaded, base_dir) if loaded is not None else None
+        return part, _Source(spec, loaded, root)
 
-    def _cache_key(self, source: DataSource, base_dir: Path | None) -> str | None:
-        if not self.cfg.cache or self._tok_fingerprint is None:
+    def _cache_key(self, spec: DataSource, base_dir: Path | None) -> str | None:
+        if self._fingerprint is None:
             return None
-        label = f"{source.path}[{source.split}]" if source.split else source.path
-        path = resolve_path(source.path, base_dir)
-        return cache.source_key(path, label, source.format, self._tok_fingerprint, self.cfg)
+        path = locate(spec, base_dir)
+        if path is None:  # a hub dataset: its `datasets` fingerprint covers the data files' versions
+            data: Path | str = load_source(spec, base_dir=base_dir).rows._fingerprint
+        else:
+            data = path
+        cfg = self.cfg
+        description = [
+            source_label(spec), spec.format, spec.image_key, spec.image_root, spec.columns, spec.revision,
+            [cfg.max_length, cfg.on_overlength, cfg.on_bad_row, cfg.train_on_prompt],
+        ]  # fmt: skip
+        return cache.source_key(data, description, self._fingerprint)
 
-    def encode(self, source: LoadedSource, fmt: str) -> cache.Encoded:
-        """Encode every row of `source`, applying the row policies as it goes; returns the kept rows and journal."""
-        out = cache.Encoded()
-        rows = tqdm(
-            source.rows,
-            total=len(source),
-            desc=f"tokenising {source.label}",
-            unit="row",
-            disable=not self.show_progress,
+    def _encode(
+        self, loaded: LoadedSource, spec: DataSource, image_root: Path | None, key: str | None
+    ) -> cache.Part:
+        """Encode every row of `loaded` (in parallel over the cores when it is large) into a written part."""
+        work = _Work(self.encoder, loaded, spec, image_root, self.cfg)
+        bounds = [(a, min(a + _CHUNK, len(loaded))) for a in range(0, len(loaded), _CHUNK)]
+        workers = min(len(os.sched_getaffinity(0)), len(bounds))
+        writer = cache.PartWriter(key)
+        rows_read, journal = 0, []
+        bar = tqdm(
+            total=len(loaded), desc=f"indexing {loaded.label}", unit="row", disable=not self.show_progress
         )
-        for i, row in enumerate(rows):
-            self.stats.rows_read += 1
-            out.rows_read += 1
-            try:
-                ids, trained = self._encode_row(row, fmt)
-            except BadRow as bad:
-                out.journal.append(["bad", source.where(i), bad.kind, bad.problem])
-                self._apply(out.journal[-1])
-                continue
-            except ChatTemplateError as exc:
-                raise ChatTemplateError(f"{source.where(i)}: {exc}") from None
-            if len(ids) > self.cfg.max_length:
-                fitted, entry = self._fit(ids, trained, source.where(i))
-                out.journal.append(entry)
-                self._apply(entry)
-                if fitted is None:
-                    continue
-                ids, trained = fitted
-            # int32 halves the memory of int64 and holds every real vocabulary.
-            out.tokens.append(np.asarray(ids, dtype=np.int32))
-            out.trained.append(np.asarray(trained, dtype=bool))
-        return out
+        try:
+            with bar, _chunks(work, bounds, parallel=len(loaded) >= _PARALLEL_FROM and workers > 1) as chunks:
+                for chunk in chunks:
+                    self._check_fatal(chunk)  # a raise-policy row stops the build early, in file order
+                    for row, encoded in zip(chunk.rows, chunk.encoded, strict=True):
+                        writer.add(row, encoded.ids, encoded.trained, encoded.images, encoded.image_tokens)
+                    rows_read += chunk.rows_read
+                    journal += chunk.journal
+                    bar.update(chunk.rows_read)
+        except BaseException:
+            writer.discard()
+            raise
+        return writer.finish(rows_read, journal)
+
+    def _check_fatal(self, chunk: _Chunk) -> None:
+        for entry in chunk.journal:
+            if entry[0] == "fatal":
+                raise (ChatTemplateError if entry[1] == "template" else DataError)(entry[2])
+            if entry[0] == "bad" and self.cfg.on_bad_row == "raise":
+                self.tracker.handle(BadRow(entry[2], entry[3]), entry[1])  # raises, naming the row
 
     def _apply(self, entry: list) -> None:
-        """Count (or raise on) one journal entry: live while encoding, and again on a cache hit."""
+        """Count (or raise on) one journal entry: after encoding, and again on a cache hit."""
         if entry[0] == "bad":
             _, where, kind, problem = entry
             self.tracker.handle(BadRow(kind, problem), where)
@@ -239,59 +355,145 @@ class _Builder:
             self.stats.dropped_overlength += 1
         self._note(where, kind, problem, tokens)
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The flat token ids, the flat trained mask, and each row's start offset (plus the end)."""
-        lengths = np.array([len(t) for t in self._tokens], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        tokens = np.concatenate(self._tokens) if self._tokens else np.zeros(0, dtype=np.int32)
-        trained = np.concatenate(self._trained) if self._trained else np.zeros(0, dtype=bool)
-        return tokens, trained, offsets
-
-    def _encode_row(self, row: Any, fmt: str) -> tuple[list[int], list[bool]]:
-        if isinstance(row, Unparsable):
-            raise BadRow("unparsable", row.error)
-        messages = normalise(row, fmt)
-        ids, trained = tokenize_conversation(
-            self.tokenizer, messages, train_on_prompt=self.cfg.train_on_prompt
-        )
-        if not any(trained):
-            raise BadRow(
-                "no_trained_tokens",
-                "no token of the rendered conversation falls in an assistant reply, so there is nothing to train; "
-                "check that the chat template renders assistant messages",
-            )
-        return ids, trained
-
-    def _fit(self, ids: list[int], trained: list[bool], where: str) -> tuple[tuple | None, list]:
-        """Apply `on_overlength` to a row longer than `max_length`: the kept row (None: dropped) and its entry."""
-        max_length = self.cfg.max_length
-        if self.cfg.on_overlength == "raise":
-            raise DataError(
-                f"{where}: {len(ids)} tokens, more than data.max_length={max_length}; set data.on_overlength "
-                "to drop or truncate such rows, or raise data.max_length"
-            )
-        if self.cfg.on_overlength == "truncate" and any(trained[:max_length]):
-            entry = ["note", where, "truncated", f"cut from {len(ids)} to {max_length} tokens", len(ids)]
-            return (ids[:max_length], trained[:max_length]), entry
-        # Dropped outright, or truncation would leave only prompt: nothing to learn from.
-        return None, [
-            "note",
-            where,
-            "overlength",
-            f"{len(ids)} tokens, more than max_length {max_length}",
-            len(ids),
-        ]
-
     def _note(self, where: str, kind: str, problem: str, tokens: int | None = None) -> None:
         if self.problems is not None:
             self.problems.append({"where": where, "kind": kind, "problem": problem, "tokens": tokens})
 
 
-def _names(sources: list[DataSource]) -> list[str]:
-    """Each source's path as given (with its split), made unique so per-source counts do not merge."""
+class _Chunk:
+    """Encoded rows of one range of a source, as the parallel encoder returns them."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.encoded: list[EncodedRow] = []
+        self.journal: list[list] = []
+        self.rows_read = 0
+
+
+class _Work:
+    """What encoding a source needs, shared with forked workers (set before the pool starts)."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        loaded: LoadedSource,
+        spec: DataSource,
+        image_root: Path | None,
+        cfg: DataConfig,
+    ) -> None:
+        self.encoder, self.loaded, self.spec, self.image_root, self.cfg = (
+            encoder,
+            loaded,
+            spec,
+            image_root,
+            cfg,
+        )
+
+    def run(self, bounds: tuple[int, int]) -> _Chunk:
+        """Encode rows `bounds[0]..bounds[1]-1`; problems become journal entries, never exceptions (a worker's
+        exception would lose its type), so the parent applies the policies in file order."""
+        chunk = _Chunk()
+        loaded, spec, label = self.loaded, self.spec, self.loaded.label
+        for i in range(*bounds):
+            chunk.rows_read += 1
+            try:
+                row = loaded.rows[i]
+                if isinstance(row, Unparsable):
+                    raise BadRow("unparsable", row.error)
+                conversation = normalise(
+                    row, spec.format, vision=self.encoder.vision, image_key=spec.image_key
+                )
+                encoded = self.encoder.encode(conversation, source=label, row=i, image_root=self.image_root)
+            except BadRow as bad:
+                chunk.journal.append(["bad", loaded.where(i), bad.kind, bad.problem])
+                continue
+            except ChatTemplateError as exc:
+                chunk.journal.append(["fatal", "template", f"{loaded.where(i)}: {exc}"])
+                return chunk
+            except DataError as exc:
+                chunk.journal.append(["fatal", "data", f"{loaded.where(i)}: {exc}"])
+                return chunk
+            if len(encoded.ids) > self.cfg.max_length:
+                encoded = self._fit(encoded, loaded.where(i), chunk)
+                if encoded is None:
+                    continue
+            chunk.rows.append(i)
+            chunk.encoded.append(encoded)
+        return chunk
+
+    def _fit(self, row: EncodedRow, where: str, chunk: _Chunk) -> EncodedRow | None:
+        """Apply `on_overlength` to a row longer than `max_length`; None drops it. Truncation never cuts image
+        tokens, nor leaves only prompt: such a row is dropped even under `truncate`."""
+        max_length, length = self.cfg.max_length, len(row.ids)
+        expanded = " after image expansion" if row.images else ""
+        if self.cfg.on_overlength == "raise":
+            chunk.journal.append(
+                [
+                    "fatal",
+                    "data",
+                    f"{where}: {length} tokens{expanded}, more than data.max_length={max_length}; set "
+                    "data.on_overlength to drop or truncate such rows, or raise data.max_length",
+                ]
+            )
+            return None
+        if (
+            self.cfg.on_overlength == "truncate"
+            and row.last_image < max_length
+            and row.trained[:max_length].any()
+        ):
+            chunk.journal.append(
+                ["note", where, "truncated", f"cut from {length} to {max_length} tokens", length]
+            )
+            return EncodedRow(
+                row.ids[:max_length], row.trained[:max_length], row.last_image, row.image_tokens, row.images
+            )
+        why = "truncating would cut through its image tokens" if row.last_image >= max_length else ""
+        problem = f"{length} tokens{expanded}, more than max_length {max_length}" + (
+            f": {why}" if why else ""
+        )
+        chunk.journal.append(["note", where, "overlength", problem, length])
+        return None
+
+
+_WORK: _Work | None = None
+
+
+@contextmanager
+def _chunks(work: _Work, bounds: list[tuple[int, int]], *, parallel: bool) -> Iterator[Iterator[_Chunk]]:
+    """The encoded chunks of `bounds`, in order: from a pool of forked workers, one per core, or from here."""
+    if not parallel:
+        yield (work.run(b) for b in bounds)
+        return
+    global _WORK
+    _WORK = work  # forked workers inherit it: the encoder and the rows are not pickled
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker tokenises on one core
+    try:
+        with multiprocessing.get_context("fork").Pool(min(len(os.sched_getaffinity(0)), len(bounds))) as pool:
+            yield pool.imap(_run_chunk, bounds)
+    finally:
+        _WORK = None
+
+
+def _run_chunk(bounds: tuple[int, int]) -> _Chunk:
+    assert _WORK is not None, "the parallel encoder's work is set before its pool starts"
+    return _WORK.run(bounds)
+
+
+def _image_root(spec: DataSource, loaded: LoadedSource, base_dir: Path | None) -> Path | None:
+    """Where relative image paths start: `image_root`, else the data file's folder (a dataset repository
+    folder itself; nothing for a hub dataset: the working directory)."""
+    if spec.image_root:
+        return resolve_path(spec.image_root, base_dir)
+    if not loaded.path.exists():
+        return None
+    return loaded.path if loaded.is_repository else loaded.path.parent
+
+
+def _names(sources: Sequence[DataSource]) -> list[str]:
+    """Each source's label, made unique so per-source counts do not merge."""
     names: list[str] = []
     for source in sources:
-        base = f"{source.path}[{source.split}]" if source.split else source.path
+        base = source_label(source)
         name, n = base, 1
         while name in names:
             n += 1

@@ -1,4 +1,5 @@
-"""Open one image of a data row safely: it exists, decodes completely, is upright, RGB, and not a pixel bomb.
+"""Open one image of a data row safely: it exists, decodes completely, is upright, RGB, and not a pixel bomb;
+or read only its upright size from the header, as indexing does.
 
 Every failure is a `BadImage` (a `DataError`) whose message names the data file, the row, the image's index in
 the row and its path, says what is wrong, and what to do about it; `problem` holds the bare cause, for a caller
@@ -10,7 +11,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from vlmtune.errors import DataError
 # 50 megapixels: a 7,000 x 7,000 photo passes; decoded as RGB it is 150 MB. Far beyond what any VLM processor
 # keeps (they resize to at most a few megapixels), and far below what a crafted file can claim.
 DEFAULT_MAX_PIXELS = 50_000_000
+_ORIENTATION = 0x0112  # the EXIF tag
 
 _SKIP_HINT = "or set data.on_bad_row: skip to skip such rows and count them"
 
@@ -61,8 +64,8 @@ def load_image(
     """Open, check and normalise one image of a data row.
 
     The size is checked from the header, before any pixel is decoded; then the whole image is decoded (a
-    truncated file fails here, not later in a DataLoader worker), turned upright by its EXIF orientation, and
-    converted to RGB (transparency composited onto white).
+    truncated file fails here, not later), turned upright by its EXIF orientation, and converted to RGB
+    (transparency composited onto white).
 
     Args:
         image: A path (relative ones are resolved against `image_root`), encoded bytes, an already opened PIL
@@ -79,13 +82,64 @@ def load_image(
     Raises:
         BadImage: when the image is missing, unreadable, not an image, truncated, or larger than `max_pixels`.
     """
-    where = f"{source} row {row} image {index}"
+    with _opened(image, f"{source} row {row} image {index}", image_root, max_pixels) as (im, where, shown):
+        try:
+            im.load()  # decode everything now: a truncated or corrupt file fails here
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise BadImage(
+                where, shown, f"cannot decode the image: {exc}", "re-encode or replace the file"
+            ) from None
+
+
+def header_size(
+    image: ImageInput,
+    *,
+    source: str,
+    row: int,
+    index: int,
+    image_root: str | os.PathLike[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """The `(height, width)` an image will have once opened by `load_image`, read from its header only.
+
+    No pixel is decoded (a file truncated after its header passes here, and fails when `load_image` decodes
+    it); the EXIF orientation is applied, so a rotated photo reports its upright size.
+
+    Raises:
+        BadImage: when the image is missing, unreadable, not an image, or larger than `max_pixels`.
+    """
+    with _opened(image, f"{source} row {row} image {index}", image_root, max_pixels) as (im, where, shown):
+        width, height = im.size
+        try:
+            # A PNG's EXIF may follow its pixels, and PIL decodes them to find it: only the EXIF before them is
+            # read here (a rotated PNG whose EXIF comes last is caught when its row is read: the sizes differ).
+            unread = im.format == "PNG" and "exif" not in im.info
+            orientation = 1 if unread else im.getexif().get(_ORIENTATION, 1)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise BadImage(
+                where, shown, f"cannot read the image's metadata: {exc}", "check the file"
+            ) from None
+        # EXIF orientations 5-8 turn the image by 90 degrees: exif_transpose swaps its sides.
+        return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+@contextmanager
+def _opened(
+    image: ImageInput, where: str, image_root: str | os.PathLike[str] | None, max_pixels: int
+) -> Iterator[tuple[Image.Image, str, str]]:
+    """The image opened lazily (header read, size checked), with `where` and how to show its source."""
     if isinstance(image, Mapping):  # a `datasets` Image feature without decoding: {"bytes": ..., "path": ...}
         image = image.get("bytes") or image.get("path") or b""
     if isinstance(image, Image.Image):
-        return _normalise(image, where, "in-memory image", max_pixels)
+        _check_size(image, where, "in-memory image", max_pixels)
+        yield image, where, "in-memory image"
+        return
     if isinstance(image, bytes | bytearray):
-        return _open(io.BytesIO(image), where, f"{len(image):,} bytes of image data", max_pixels)
+        shown = f"{len(image):,} bytes of image data"
+        yield _open(io.BytesIO(image), where, shown, max_pixels), where, shown
+        return
     if not isinstance(image, str | os.PathLike):
         raise BadImage(
             where,
@@ -115,7 +169,7 @@ def load_image(
             where, shown, f"cannot read the file: {exc.strerror or exc}", "check its permissions"
         ) from None
     with handle:
-        return _open(handle, where, shown, max_pixels)
+        yield _open(handle, where, shown, max_pixels), where, shown
 
 
 def _open(stream: Any, where: str, shown: str, max_pixels: int) -> Image.Image:
@@ -131,10 +185,11 @@ def _open(stream: Any, where: str, shown: str, max_pixels: int) -> Image.Image:
             raise BadImage(where, shown, "not an image PIL can read", "check the file's format") from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise BadImage(where, shown, f"cannot read the image: {exc}", "check the file") from None
-        return _normalise(im, where, shown, max_pixels)
+    _check_size(im, where, shown, max_pixels)
+    return im
 
 
-def _normalise(im: Image.Image, where: str, shown: str, max_pixels: int) -> Image.Image:
+def _check_size(im: Image.Image, where: str, shown: str, max_pixels: int) -> None:
     width, height = im.size
     if width <= 0 or height <= 0:
         raise BadImage(where, shown, f"empty image ({width}x{height})", "check the file")
@@ -145,14 +200,6 @@ def _normalise(im: Image.Image, where: str, shown: str, max_pixels: int) -> Imag
             f"too many pixels: {width}x{height} = {width * height:,} > {max_pixels:,}",
             _bomb_hint(max_pixels),
         )
-    try:
-        im.load()  # decode everything now: a truncated or corrupt file fails here
-        im = ImageOps.exif_transpose(im)
-        return _to_rgb(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise BadImage(
-            where, shown, f"cannot decode the image: {exc}", "re-encode or replace the file"
-        ) from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmtune.data.dataset import IGNORE_INDEX
+from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.errors import UserError
 
 

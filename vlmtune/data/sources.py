@@ -1,4 +1,5 @@
-"""Finding and reading data files: .jsonl, .json, .parquet, and `datasets.save_to_disk` directories.
+"""Finding and reading data sources: .jsonl, .json, .parquet files, `datasets.save_to_disk` folders, dataset
+repository folders and hub dataset ids.
 
 Files are read through `datasets`, which memory-maps them as Arrow. Its errors on a broken JSON line are cryptic,
 so when it fails on a JSON file the file is re-read here with `json`, line by line: a line that does not parse
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,8 +24,13 @@ from vlmtune.logging import get_logger
 logger = get_logger("data")
 
 SUPPORTED = (".jsonl", ".json", ".parquet")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DISK_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes for a DatasetDict / a Dataset
-_SUPPORTED_TEXT = ", ".join(SUPPORTED) + ", or a directory written by datasets' save_to_disk"
+_SUPPORTED_TEXT = (
+    ", ".join(SUPPORTED)
+    + ", a directory written by datasets' save_to_disk, a dataset repository folder, or a hub "
+    "dataset id"
+)
 
 
 @dataclass(frozen=True)
@@ -42,12 +49,14 @@ class LoadedSource:
         path: Where the file was found.
         rows: Rows as Python objects; a broken JSON line is an `Unparsable` in its place.
         is_jsonl: Whether rows are lines of a text file, so messages can name line numbers.
+        is_repository: A dataset repository (a folder of data files, or a hub dataset).
     """
 
     label: str
     path: Path
     rows: Sequence[Any]
     is_jsonl: bool = False
+    is_repository: bool = False
     _lines: list[int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -91,20 +100,57 @@ def resolve_path(path: str, base_dir: Path | None = None) -> Path:
     )
 
 
+def is_hub_id(path: str) -> bool:
+    """`org/name` (no file suffix, not written as a local path): a Hugging Face hub dataset id."""
+    return bool(_HUB_ID.fullmatch(path)) and Path(path).suffix.lower() not in (*SUPPORTED, ".arrow")
+
+
+def source_label(source: DataSource) -> str:
+    """How messages name a source: its path as the recipe gives it, with the configuration and split if set."""
+    label = source.path + (f":{source.name}" if source.name else "")
+    return f"{label}[{source.split}]" if source.split else label
+
+
+def locate(source: DataSource, base_dir: Path | None = None) -> Path | None:
+    """The local file or folder of `source`, or None for a hub dataset id that names nothing local.
+
+    Raises:
+        DataError: neither a local path nor a hub id (says where it looked).
+    """
+    try:
+        return resolve_path(source.path, base_dir)
+    except DataError:
+        if is_hub_id(source.path):
+            return None
+        raise
+
+
 def load_source(source: DataSource, *, base_dir: Path | None = None) -> LoadedSource:
-    """Read every row of `source`.
+    """Read every row of `source` (Arrow-backed sources stay memory-mapped: rows are read when indexed).
 
     Raises:
         DataError: a missing path, an unsupported file type, a missing split, or an unreadable file.
     """
-    path = resolve_path(source.path, base_dir)
-    label = f"{source.path}[{source.split}]" if source.split else source.path
+    loaded = _load(source, base_dir)
+    if source.columns:
+        loaded.rows = _renamed(loaded.rows, source.columns, loaded.label)
+    return loaded
+
+
+def _load(source: DataSource, base_dir: Path | None) -> LoadedSource:
+    path = locate(source, base_dir)
+    label = source_label(source)
+    if path is None:
+        rows = _load_repository(source.path, source, label)
+        return LoadedSource(label, Path(source.path), rows, is_repository=True)
     if path.is_dir():
-        return LoadedSource(label, path, _load_from_disk(path, source))
+        if any((path / marker).exists() for marker in _DISK_MARKERS):
+            return LoadedSource(label, path, _load_from_disk(path, source))
+        return LoadedSource(label, path, _load_repository(str(path), source, label), is_repository=True)
     if source.split is not None:
         raise DataError(
-            f"{source.path}: split {source.split!r} is set, but splits only apply to a DatasetDict directory "
-            "written by save_to_disk; remove `split` from this source"
+            f"{source.path}: split {source.split!r} is set, but splits only apply to a folder (save_to_disk's "
+            "DatasetDict, or a dataset repository) or a hub dataset; remove `split` from this source"
         )
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -215,11 +261,6 @@ def _nonblank_lines(path: Path) -> list[int]:
 def _load_from_disk(path: Path, source: DataSource) -> Any:
     from datasets import DatasetDict, load_from_disk
 
-    if not any((path / marker).exists() for marker in _DISK_MARKERS):
-        raise DataError(
-            f"{source.path} is a directory but not one written by datasets' save_to_disk "
-            f"(no {' or '.join(_DISK_MARKERS)}); supported: {_SUPPORTED_TEXT}"
-        )
     loaded = load_from_disk(str(path))
     if not isinstance(loaded, DatasetDict):
         if source.split is not None:
@@ -235,6 +276,58 @@ def _load_from_disk(path: Path, source: DataSource) -> Any:
             f"{', '.join(sorted(loaded))}. Set `split` on this source to one of them"
         )
     return loaded[split]
+
+
+def _load_repository(where: str, source: DataSource, label: str) -> Any:
+    """A dataset repository, local (a folder of data files) or on the hub, through `datasets.load_dataset`."""
+    from datasets import load_dataset
+
+    split = source.split or "train"
+    try:
+        return load_dataset(where, name=source.name, split=split, revision=source.revision)
+    except Exception as exc:  # datasets raises many types (missing split, config, network, no data files)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{label}: cannot load the dataset repository {where!r} (split {split!r}"
+            f"{f', name {source.name!r}' if source.name else ''}): {first}. Check the path (a local folder of "
+            "data files, or a hub id with network access), `split` and `name`"
+        ) from None
+
+
+class _RenamedRows(Sequence):
+    """Rows of a plain list with some keys renamed (`columns:`), renamed as they are read."""
+
+    def __init__(self, rows: Sequence[Any], rename: dict[str, str]) -> None:
+        self._rows, self._rename = rows, rename
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Any:
+        row = self._rows[i]
+        if not isinstance(row, dict):
+            return row  # an Unparsable line, or not an object: the format reports it
+        return {self._rename.get(k, k): v for k, v in row.items() if k not in self._shadowed(row)}
+
+    def _shadowed(self, row: dict) -> set[str]:
+        # A format column the source also has under its own name gives way to the mapped one.
+        return {new for old, new in self._rename.items() if old in row and new in row}
+
+
+def _renamed(rows: Sequence[Any], columns: dict[str, str], label: str) -> Sequence[Any]:
+    """`rows` with each source column `columns[name]` read as the format's `name`."""
+    rename = {src: name for name, src in columns.items() if src != name}
+    names = getattr(rows, "column_names", None)
+    if names is None:
+        return _RenamedRows(rows, rename)
+    missing = sorted(src for src in rename if src not in names)
+    if missing:
+        raise DataError(
+            f"{label}: columns maps onto {', '.join(repr(m) for m in missing)}, which the source does not have "
+            f"(its columns: {', '.join(names)}); fix data.*.columns"
+        )
+    clashing = [new for new in rename.values() if new in names]
+    return rows.remove_columns(clashing).rename_columns(rename) if clashing else rows.rename_columns(rename)
 
 
 def _near_names(missing: Path) -> list[str]:

@@ -24,7 +24,7 @@ from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
 from vlmtune.engine.offload import OffloadActivations
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
-from vlmtune.errors import Preempted, TrainingDiverged
+from vlmtune.errors import DataError, Preempted, TrainingDiverged
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
@@ -57,7 +57,7 @@ def input_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 # Batch entries that are not model inputs: the loss is computed here from the logits.
-_NOT_INPUTS = ("labels", "length", "n_tokens")
+_NOT_INPUTS = ("labels", "length", "n_tokens", "bad_rows")
 
 
 def forward(
@@ -98,9 +98,14 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(self.total - self.start, 0)
 
-    def __getitem__(self, i: int) -> tuple[list, list[dict[str, torch.Tensor]]]:
+    def __getitem__(self, i: int) -> tuple[list, list[dict[str, torch.Tensor]] | DataError]:
         rows = self.sampler.micro_batches(self.start + i, self.rank)
-        return rows, [collate(self.collator, self.data, r) for r in rows]
+        try:
+            return rows, [collate(self.collator, self.data, r) for r in rows]
+        except DataError as exc:
+            # Handed to the loop, which raises it: raised in a DataLoader worker, it would reach the user
+            # wrapped in the worker's traceback.
+            return rows, DataError(str(exc))
 
 
 @dataclass
@@ -328,6 +333,9 @@ class Trainer:
                 waiting = time.perf_counter()
                 rows, batches = next(steps)
                 window["data_wait"] += time.perf_counter() - waiting
+                if isinstance(batches, DataError):
+                    raise batches
+                state.bad_rows += sum(int(b.pop("bad_rows", 0)) for b in batches)  # on the CPU: no sync
                 out = self.train_step([{k: v.to(acc.device) for k, v in b.items()} for b in batches])
                 state.step += 1
                 self._handle_nonfinite(out, rows)
@@ -407,6 +415,7 @@ class Trainer:
             # Share of the time spent waiting for batches (sampling + collating): near 0 when data keeps up.
             "data_wait_frac": round(window["data_wait"] / elapsed, 4),
             "skipped_steps": state.skipped_steps,
+            "bad_rows": state.bad_rows,
             "nonfinite_steps": state.nonfinite_steps,
         }
         if self._peak_flops:  # a known GPU, or $VLMTUNE_PEAK_TFLOPS

@@ -16,6 +16,7 @@ class TrainState:
     skipped_steps: int = 0  # steps without an update: fp16 overflow, or non-finite loss / gradients
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
+    bad_rows: int = 0  # rows left out of their micro-batch: an image failed to decode (data.on_bad_row: skip)
     global_batch: int = 0  # recorded so a resume with a different batch layout is noticed
     data_layout: str = (
         ""  # likewise for the batching mode (data/batching.py `layout`); "" in older checkpoints

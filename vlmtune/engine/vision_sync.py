@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from vlmtune.engine.distributed import strategy, zero_stage
@@ -73,9 +74,8 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
     """
     if family is None or accelerator.num_processes < 2:
         return None
-    keys = [k for k in collator.vision if collator.vision[k] != "count"]
-    image_rows = [i for i in range(len(data)) if any(k in data[i] for k in keys)]
-    if not image_rows or len(image_rows) == len(data):
+    image_rows = np.flatnonzero(data.images())  # from the index: no image is decoded to find them
+    if not len(image_rows) or len(image_rows) == len(data):
         return None  # every process runs the same path on every batch
     if family.cross_attention_images:
         if strategy(accelerator) == "fsdp2" or zero_stage(accelerator) == 3:
@@ -85,7 +85,8 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
                 "and with images on another cannot stay in step; give every row an image, or use DDP / ZeRO-2"
             )
         return None  # DDP finds the skipped layers' weights unused (configure_ddp)
-    smallest = min(image_rows[:_SCAN_ROWS], key=lambda i: data[i]["pixel_values"].numel())
+    image_tokens = data.image_tokens()
+    smallest = int(min(image_rows[:_SCAN_ROWS], key=lambda i: image_tokens[i]))
     batch = collator([data[smallest]])
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     inputs = {

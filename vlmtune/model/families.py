@@ -21,6 +21,18 @@ if TYPE_CHECKING:
     from torch import nn
 
 Part = Literal["vision", "projector", "language"]
+Batching = Literal["cat", "sample", "count", "sequence"]
+ImageGrid = Literal[
+    "smart_resize",
+    "resize_crop",
+    "anyres",
+    "split_tiles",
+    "pan_and_scan",
+    "crop_to_patches",
+    "fixed",
+    "cross_attention",
+]
+_TOKEN_PAD = MappingProxyType({"token_type_ids": 0, "mm_token_type_ids": 0})
 
 
 # eq=False: each family is one object, compared and hashed by identity.
@@ -44,6 +56,15 @@ class Family:
         head: Module prefixes of the output head (tied to the embeddings in some families).
         image_placeholder: What a prompt (chat template) writes for one image; the processor expands it.
         image_tokens: Tokens that fill the expanded image span in `input_ids` (never trained, never cut).
+        image_grid: How an image's (height, width) becomes the image-processor output that the processor's
+            `replace_image_token` reads, i.e. how many tokens the image gets (`vlmtune.data.vision_tokens` applies
+            it): `smart_resize` (Qwen-VL: resized to a multiple of patch x merge within min/max pixels,
+            `image_grid_thw`), `resize_crop` (LLaVA: resized and center-cropped, the pixel height and width),
+            `anyres` (LLaVA-NeXT / OneVision: `image_sizes`, the tile size and `batch_num_images`), `split_tiles`
+            (Idefics3 / SmolVLM: resized, then `rows` x `cols` tiles when splitting), `pan_and_scan` (Gemma 3:
+            `num_crops`, 0 unless pan-and-scan is on), `crop_to_patches` (InternVL: `num_patches` of the tiled
+            canvas), `fixed` (the same tokens for every size) or `cross_attention` (Mllama: the placeholder stays
+            one token; the image enters through cross-attention).
         size_keys: Recipe image-size keys this family takes, each mapped to its key in the image processor's
             `size` dict. Empty: the size is fixed by the vision config.
         nested_images: The processor refuses a flat list of images for a batch; it wants one list per sample
@@ -57,6 +78,17 @@ class Family:
         needs_images: The processor refuses a sample without an image.
         cross_attention_images: Images enter through cross-attention layers, which a text-only batch skips
             (their weights then get no gradient, and sharded processes fall out of step).
+        text_layout: How the processor changes the rendered text before expanding image placeholders, so that
+            label spans can be moved onto the tokenised text: `bos_after_last_image` (PaliGemma writes bos right
+            after the last image placeholder, and appends "\n"), `bos_if_missing` (Mllama prepends bos to a
+            text that does not start with it).
+        vision_batching: How each vision input of the processor (its key) is batched across rows: `cat`
+            (concatenated along dim 0, trailing dims zero-padded to the largest: one entry per image, patch or
+            tile), `sample` ((1, images, ...) per row, zero-padded, a row without images gets zeros: (batch, max
+            images, ...)), `count` (one number per row, 0 without images), `sequence` ((seq, images, tiles) per
+            row, padded like `sample` and along the sequence).
+        token_pad: Per-token outputs besides input_ids / attention_mask / labels, and the value padding (and a
+            text-only row) takes.
         notes: Anything else the data pipeline must know.
     """
 
@@ -67,6 +99,7 @@ class Family:
     language: tuple[str, ...]
     image_placeholder: str
     image_tokens: tuple[str, ...]
+    image_grid: ImageGrid
     head: tuple[str, ...] = ("lm_head",)
     model_class: str = "AutoModelForImageTextToText"
     size_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -76,6 +109,9 @@ class Family:
     token_type_ids: Literal["image", "prefix"] | None = None
     needs_images: bool = False
     cross_attention_images: bool = False
+    text_layout: Literal["bos_after_last_image", "bos_if_missing"] | None = None
+    vision_batching: Mapping[str, Batching] = field(default_factory=lambda: MappingProxyType({}))
+    token_pad: Mapping[str, int] = field(default_factory=lambda: _TOKEN_PAD)
     notes: str = ""
 
     def load_class(self) -> type:
@@ -108,7 +144,9 @@ _QWEN = {
     "language": ("model.language_model",),
     "image_placeholder": "<|vision_start|><|image_pad|><|vision_end|>",
     "image_tokens": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "image_grid": "smart_resize",
     "size_keys": MappingProxyType({"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}),
+    "vision_batching": MappingProxyType({"pixel_values": "cat", "image_grid_thw": "cat"}),
     "notes": "pixel_values: the flattened patches of every image in the batch, (sum of t*h*w, 3*2*patch^2), "
     "with image_grid_thw (images, 3); tokens per image = t*h*w / merge_size^2. Also returns mm_token_type_ids.",
 }
@@ -118,16 +156,23 @@ _LLAVA = {
     "language": ("model.language_model",),
     "image_placeholder": "<image>",
     "image_tokens": ("<image>",),
+    "vision_batching": MappingProxyType({"pixel_values": "cat"}),
 }
 # LLaVA-NeXT / OneVision add `image_newline`, a learned separator after each row of image features.
-_ANYRES = {**_LLAVA, "projector": ("model.multi_modal_projector", "model.image_newline")}
+_ANYRES = {
+    **_LLAVA,
+    "projector": ("model.multi_modal_projector", "model.image_newline"),
+    "vision_batching": MappingProxyType({"pixel_values": "cat", "image_sizes": "cat"}),
+}
 _IDEFICS = {
     "vision": ("model.vision_model",),
     "projector": ("model.connector",),
     "language": ("model.text_model",),
     "image_placeholder": "<image>",
     "image_tokens": ("<fake_token_around_image>", "<global-img>", "<image>"),
+    "image_grid": "split_tiles",
     "size_keys": MappingProxyType({"longest_edge": "longest_edge"}),
+    "vision_batching": MappingProxyType({"pixel_values": "sample", "pixel_attention_mask": "sample"}),
     "notes": "pixel_values (batch, images, 3, H, W) with pixel_attention_mask (batch, images, H, W); "
     "longest_edge is the size before splitting into max_image_size tiles (<row_i_col_j> tokens when split).",
 }
@@ -142,17 +187,24 @@ FAMILIES: dict[str, Family] = {
             model_types=("qwen3_vl",),
             **{**_QWEN, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
         ),
-        Family(name="llava", model_types=("llava",), **_LLAVA),
+        Family(name="llava", model_types=("llava",), **_LLAVA, image_grid="resize_crop"),
         Family(
             name="llava_next",
+            image_grid="anyres",
             model_types=("llava_next",),
             **_ANYRES,
             notes="anyres: pixel_values (images, tiles, 3, H, W) with image_sizes; tokens depend on the size.",
         ),
         Family(
             name="llava_onevision",
+            image_grid="anyres",
             model_types=("llava_onevision",),
-            **_ANYRES,
+            **{
+                **_ANYRES,
+                "vision_batching": MappingProxyType(
+                    {"pixel_values": "cat", "image_sizes": "cat", "batch_num_images": "count"}
+                ),
+            },
             notes="anyres as llava_next, plus batch_num_images; a row with several images gets no anyres tiles.",
         ),
         # Idefics3's processor splits a flat list by the <image> count of each text; SmolVLM's refuses one.
@@ -160,17 +212,22 @@ FAMILIES: dict[str, Family] = {
         Family(name="smolvlm", model_types=("smolvlm",), **_IDEFICS, nested_images=True),
         Family(
             name="paligemma",
+            image_grid="fixed",
             model_types=("paligemma",),
             **_LLAVA,
             ships_chat_template=False,
             suffix_labels=True,
             token_type_ids="prefix",
             needs_images=True,
+            text_layout="bos_after_last_image",
+            # token_type_ids 0 mark the bidirectional prefix, so padding (after the answer) is 1, the causal part.
+            token_pad=MappingProxyType({**_TOKEN_PAD, "token_type_ids": 1}),
             notes="the processor adds 1,152 <loc>/<seg> tokens to the tokenizer, and inserts bos after the last "
             "<image> and appends '\\n' to every text, which misplaces return_assistant_tokens_mask.",
         ),
         Family(
             name="gemma3",
+            image_grid="pan_and_scan",
             model_types=("gemma3",),
             **{
                 **_LLAVA,
@@ -184,6 +241,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="mllama",
+            image_grid="cross_attention",
             model_types=("mllama",),
             vision=("model.vision_model",),
             projector=("model.multi_modal_projector",),
@@ -192,6 +250,15 @@ FAMILIES: dict[str, Family] = {
             image_tokens=("<|image|>",),
             nested_images=True,
             cross_attention_images=True,
+            text_layout="bos_if_missing",
+            vision_batching=MappingProxyType(
+                {
+                    "pixel_values": "sample",
+                    "aspect_ratio_ids": "sample",
+                    "aspect_ratio_mask": "sample",
+                    "cross_attention_mask": "sequence",
+                }
+            ),
             notes="images enter through cross-attention layers: one <|image|> token per image; pixel_values "
             "(batch, images, tiles, 3, H, W) with aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask "
             "(batch, seq, images, tiles). The processor prepends bos to a text without one, which misplaces "
@@ -199,6 +266,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="internvl",
+            image_grid="crop_to_patches",
             model_types=("internvl",),
             **{
                 **_LLAVA,

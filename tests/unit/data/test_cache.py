@@ -1,27 +1,26 @@
-"""The tokenisation cache: a second build reads no row and tokenises nothing; any change of input rebuilds."""
+"""The data index cache: a second build reads no row and tokenises nothing; any change of input rebuilds."""
 
 from __future__ import annotations
 
 import pytest
 
-import vlmtune.data.dataset as dataset_module
 from tests.unit.data.helpers import build_tokenizer, row, write_jsonl
 from vlmtune.config.schema import DataConfig, DataSource
-from vlmtune.data import build_dataset
+from vlmtune.data import Encoder, build_dataset
 
 
 @pytest.fixture
 def counted(monkeypatch, tmp_path):
-    """Count conversations tokenised; the cache lives in this test's folder."""
+    """Count rows encoded; the cache lives in this test's folder."""
     monkeypatch.setenv("VLMTUNE_CACHE_DIR", str(tmp_path / "cache"))
     calls = {"n": 0}
-    original = dataset_module.tokenize_conversation
+    original = Encoder.encode
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dataset_module, "tokenize_conversation", counting)
+    monkeypatch.setattr(Encoder, "encode", counting)
     return calls
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.data.helpers import CHATML, build_tokenizer, chat, row, trained_runs, write_jsonl
 from vlmtune.config.schema import DataConfig, DataSource
-from vlmtune.data import TokenizedDataset, build_dataset
+from vlmtune.data import IndexedDataset, build_dataset
 from vlmtune.data.template import ChatTemplateError
 from vlmtune.errors import DataError
 
@@ -24,7 +24,7 @@ def _build(tokenizer, paths: list[Path], *, seed: int = 0, weights: list[float] 
     return build_dataset(sources, _cfg(**policies), tokenizer, seed=seed)
 
 
-def _row_numbers(tokenizer, dataset: TokenizedDataset) -> list[int]:
+def _row_numbers(tokenizer, dataset: IndexedDataset) -> list[int]:
     """Which source row each example is, read back from its trained reply ("number N, of course")."""
     numbers = []
     for item in dataset:
@@ -211,6 +211,6 @@ def test_progress_bar_only_when_asked(tokenizer, tmp_path, capsys):
 
     # No cache: a second build would take the rows from it and have nothing to tokenise.
     build_dataset(sources, _cfg(cache=False), tokenizer, seed=0, show_progress=False)
-    assert "tokenising" not in capsys.readouterr().err
+    assert "indexing" not in capsys.readouterr().err
     build_dataset(sources, _cfg(cache=False), tokenizer, seed=0, show_progress=True)
-    assert f"tokenising {path}" in capsys.readouterr().err
+    assert f"indexing {path}" in capsys.readouterr().err

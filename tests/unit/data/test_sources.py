@@ -63,11 +63,52 @@ def test_unsupported_extension_lists_the_supported_ones(tmp_path):
         load_source(DataSource(path=str(tmp_path / "a.csv")))
 
 
-def test_directory_not_written_by_save_to_disk_is_refused(tmp_path):
-    (tmp_path / "folder").mkdir()
+def test_a_folder_of_data_files_is_a_dataset_repository(tmp_path):
+    """A local dataset repository goes through the same `datasets.load_dataset` call as a hub id."""
+    repo = tmp_path / "repo"
+    write_jsonl(repo / "data" / "train.jsonl", ROWS)
+    write_jsonl(repo / "data" / "test.jsonl", ROWS[:1])
+    loaded = load_source(DataSource(path=str(repo)))
+    assert _rows(loaded) == ROWS and loaded.is_repository
+    assert _rows(load_source(DataSource(path=str(repo), split="test"))) == ROWS[:1]
+    with pytest.raises(DataError, match=r"split 'dev'.*Check the path"):
+        load_source(DataSource(path=str(repo), split="dev"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot load the dataset repository"):
+        load_source(DataSource(path=str(tmp_path / "empty")))
 
-    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
-        load_source(DataSource(path=str(tmp_path / "folder")))
+
+def test_a_hub_id_is_loaded_by_name_and_anything_else_missing_is_not_found(monkeypatch, tmp_path):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return Dataset.from_list(ROWS)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    spec = DataSource(path="org/chat-data", name="en", split="validation", revision="v1")
+    loaded = load_source(spec)
+    assert _rows(loaded) == ROWS and loaded.label == "org/chat-data:en[validation]"
+    assert calls == [("org/chat-data", {"name": "en", "split": "validation", "revision": "v1"})]
+    for missing in ("data/train.jsonl", "./org/name", "a/b/c"):
+        with pytest.raises(DataError, match="not found"):
+            load_source(DataSource(path=missing))
+
+
+def test_columns_map_the_sources_names_onto_the_formats(tmp_path):
+    renamed = [{"dialogue": r["messages"], "messages": "unrelated"} for r in ROWS]
+    write_jsonl(tmp_path / "a.jsonl", renamed)
+    (tmp_path / "broken.jsonl").write_text(json.dumps(renamed[0]) + "\n{broken\n")
+    for name in ("a.jsonl", "broken.jsonl"):  # through datasets, and through the line-by-line reader
+        loaded = load_source(DataSource(path=str(tmp_path / name), columns={"messages": "dialogue"}))
+        assert [r["messages"] for r in _rows(loaded) if not isinstance(r, Unparsable)] == [
+            r["messages"] for r in ROWS[: len(loaded) - (name == "broken.jsonl")]
+        ]
+    with pytest.raises(DataError, match="'convo', which the source does not have"):
+        load_source(DataSource(path=str(tmp_path / "a.jsonl"), columns={"messages": "convo"}))
 
 
 def test_relative_path_resolves_against_cwd_first_then_the_recipe_folder(tmp_path, monkeypatch):

@@ -1,0 +1,335 @@
+"""The one seam between rows and tokens: a text model's tokenizer, or a vision-language model's processor.
+
+`Encoder.encode` turns a normalised row into token ids and a label mask without decoding any image: each
+image's size is read from its header, and its placeholder is expanded the way the family's processor would
+expand it for that size (`vision_tokens.expand_text`). `Encoder.vision_inputs` runs later, when a micro-batch
+is collated (in the DataLoader workers): it decodes the row's images, runs the processor, and checks that the
+processor's tokens are the ones indexed, so a run never trains on misaligned tokens.
+
+The label mask comes from characters, as `template.py` explains: each assistant reply's span is found in the
+rendered conversation, then moved to where it lies in the text the processor tokenises. Processors rewrite the
+text before tokenising it: they expand each image placeholder into the image's tokens, and some change the
+layout first (`Family.text_layout`). A token is trained when its offsets overlap a moved span; image tokens and
+padding never are. Each trained span is then checked to decode to the reply it came from, so a processor that
+rewrites text in a new way fails loudly instead of training the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vlmtune.data.bad_rows import BadRow
+from vlmtune.data.formats import Conversation
+from vlmtune.data.images import DEFAULT_MAX_PIXELS, BadImage, header_size, load_image
+from vlmtune.data.template import ChatTemplateError, _overlaps, assistant_spans, check_tokenizer, render
+from vlmtune.errors import DataError
+
+if TYPE_CHECKING:
+    from vlmtune.model.families import Family
+
+IGNORE_INDEX = -100  # the label of a token that is not trained (what transformers' losses skip)
+
+# Processor outputs that are not vision inputs: the text side, which the index already holds.
+_TEXT_KEYS = ("input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "labels")
+
+
+@dataclass
+class EncodedRow:
+    """One row's tokens: ids, which are trained, and where its images sit.
+
+    Attributes:
+        ids: Token ids after image expansion.
+        trained: Per token, whether it carries a label.
+        last_image: Index of the last image token (-1 without images): truncation must keep it.
+        image_tokens: Image tokens in the row.
+        images: Images in the row.
+    """
+
+    ids: np.ndarray
+    trained: np.ndarray
+    last_image: int = -1
+    image_tokens: int = 0
+    images: int = 0
+
+
+class Encoder:
+    """Encodes rows for one model: with its tokenizer (`family` None) or its processor (a VLM family).
+
+    Args:
+        encoder: A fast tokenizer with a chat template, or a VLM processor holding one.
+        family: The vision-language family, None for a text model.
+        train_on_prompt: Train every token except image tokens, prompts included.
+        max_pixels: Largest image accepted (width x height), against decompression bombs.
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        family: Family | None = None,
+        *,
+        train_on_prompt: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.processor = encoder if family is not None else None
+        self.tokenizer = getattr(encoder, "tokenizer", encoder) if family is not None else encoder
+        self.family = family
+        self.train_on_prompt = train_on_prompt
+        self.max_pixels = max_pixels
+        if family is None:
+            check_tokenizer(self.tokenizer)
+            self._never: set[int] = set()
+        else:
+            self._image_ids = np.asarray(family.image_token_ids(encoder), dtype=np.int64)
+            self._never = set(self._image_ids.tolist())
+            pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+            if pad is not None and pad != eos:
+                self._never.add(pad)  # where pad is eos, that token ends every reply and is trained
+
+    @property
+    def vision(self) -> bool:
+        return self.family is not None
+
+    def fingerprint(self) -> str | None:
+        """A digest of everything encoding depends on (vocabulary, chat template, image settings); None when it
+        cannot be taken (then nothing is cached)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        h = hashlib.sha256()
+        h.update(type(self.tokenizer).__name__.encode())
+        h.update(backend.to_str().encode())
+        template = getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
+        h.update(str(template).encode())
+        h.update(json.dumps(self.tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+        h.update(json.dumps([self.train_on_prompt, self.max_pixels]).encode())
+        if self.processor is not None:
+            h.update(self.family.name.encode())
+            image_processor = getattr(self.processor, "image_processor", None)
+            settings = image_processor.to_dict() if image_processor is not None else {}
+            h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+    # --- indexing: no pixels ---------------------------------------------------------------------------
+
+    def encode(
+        self,
+        conversation: Conversation,
+        *,
+        source: str = "<data>",
+        row: int = 0,
+        image_root: str | os.PathLike[str] | None = None,
+    ) -> EncodedRow:
+        """Render, expand and tokenise a row, and mask its labels; images are read for their size only.
+
+        Args:
+            conversation: The normalised row.
+            source: The data source, as image errors name it.
+            row: The row's index in `source`.
+            image_root: Folder of relative image paths.
+
+        Raises:
+            BadRow: an image is missing or unreadable (`bad_image`), the family needs an image and the row has
+                none (`images_required`), the template refused the row, or nothing is left to train.
+            ChatTemplateError: the template or processor does not let the replies be located exactly.
+        """
+        if self.family is None:
+            return self._encode_text(conversation)
+        family = self.family
+        if family.needs_images and not conversation.images:
+            raise BadRow(
+                "images_required",
+                f"the row has no image, and {family.name} models cannot train on text alone; "
+                "give every row an image, or use another family for text-only data",
+            )
+        sizes = [
+            self._image(header_size, image, source, row, i, image_root)
+            for i, image in enumerate(conversation.images)
+        ]
+        text, spans = assistant_spans(self.processor, _render_messages(conversation))
+        self._check_placeholders(text, len(sizes))
+        expanded, replacements = self._expand(text, sizes)
+        out = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(out["input_ids"], dtype=np.int32)
+        offsets = [tuple(o) for o in out["offset_mapping"]]
+        never = np.isin(ids, np.fromiter(self._never, dtype=np.int64))
+        if self.train_on_prompt:
+            trained = ~never
+        else:
+            moved = _move_spans(spans, text, replacements, family, self.tokenizer)
+            _check_spans(text, spans, moved, ids.tolist(), offsets, self.tokenizer)
+            trained = np.asarray(_overlaps(offsets, moved), dtype=bool) & ~never
+        if not trained.any():
+            raise BadRow(
+                "no_trained_tokens",
+                "no token of the rendered conversation falls in an assistant reply, so there is nothing to train",
+            )
+        image_positions = np.flatnonzero(np.isin(ids, self._image_ids))
+        last = int(image_positions[-1]) if len(image_positions) else -1
+        return EncodedRow(ids, trained, last, len(image_positions), len(sizes))
+
+    def _encode_text(self, conversation: Conversation) -> EncodedRow:
+        text, spans = assistant_spans(self.tokenizer, conversation.text_messages())
+        # The template already wrote any BOS/EOS into the text; add_special_tokens would add them twice.
+        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(out["input_ids"], dtype=np.int32)
+        if self.train_on_prompt:
+            trained = np.ones(len(ids), dtype=bool)
+        else:
+            trained = np.asarray(_overlaps(out["offset_mapping"], spans), dtype=bool)
+        if not trained.any():
+            raise BadRow(
+                "no_trained_tokens",
+                "no token of the rendered conversation falls in an assistant reply, so there is nothing to train; "
+                "check that the chat template renders assistant messages",
+            )
+        return EncodedRow(ids, trained)
+
+    def _expand(self, text: str, sizes: list[tuple[int, int]]) -> tuple[str, list[dict]]:
+        from vlmtune.data.vision_tokens import UnsupportedImageSize, expand_text
+
+        try:
+            expanded, replacements = expand_text(self.processor, self.family, text, sizes)
+        except UnsupportedImageSize as exc:
+            raise BadRow("bad_image", str(exc)) from None
+        # One list of replacements per text (a processor with nothing to replace may give an empty one).
+        if replacements and isinstance(replacements[0], list):
+            replacements = replacements[0]
+        return expanded, list(replacements or [])
+
+    def _check_placeholders(self, text: str, images: int) -> None:
+        placeholder = self.family.image_placeholder
+        if text.count(placeholder) != images:
+            raise ChatTemplateError(
+                f"the chat template wrote {text.count(placeholder)} {placeholder!r} placeholder(s) for {images} "
+                "image(s); it must write one per image part"
+            )
+
+    def _image(self, read: Any, image: Any, source: str, row: int, index: int, image_root: Any) -> Any:
+        """`read` (`header_size` or `load_image`) one image; a broken one is a bad row naming it."""
+        try:
+            return read(
+                image, source=source, row=row, index=index, image_root=image_root, max_pixels=self.max_pixels
+            )
+        except BadImage as exc:
+            raise BadRow("bad_image", f"image {index} ({exc.path}): {exc.problem}") from exc
+
+    # --- collating: pixels -------------------------------------------------------------------------------
+
+    def vision_inputs(
+        self,
+        conversation: Conversation,
+        ids: Sequence[int],
+        *,
+        source: str,
+        row: int,
+        image_root: str | os.PathLike[str] | None = None,
+    ) -> dict[str, Any]:
+        """Decode the row's images and run the processor: its vision inputs and per-token outputs.
+
+        Args:
+            conversation: The row, normalised as when it was indexed.
+            ids: The row's indexed token ids (possibly truncated): the processor's must start with them.
+            source: The data source, as messages name it.
+            row: The row's index in `source`.
+            image_root: Folder of relative image paths.
+
+        Raises:
+            BadRow: an image cannot be decoded (`bad_image`).
+            DataError: the processor's tokens differ from the indexed ones (an image changed on disk since it
+                was indexed, say): training on them would misalign images and text.
+        """
+        if not conversation.images:
+            return {}
+        opened = [
+            self._image(load_image, image, source, row, i, image_root)
+            for i, image in enumerate(conversation.images)
+        ]
+        text = render(self.processor, _render_messages(conversation))
+        out = self.processor(text=[text], images=[opened], add_special_tokens=False, return_tensors="pt")
+        got = out["input_ids"][0]
+        if len(got) < len(ids) or got[: len(ids)].tolist() != list(ids):
+            raise DataError(
+                f"{source} row {row}: the processor gives {len(got)} tokens for this row now, but {len(ids)} were indexed "
+                "(with different image tokens): an image changed since the data was indexed, or the image "
+                "processor settings differ. Clear the index with `rm -rf ~/.cache/vlmtune/tokenized` (or "
+                "$VLMTUNE_CACHE_DIR) and start again; no step trained on this row"
+            )
+        return {key: self._cut(key, value, len(ids)) for key, value in out.items() if key not in _TEXT_KEYS}
+
+    def _cut(self, key: str, value: Any, keep: int) -> Any:
+        """A processor output for this row alone: per-token ones as lists cut like the indexed ids, vision
+        inputs as the processor gives them."""
+        if key in self.family.token_pad:
+            return value[0, :keep].tolist()
+        if self.family.vision_batching.get(key) == "sequence":
+            return value[0, :keep]  # (seq, images, tiles), cut with the tokens
+        return value
+
+
+def _render_messages(conversation: Conversation) -> list[dict[str, Any]]:
+    # The template's own image part (`{"type": "image"}`); the images themselves go to the processor.
+    return [
+        {
+            "role": m["role"],
+            "content": [{"type": "image"} if p["type"] == "image" else dict(p) for p in m["content"]],
+        }
+        for m in conversation.messages
+    ]
+
+
+def _move_spans(
+    spans: list[tuple[int, int]], text: str, replacements: list[dict], family: Family, tokenizer: Any
+) -> list[tuple[int, int]]:
+    """Move `[start, end)` spans of the rendered text onto the text the processor tokenised."""
+    bos = tokenizer.bos_token or ""
+    inserted_at, inserted = len(text) + 1, 0
+    if family.text_layout == "bos_after_last_image" and family.image_placeholder in text:
+        inserted_at = text.rfind(family.image_placeholder) + len(family.image_placeholder)
+        inserted = len(bos)
+    elif family.text_layout == "bos_if_missing" and not text.startswith(bos):
+        inserted_at, inserted = 0, len(bos)
+
+    ends = [r["span"][1] for r in replacements]
+    gained = [0]
+    for r in replacements:
+        gained.append(gained[-1] + (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
+
+    def move(char: int) -> int:
+        char += inserted if char >= inserted_at else 0
+        return char + gained[bisect.bisect_right(ends, char)]
+
+    return [(move(start), move(end)) for start, end in spans]
+
+
+def _check_spans(
+    text: str,
+    spans: list[tuple[int, int]],
+    moved: list[tuple[int, int]],
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    tokenizer: Any,
+) -> None:
+    """Each moved span, read back from the tokens, must be the reply it came from: else it was misplaced.
+
+    The tokens overlapping a moved span are decoded, and the span's characters are cut from that text by the
+    first token's offset; a span moved by even one character reads back differently.
+    """
+    for (start, end), (lo, hi) in zip(spans, moved, strict=True):
+        covered = [(i, a) for i, (a, b) in zip(ids, offsets, strict=True) if a < hi and b > lo]
+        decoded = tokenizer.decode([i for i, _ in covered], clean_up_tokenization_spaces=False)
+        skip = lo - covered[0][1] if covered else 0
+        read_back = decoded[skip : skip + (hi - lo)]
+        if read_back.strip() != text[start:end].strip():
+            raise ChatTemplateError(
+                f"the assistant reply {text[start:end]!r} reads back from the processor's tokens as "
+                f"{read_back!r}: the processor rewrote the text in a way vlmtune.data.encode does not know, "
+                "so the label mask cannot be placed; set the family's text_layout in vlmtune.model.families"
+            )
