@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from vlmtune.config.schema import DataConfig, DataSource
-from vlmtune.data.vlm_collate import VLMCollator
-from vlmtune.data.vlm_dataset import build_vlm_dataset
+from vlmtune.data import Collator, build_dataset
 from vlmtune.engine.loop import forward
 from vlmtune.model.families import FAMILIES, get_family, part_of
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
@@ -118,9 +117,9 @@ def test_vlm_lora_trains_and_reloads_in_plain_peft(name, tiny_vlm_root, vlm_data
     assert lora_parts == {"language"}  # vision.tower and vision.projector are frozen by default
     processor = AutoProcessor.from_pretrained(adapter)
     sources = [DataSource(**s) for s in recipe["data"]["train"]]
-    data = build_vlm_dataset(sources, DataConfig(**recipe["data"]), processor, family, seed=0)
+    data = build_dataset(sources, DataConfig(**recipe["data"]), processor, family=family, seed=0)
     rows = [0, len(data) - 1, 1]  # an image row, a text-only row (where the family has them), an image row
-    batch = VLMCollator(processor.tokenizer.pad_token_id, family)([data[i] for i in rows])
+    batch = Collator(processor.tokenizer.pad_token_id, family)([data[i] for i in rows])
     with torch.no_grad():
         torch.testing.assert_close(
             forward(reloaded, batch), forward(trained["model"].eval(), batch), atol=1e-5, rtol=1e-4
@@ -162,14 +161,14 @@ def test_trained_tower_and_projector_are_in_the_adapter(
         "vision",
     }
     processor = AutoProcessor.from_pretrained(result.adapter_dir)
-    data = build_vlm_dataset(
+    data = build_dataset(
         [DataSource(**s) for s in recipe["data"]["train"]],
         DataConfig(**recipe["data"]),
         processor,
-        family,
+        family=family,
         seed=0,
     )
-    batch = VLMCollator(processor.tokenizer.pad_token_id, family)([data[0], data[1]])
+    batch = Collator(processor.tokenizer.pad_token_id, family)([data[0], data[1]])
     with torch.no_grad():
         torch.testing.assert_close(
             forward(reloaded, batch), forward(trained["model"].eval(), batch), atol=1e-5, rtol=1e-4
@@ -245,3 +244,34 @@ def test_qlora_on_a_vlm(vision, tiny_vlm_root, vlm_data, tmp_path, monkeypatch):
     if vision == "float":  # the fully trained projector comes back with the adapter
         saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
         assert before and all(not torch.equal(saved[f"base_model.model.{n}"], p) for n, p in before.items())
+
+
+def test_images_decoded_in_workers_skip_a_broken_one_and_resume_exactly(tiny_vlm_root, vlm_data, tmp_path):
+    """Images are decoded as micro-batches are collated, here in 2 DataLoader workers: an image truncated after
+    its header passes indexing, then is left out of its micro-batch under `skip` and counted, identically with
+    or without workers and on a resumed run."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(vlm_data, data)
+    broken = data / "images" / "red_square.png"
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[: len(whole) // 2])
+    family = get_family("qwen2_vl")
+    model_dir = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
+
+    def train(out: str, steps: int, workers: int) -> list[dict]:
+        recipe = _recipe(
+            model_dir, data, tmp_path / out, family, train={"max_steps": steps, "micro_batch_size": 2},
+            data={"on_bad_row": "skip", "num_workers": workers}, checkpoint={"every": 3, "keep_last": 2},
+        )  # fmt: skip
+        run(recipe)
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    inline, workers = train("inline", 6, 0), train("workers", 6, 2)
+    assert [r["loss"] for r in inline] == pytest.approx([r["loss"] for r in workers], abs=1e-6)
+    assert inline[-1]["bad_rows"] == workers[-1]["bad_rows"] > 0
+    train("resumed", 3, 2)
+    resumed = train("resumed", 6, 2)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in workers], abs=1e-6)
+    assert resumed[-1]["bad_rows"] == workers[-1]["bad_rows"]

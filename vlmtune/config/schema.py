@@ -205,14 +205,16 @@ class DataConfig(_Section):
     )
     cache: bool = Field(
         True,
-        description="Reuse tokenised text data across runs, keyed by the file contents, tokenizer, chat "
-        "template and row policies (in $VLMTUNE_CACHE_DIR, default ~/.cache/vlmtune/tokenized).",
+        description="Keep the data index (token ids, label masks, lengths; never pixels) across runs, keyed by "
+        "the data's bytes, tokenizer / processor, chat template, image settings and row policies (in "
+        "$VLMTUNE_CACHE_DIR, default ~/.cache/vlmtune/tokenized). Off: each run indexes into a temporary folder.",
     )
     num_workers: int = Field(
         0,
         ge=0,
         description="Worker processes that collate upcoming steps' micro-batches ahead of the loop (0: in the "
-        "loop). Rows are encoded before training, so collating is cheap and 0 is usually right.",
+        "loop). Text rows are encoded before training, so 0 is usually right for text; image-text rows decode "
+        "their images when collated: use 2 or more for vision-language models.",
     )
     prefetch_factor: PositiveInt = Field(
         2, description="With num_workers > 0, steps each worker prepares ahead."

@@ -183,6 +183,9 @@ def render_example(
 ) -> str:
     """An example's text with the trained tokens marked (green on a terminal, ⟦…⟧ elsewhere) and each run of
     image tokens shown as one `[N image tokens]`."""
+    if "bad_row" in example:
+        bad = example["bad_row"]
+        return f"(left out: {bad['where']}: {bad['problem']})"
     color = sys.stdout.isatty() if color is None else color
     start, end = ("\033[32m", "\033[0m") if color else ("⟦", "⟧")
     ids, labels = example["input_ids"], example["labels"]

@@ -178,6 +178,7 @@ def build_dataset(
     show_progress: bool = False,
     problems: list[dict] | None = None,
     max_pixels: int | None = None,
+    workers: int | None = None,
 ) -> IndexedDataset:
     """Read, check, encode and mix `sources` into one dataset (training or evaluation alike).
 
@@ -195,6 +196,7 @@ def build_dataset(
         problems: If given, every skipped, dropped or truncated row is appended as
             `{"where", "kind", "problem", "tokens"}` (for `vlmtune data-check`).
         max_pixels: Largest image accepted (default `images.DEFAULT_MAX_PIXELS`).
+        workers: Processes that encode a large source (default: one per core this process may use).
 
     Returns:
         The examples: each source's whole copies and seeded subset, in source order, then file order.
@@ -209,7 +211,8 @@ def build_dataset(
     if not isinstance(encoder, Encoder):
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
         encoder = Encoder(encoder, family, train_on_prompt=cfg.train_on_prompt, **kwargs)
-    builder = _Builder(cfg, encoder, show_progress, problems)
+    workers = workers or len(os.sched_getaffinity(0))
+    builder = _Builder(cfg, encoder, show_progress, problems, workers)
     parts: list[cache.Part] = []
     read_back: list[_Source] = []
     index: list[np.ndarray] = []
@@ -264,8 +267,11 @@ class _Builder:
     """Encodes the rows of each source into a `cache.Part`, applying the row policies (or takes it from the
     cache), and replays what happened to the rows into the stats, the bad-row budget and `problems`."""
 
-    def __init__(self, cfg: DataConfig, encoder: Encoder, show_progress: bool, problems: list | None) -> None:
+    def __init__(
+        self, cfg: DataConfig, encoder: Encoder, show_progress: bool, problems: list | None, workers: int
+    ) -> None:
         self.cfg = cfg
+        self.workers = workers
         self.encoder = encoder
         self.show_progress = show_progress
         self.problems = problems
@@ -314,14 +320,15 @@ class _Builder:
         """Encode every row of `loaded` (in parallel over the cores when it is large) into a written part."""
         work = _Work(self.encoder, loaded, spec, image_root, self.cfg)
         bounds = [(a, min(a + _CHUNK, len(loaded))) for a in range(0, len(loaded), _CHUNK)]
-        workers = min(len(os.sched_getaffinity(0)), len(bounds))
+        workers = min(self.workers, len(bounds))
         writer = cache.PartWriter(key)
         rows_read, journal = 0, []
         bar = tqdm(
             total=len(loaded), desc=f"indexing {loaded.label}", unit="row", disable=not self.show_progress
         )
         try:
-            with bar, _chunks(work, bounds, parallel=len(loaded) >= _PARALLEL_FROM and workers > 1) as chunks:
+            parallel = workers if len(loaded) >= _PARALLEL_FROM and workers > 1 else 0
+            with bar, _chunks(work, bounds, parallel) as chunks:
                 for chunk in chunks:
                     self._check_fatal(chunk)  # a raise-policy row stops the build early, in file order
                     for row, encoded in zip(chunk.rows, chunk.encoded, strict=True):
@@ -394,10 +401,9 @@ class _Work:
         exception would lose its type), so the parent applies the policies in file order."""
         chunk = _Chunk()
         loaded, spec, label = self.loaded, self.spec, self.loaded.label
-        for i in range(*bounds):
+        for i, row in enumerate(loaded.chunk(*bounds), start=bounds[0]):
             chunk.rows_read += 1
             try:
-                row = loaded.rows[i]
                 if isinstance(row, Unparsable):
                     raise BadRow("unparsable", row.error)
                 conversation = normalise(
@@ -459,16 +465,16 @@ _WORK: _Work | None = None
 
 
 @contextmanager
-def _chunks(work: _Work, bounds: list[tuple[int, int]], *, parallel: bool) -> Iterator[Iterator[_Chunk]]:
-    """The encoded chunks of `bounds`, in order: from a pool of forked workers, one per core, or from here."""
-    if not parallel:
+def _chunks(work: _Work, bounds: list[tuple[int, int]], workers: int) -> Iterator[Iterator[_Chunk]]:
+    """The encoded chunks of `bounds`, in order: from a pool of `workers` forked processes, or from here (0)."""
+    if not workers:
         yield (work.run(b) for b in bounds)
         return
     global _WORK
     _WORK = work  # forked workers inherit it: the encoder and the rows are not pickled
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each worker tokenises on one core
     try:
-        with multiprocessing.get_context("fork").Pool(min(len(os.sched_getaffinity(0)), len(bounds))) as pool:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
             yield pool.imap(_run_chunk, bounds)
     finally:
         _WORK = None

@@ -29,7 +29,14 @@ import numpy as np
 from vlmtune.data.bad_rows import BadRow
 from vlmtune.data.formats import Conversation
 from vlmtune.data.images import DEFAULT_MAX_PIXELS, BadImage, header_size, load_image
-from vlmtune.data.template import ChatTemplateError, _overlaps, assistant_spans, check_tokenizer, render
+from vlmtune.data.template import (
+    ChatTemplateError,
+    assistant_spans,
+    check_tokenizer,
+    overlaps,
+    render,
+    tokenize_conversation,
+)
 from vlmtune.errors import DataError
 
 if TYPE_CHECKING:
@@ -87,7 +94,17 @@ class Encoder:
             check_tokenizer(self.tokenizer)
             self._never: set[int] = set()
         else:
-            self._image_ids = np.asarray(family.image_token_ids(encoder), dtype=np.int64)
+            # Added tokens the tokenizer cuts the text at without touching the whitespace around them.
+            self._clean_added = tuple(
+                t.content
+                for t in self.tokenizer.added_tokens_decoder.values()
+                if not (getattr(t, "lstrip", False) or getattr(t, "rstrip", False))
+            )
+            self._splice, self._splice_checks = True, 16
+            self._image_token_ids = dict(
+                zip(family.image_tokens, family.image_token_ids(encoder), strict=True)
+            )
+            self._image_ids = np.asarray(list(self._image_token_ids.values()), dtype=np.int64)
             self._never = set(self._image_ids.tolist())
             pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
             if pad is not None and pad != eos:
@@ -156,16 +173,14 @@ class Encoder:
         text, spans = assistant_spans(self.processor, _render_messages(conversation))
         self._check_placeholders(text, len(sizes))
         expanded, replacements = self._expand(text, sizes)
-        out = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(out["input_ids"], dtype=np.int32)
-        offsets = [tuple(o) for o in out["offset_mapping"]]
+        ids, offsets = self._tokenize(expanded, replacements)
         never = np.isin(ids, np.fromiter(self._never, dtype=np.int64))
         if self.train_on_prompt:
             trained = ~never
         else:
             moved = _move_spans(spans, text, replacements, family, self.tokenizer)
-            _check_spans(text, spans, moved, ids.tolist(), offsets, self.tokenizer)
-            trained = np.asarray(_overlaps(offsets, moved), dtype=bool) & ~never
+            _check_spans(text, spans, moved, ids, offsets, self.tokenizer)
+            trained = overlaps(offsets, moved) & ~never
         if not trained.any():
             raise BadRow(
                 "no_trained_tokens",
@@ -176,21 +191,16 @@ class Encoder:
         return EncodedRow(ids, trained, last, len(image_positions), len(sizes))
 
     def _encode_text(self, conversation: Conversation) -> EncodedRow:
-        text, spans = assistant_spans(self.tokenizer, conversation.text_messages())
-        # The template already wrote any BOS/EOS into the text; add_special_tokens would add them twice.
-        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(out["input_ids"], dtype=np.int32)
-        if self.train_on_prompt:
-            trained = np.ones(len(ids), dtype=bool)
-        else:
-            trained = np.asarray(_overlaps(out["offset_mapping"], spans), dtype=bool)
-        if not trained.any():
+        ids, trained = tokenize_conversation(
+            self.tokenizer, conversation.text_messages(), train_on_prompt=self.train_on_prompt
+        )
+        if not any(trained):
             raise BadRow(
                 "no_trained_tokens",
                 "no token of the rendered conversation falls in an assistant reply, so there is nothing to train; "
                 "check that the chat template renders assistant messages",
             )
-        return EncodedRow(ids, trained)
+        return EncodedRow(np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool))
 
     def _expand(self, text: str, sizes: list[tuple[int, int]]) -> tuple[str, list[dict]]:
         from vlmtune.data.vision_tokens import UnsupportedImageSize, expand_text
@@ -203,6 +213,61 @@ class Encoder:
         if replacements and isinstance(replacements[0], list):
             replacements = replacements[0]
         return expanded, list(replacements or [])
+
+    def _tokenize(self, text: str, replacements: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and character offsets (`(tokens, 2)`) of the expanded text.
+
+        An image's replacement is thousands of characters of image tokens, most of the tokenizer's work. Where it
+        starts and ends with an added token (which the tokenizer splits the text at anyway, unless it strips
+        whitespace around it), the text between replacements is tokenised alone and each replacement's tokens are
+        spliced in: the same ids and offsets, much faster. The first rows are checked against tokenising the whole
+        text, and any difference turns splicing off for good (the collate-time check guards the rest).
+        """
+        if self._splice and all(self._spliceable(r["replacement"]) for r in replacements):
+            ids, offsets = self._spliced(text, replacements)
+            if self._splice_checks > 0:
+                self._splice_checks -= 1
+                whole = self._whole(text)
+                if not (np.array_equal(whole[0], ids) and np.array_equal(whole[1], offsets)):
+                    self._splice = False  # never again in this process
+                    return whole
+            return ids, offsets
+        return self._whole(text)
+
+    def _whole(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = np.asarray(out["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return np.asarray(out["input_ids"], dtype=np.int32), offsets
+
+    def _spliceable(self, replacement: str) -> bool:
+        return replacement.startswith(self._clean_added) and replacement.endswith(self._clean_added)
+
+    def _spliced(self, text: str, replacements: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        pieces: list[tuple[int, str]] = []  # (where it starts in `text`, the piece)
+        at = 0
+        for r in sorted(replacements, key=lambda r: r["new_span"][0]):
+            start, end = r["new_span"]
+            pieces += [(at, text[at:start]), (start, r["replacement"])]
+            at = end
+        pieces.append((at, text[at:]))
+        ids, offsets = [], []
+        for start, piece in pieces:
+            if piece:
+                piece_ids, piece_offsets = self._piece(piece)
+                ids.append(piece_ids)
+                offsets.append(piece_offsets + start)
+        if not ids:
+            return np.zeros(0, dtype=np.int32), np.zeros((0, 2), dtype=np.int64)
+        return np.concatenate(ids), np.concatenate(offsets)
+
+    def _piece(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenise a piece; a run of one image token (Qwen-VL's image pads) is written out, not tokenised."""
+        for token, token_id in self._image_token_ids.items():
+            n = len(text) // len(token)
+            if n and len(text) == n * len(token) and text == token * n:
+                starts = np.arange(n, dtype=np.int64) * len(token)
+                return np.full(n, token_id, dtype=np.int32), np.stack([starts, starts + len(token)], axis=1)
+        return self._whole(text)
 
     def _check_placeholders(self, text: str, images: int) -> None:
         placeholder = self.family.image_placeholder
@@ -313,8 +378,8 @@ def _check_spans(
     text: str,
     spans: list[tuple[int, int]],
     moved: list[tuple[int, int]],
-    ids: list[int],
-    offsets: list[tuple[int, int]],
+    ids: np.ndarray,
+    offsets: np.ndarray,
     tokenizer: Any,
 ) -> None:
     """Each moved span, read back from the tokens, must be the reply it came from: else it was misplaced.
@@ -322,10 +387,11 @@ def _check_spans(
     The tokens overlapping a moved span are decoded, and the span's characters are cut from that text by the
     first token's offset; a span moved by even one character reads back differently.
     """
+    starts, ends = offsets[:, 0], offsets[:, 1]
     for (start, end), (lo, hi) in zip(spans, moved, strict=True):
-        covered = [(i, a) for i, (a, b) in zip(ids, offsets, strict=True) if a < hi and b > lo]
-        decoded = tokenizer.decode([i for i, _ in covered], clean_up_tokenization_spaces=False)
-        skip = lo - covered[0][1] if covered else 0
+        covered = np.flatnonzero((starts < hi) & (ends > lo))
+        decoded = tokenizer.decode(ids[covered].tolist(), clean_up_tokenization_spaces=False)
+        skip = lo - int(starts[covered[0]]) if len(covered) else 0
         read_back = decoded[skip : skip + (hi - lo)]
         if read_back.strip() != text[start:end].strip():
             raise ChatTemplateError(

@@ -62,6 +62,14 @@ class LoadedSource:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def chunk(self, start: int, end: int) -> list[Any]:
+        """Rows `start..end-1`: read in one slice from an Arrow table (much faster than row by row)."""
+        if hasattr(self.rows, "column_names") and hasattr(self.rows, "select"):
+            columns = self.rows[start:end]
+            names = list(columns)
+            return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        return [self.rows[i] for i in range(start, end)]
+
     def where(self, index: int) -> str:
         """`label row N`, plus the 1-based line number for JSON Lines: how errors point at a row."""
         if not self.is_jsonl:

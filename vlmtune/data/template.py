@@ -10,7 +10,7 @@ token included.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from jinja2 import TemplateError
@@ -130,10 +130,10 @@ def tokenize_conversation(
     ids = list(encoding["input_ids"])
     if train_on_prompt:
         return ids, [True] * len(ids)
-    return ids, _overlaps(encoding["offset_mapping"], spans)
+    return ids, overlaps(encoding["offset_mapping"], spans).tolist()
 
 
-def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+def overlaps(offsets: Any, spans: list[tuple[int, int]]) -> np.ndarray:
     """Per token, whether its `[start, end)` characters overlap any span (vectorised: rows can be long)."""
     bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     starts, ends = bounds[:, 0], bounds[:, 1]
@@ -142,7 +142,7 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
         # Tokenizers that trim offsets give whitespace tokens an empty span (p, p) just after the whitespace;
         # this test puts those in a reply when lo < p < hi, which is where that whitespace is.
         hit |= (starts < hi) & (ends > lo)
-    return hit.tolist()
+    return hit
 
 
 def _not_prefix_stable(full: str, prefix: str, cut: str) -> str:

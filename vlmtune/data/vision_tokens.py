@@ -16,8 +16,10 @@ Exactness is checked per family against the real processors, over a grid of size
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -79,10 +81,17 @@ def expand_text(
 
     Tokenising the returned text with `processor.tokenizer(text, add_special_tokens=False)` gives the same
     `input_ids` as `processor(text=[text], images=[images], add_special_tokens=False)` for images of these
-    sizes. The processor's layout rewrites come first, as in its call (its own `prepare_inputs_layout`):
-    PaliGemma writes bos right after the last image placeholder and appends "\\n"; Mllama writes bos first
-    unless the text holds one. Spans of `text` therefore move by that rewrite as well as by the replacements:
-    `Family.text_layout` says how (`vlmtune.data.encode`).
+    sizes. The processor's layout rewrite comes first, as in its call (the processor's own
+    `prepare_inputs_layout`, given stand-in images), and the replacement offsets, like the processor's, are
+    relative to the rewritten text. To move a span of `text` (an assistant reply) onto the result, first apply
+    the rewrite, then the replacements (`encode._move_spans` does both):
+
+    - PaliGemma (with at least one image): `len(bos)` characters are inserted right after the last placeholder,
+      and "\\n" is appended.
+    - Mllama, when `bos` occurs nowhere in `text`: `len(bos)` characters are inserted after the placeholders
+      that open the text (at 0 when it does not open with one). Templates that write bos first, as Llama 3.2's
+      does, are left unchanged.
+    - Every other family: no rewrite.
 
     Args:
         processor: The family's processor.
@@ -115,12 +124,51 @@ def expand_text(
     return texts[0], offsets[0] if offsets else []
 
 
+# id(processor) -> (weak reference to it, its image processor, what the settings were resolved from, the settings).
+_SETTINGS: dict[int, tuple[weakref.ref, Any, tuple[Any, ...], dict[str, Any]]] = {}
+
+
 def _settings(processor: Any) -> dict[str, Any]:
-    """The image processor's settings as the processor's call resolves them (its own defaults first)."""
-    images_kwargs = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)[
-        "images_kwargs"
-    ]
-    return processor.image_processor._merge_and_standardize_kwargs(**images_kwargs)
+    """The image processor's settings as the processor's call resolves them (its own defaults first).
+
+    Resolving them costs about 100 us, more than the rest of a row, so they are kept per processor until
+    anything they come from changes (`set_image_size` replacing `size`, a test flipping `do_image_splitting`):
+    comparing a copy of those attributes costs a few us.
+    """
+    image_processor = processor.image_processor
+    cached = _SETTINGS.get(id(processor))
+    if (
+        cached is not None
+        and cached[0]() is processor
+        and cached[1] is image_processor
+        and _same(cached[2], _sources(processor, cached[3]))
+    ):
+        return cached[3]
+    tokenizer_init_kwargs = processor.tokenizer.init_kwargs
+    images_kwargs = processor._merge_kwargs(tokenizer_init_kwargs=tokenizer_init_kwargs)["images_kwargs"]
+    settings = image_processor._merge_and_standardize_kwargs(**images_kwargs)
+    sources = copy.deepcopy(_sources(processor, settings))
+    _SETTINGS[id(processor)] = (weakref.ref(processor), image_processor, sources, settings)
+    return settings
+
+
+def _sources(processor: Any, settings: dict[str, Any]) -> tuple[Any, ...]:
+    """What the settings are resolved from: the image processor's attributes, the processor's image defaults,
+    and the tokenizer's init kwargs of the same names (its other init kwargs, a thousand added tokens, say, are
+    left out of the comparison)."""
+    init_kwargs = processor.tokenizer.init_kwargs
+    return (
+        vars(processor.image_processor),
+        getattr(processor, "images_kwargs", None),
+        {key: init_kwargs[key] for key in settings.keys() & init_kwargs.keys()},
+    )
+
+
+def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+    try:
+        return bool(old == new)
+    except (TypeError, ValueError):  # an array among the attributes: compare no further, resolve again
+        return False
 
 
 def _module(image_processor: Any) -> Any:
@@ -195,20 +243,19 @@ def _resize_crop(image_processor: Any, settings: dict[str, Any], sizes: list[Siz
 def _anyres(image_processor: Any, settings: dict[str, Any], sizes: list[Size]) -> dict[str, Any]:
     """LLaVA-NeXT / OneVision: each image's size, the size of a tile, and how many images the row has.
 
-    Every tile (the base view first) is a square of the base size (OneVision's multi-image rows: the image padded
-    to a square) before the `size` resize and the center crop; the processor reads the first tile's shape.
+    The processor reads the shape of the first image's first tile: its base view, of the `size` height x width
+    (or a `shortest_edge` square), or in OneVision's multi-image rows the image padded to a square, then resized
+    by `size` and center-cropped like every tile.
     """
     target = settings["size"]
     base = (target.height, target.width) if target.height and target.width else (target.shortest_edge,) * 2
-    multi = len(sizes) > 1 and "batch_num_images" in image_processor.model_input_names
-    if multi:
+    if len(sizes) > 1 and "batch_num_images" in image_processor.model_input_names:
         base = (max(sizes[0]),) * 2
-    metadata: dict[str, Any] = {
+    return {
         "image_sizes": sizes,
         "pixel_values": [_stand_in(1, 3, *_resized(settings, base))],
         "batch_num_images": [len(sizes)],
     }
-    return metadata
 
 
 def _split_tiles(image_processor: Any, settings: dict[str, Any], sizes: list[Size]) -> dict[str, Any]:

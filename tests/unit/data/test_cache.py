@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
+import numpy as np
 import pytest
 
 from tests.unit.data.helpers import build_tokenizer, row, write_jsonl
@@ -76,3 +79,56 @@ def test_cache_off_writes_nothing(tokenizer, tmp_path, counted):
     _build(tokenizer, path, cache=False)
     _build(tokenizer, path, cache=False)
     assert counted["n"] == 2 and not (tmp_path / "cache").exists()
+
+
+def test_a_parallel_build_equals_a_serial_one_and_stays_on_disk(tokenizer, tmp_path, monkeypatch):
+    """Over the cores or in one process, the same examples, stats and bad-row journal; the tokens are
+    memory-mapped from the index either way (cache on, or a removed temporary folder), never held in memory."""
+    monkeypatch.setenv("VLMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    rows = [row(i) if i % 997 else "{broken" for i in range(5000)]  # over the parallel threshold
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    cfg = DataConfig(train=[DataSource(path=str(path))], on_bad_row="skip", cache=False)
+    serial_problems: list[dict] = []
+    serial = build_dataset(cfg.train, cfg, tokenizer, seed=0, workers=1, problems=serial_problems)
+    parallel_problems: list[dict] = []
+    parallel = build_dataset(cfg.train, cfg, tokenizer, seed=0, workers=2, problems=parallel_problems)
+    assert (
+        len(parallel) == 5000 - 6 and serial.stats == parallel.stats and serial_problems == parallel_problems
+    )
+    assert serial.lengths == parallel.lengths
+    assert all(serial[i] == parallel[i] for i in range(0, len(serial), 97))
+    assert not (tmp_path / "cache").exists()  # cache off: nothing kept
+    assert all(isinstance(p.tokens, np.memmap) for p in parallel._parts)
+
+
+def _build_in_child(tokenizer, path, out) -> None:
+    data = _build(tokenizer, path)
+    out.put((len(data), data.stats.rows_read))
+
+
+def test_processes_of_one_machine_build_the_index_once(tokenizer, tmp_path, monkeypatch):
+    """Several processes starting together (the ranks of a run): one encodes, the others wait and map its
+    files."""
+    monkeypatch.setenv("VLMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    log = tmp_path / "encoded.log"
+    original = Encoder.encode
+
+    def logged(*args, **kwargs):  # inherited by the forked children: each encoded row leaves a line
+        with log.open("a") as f:
+            f.write("x\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode", logged)
+    path = write_jsonl(tmp_path / "a.jsonl", [row(i) for i in range(300)])
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    children = [context.Process(target=_build_in_child, args=(tokenizer, path, out)) for _ in range(3)]
+    for child in children:
+        child.start()
+    results = [out.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    assert results == [(300, 300)] * 3
+    assert len(log.read_text().splitlines()) == 300  # one process encoded; two read its index
+    entries = [p for p in (tmp_path / "cache" / "tokenized").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1

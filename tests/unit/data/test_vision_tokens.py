@@ -25,6 +25,8 @@ from vlmtune.testing.tiny_vlm import build_tiny_vlm
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Tiny, thin and extreme shapes, and sizes on either side of the tiny processors' thresholds (32-pixel tiles,
 # 56 / 64-pixel Qwen minimum, 2 x 32 pinpoints, Qwen's aspect-ratio limit of 200).
 SMALL = [
@@ -44,6 +46,8 @@ SMALL = [
     (97, 96),
     (50, 100),
     (100, 50),
+    (60, 80),
+    (80, 60),
     (100, 300),
     (300, 100),
     (1, 200),
@@ -58,37 +62,33 @@ SMALL = [
     (256, 512),
     (512, 256),
 ]
-# Real-size thresholds, each with the cases it matters to (a large image costs the processor time).
-QWEN_LARGE = [(480, 640), (1000, 1003), (1003, 1000), (716, 1400), (1400, 716), (4000, 3000), (3000, 4000)]
-# Idefics3 caps the resized image at 4096 pixels a side.
-SPLIT_LARGE = [(100, 4097), (4097, 100), (4000, 3000)]
-# Gemma 3 pan-and-scan: crops of at least 256 pixels, from an aspect ratio of 1.2, at most 4.
-PAN_LARGE = [
-    (500, 599),
-    (500, 600),
-    (599, 500),
-    (600, 500),
-    (300, 900),
-    (256, 1024),
-    (1024, 256),
-    (4000, 3000),
-]
-ROWS = [
-    [(4000, 3000), (28, 1000)],
-    [(100, 300), (300, 100), (64, 64)],
-    [(32, 32), (1, 201)],
-]
-TINY_ROWS = [[(300, 100), (100, 300)], [(32, 32), (1, 201)]]
+# Real-size thresholds, each only with the cases it matters to (a large image costs the processor time): Qwen's
+# 1003520-pixel bound (about 1000 x 1000), Idefics3's cap of 4096 pixels a side, Gemma 3's pan-and-scan (crops of
+# at least 256 pixels, from an aspect ratio of 1.2, at most 4).
+QWEN_LARGE = [(1000, 1003), (1003, 1000), (716, 1400)]  # and 4000 x 3000 in QWEN_ROWS
+SPLIT_LARGE = [(100, 4097), (4097, 100)]
+PAN_LARGE = [(500, 599), (500, 600), (599, 500), (600, 500), (300, 900), (256, 1024), (1024, 256)]
+# Multi-image rows: mixed shapes, and a refused image among accepted ones.
+ROWS = [[(300, 100), (100, 300), (64, 64)], [(32, 32), (1, 201)]]
+QWEN_ROWS = [*ROWS, [(4000, 3000), (28, 1000)]]
+PAN_ROWS = [*ROWS, [(256, 1024), (500, 500), (300, 900)]]
 
 
 def _settings_qwen(processor: Any, family_name: str) -> None:
     set_image_size(processor, get_family(family_name), min_pixels=3136, max_pixels=1003520)
 
 
+def _settings_no_resize(processor: Any, family_name: str) -> None:
+    # Then each side must already be a multiple of patch x merge (32), or the processor fails.
+    processor.image_processor.do_resize = False
+
+
 def _settings_split(processor: Any, family_name: str) -> None:
     image_processor = processor.image_processor
     image_processor.do_image_splitting = True
-    image_processor.size = {"longest_edge": 96}  # up to 3 x 3 tiles of 32
+    # Up to 3 x 3 tiles of 32. Not a multiple of the tile: the rounding up to tiles then works from the rounded
+    # longer side (an image resized to 60 x 80 is split as 72 x 96, into 3 x 3 tiles, not 2 x 3).
+    image_processor.size = {"longest_edge": 80}
     image_processor.max_image_size = {"longest_edge": 32}
 
 
@@ -114,16 +114,17 @@ def _settings_no_crop(processor: Any, family_name: str) -> None:
 Configure = Callable[[Any, str], None] | None
 # (family, settings id, how to set them, the grid of single-image sizes, multi-image rows)
 CASES: list[tuple[str, str, Configure, list, list]] = [
-    *((name, "tiny", None, [*SMALL, (4000, 3000)], TINY_ROWS) for name in FAMILIES),
-    *((name, "real_pixels", _settings_qwen, SMALL + QWEN_LARGE, ROWS) for name in ("qwen2_vl", "qwen3_vl")),
-    *((name, "split", _settings_split, SMALL + SPLIT_LARGE, ROWS) for name in ("idefics3", "smolvlm")),
+    *((name, "tiny", None, SMALL, ROWS) for name in FAMILIES),
     *(
-        (name, "pinpoints", _settings_pinpoints, SMALL, TINY_ROWS)
-        for name in ("llava_next", "llava_onevision")
+        (name, "real_pixels", _settings_qwen, SMALL + QWEN_LARGE, QWEN_ROWS)
+        for name in ("qwen2_vl", "qwen3_vl")
     ),
-    ("internvl", "max_patches_12", _settings_tiles, SMALL, TINY_ROWS),
-    ("gemma3", "pan_and_scan", _settings_pan_and_scan, SMALL + PAN_LARGE, ROWS),
-    ("llava", "no_center_crop", _settings_no_crop, SMALL, TINY_ROWS),
+    *((name, "split", _settings_split, SMALL + SPLIT_LARGE, ROWS) for name in ("idefics3", "smolvlm")),
+    *((name, "pinpoints", _settings_pinpoints, SMALL, ROWS) for name in ("llava_next", "llava_onevision")),
+    ("qwen3_vl", "no_resize", _settings_no_resize, [*SMALL, (64, 96), (32, 128), (33, 32)], ROWS),
+    ("internvl", "max_patches_12", _settings_tiles, SMALL, ROWS),
+    ("gemma3", "pan_and_scan", _settings_pan_and_scan, SMALL + PAN_LARGE, PAN_ROWS),
+    ("llava", "no_center_crop", _settings_no_crop, SMALL, ROWS),
 ]
 
 
@@ -224,3 +225,19 @@ def test_placeholder_count_must_match_sizes(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="2 '<image>' placeholder"):
         expand_text(processor, get_family("llava"), "<image><image>", [(32, 32)])
     assert image_replacements(processor, get_family("llava"), []) == []
+
+
+def test_settings_changed_after_a_call_are_followed(tiny_dirs: dict[str, Path]) -> None:
+    """The resolved settings are kept per processor, but never past a change to what they come from."""
+    processor = _processor(tiny_dirs, "qwen2_vl", None)
+    family = get_family("qwen2_vl")
+    before = image_replacements(processor, family, [(1000, 1000)])
+    set_image_size(processor, family, max_pixels=1003520)  # replaces `size`
+    assert len(image_replacements(processor, family, [(1000, 1000)])[0]) > len(before[0])
+    _check_row(processor, "qwen2_vl", [(1000, 1000)])
+    split = _processor(tiny_dirs, "idefics3", _settings_split)
+    _check_row(split, "idefics3", [(60, 80)])
+    split.image_processor.max_image_size["longest_edge"] = 16  # in place
+    _check_row(split, "idefics3", [(60, 80)])
+    split.image_processor.do_image_splitting = False
+    _check_row(split, "idefics3", [(60, 80)])

@@ -3,14 +3,14 @@ weights a (zero) gradient, and leaves the logits exactly as they were."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
 
-from vlmtune.data.vlm_collate import VLMCollator
-from vlmtune.data.vlm_encode import encode_vlm_row
-from vlmtune.data.vlm_formats import normalise_vlm
+from vlmtune.data import Collator, Encoder
+from vlmtune.data.formats import normalise
 from vlmtune.engine.loop import forward
 from vlmtune.engine.vision_sync import VisionKeepAlive
 from vlmtune.model.families import FAMILIES, get_family, part_of
@@ -35,15 +35,15 @@ def tiny_vlm_batch(name: str, root, tmp_path):
                   "images": ["red.png"]},
         "text": {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
     }  # fmt: skip
-    encoded = {}
+    encoded, encoder = {}, Encoder(processor, family)
     for kind, row in rows.items():
         if kind == "text" and family.needs_images:
             continue
-        conv = normalise_vlm(row, "messages")
-        encoded[kind] = encode_vlm_row(
-            processor, family, conv.messages, conv.images, image_root=tmp_path, max_length=1024
-        )
-    return family, model, VLMCollator(processor.tokenizer.pad_token_id, family), encoded
+        conversation = normalise(row, "messages")
+        ids = encoder.encode(conversation, image_root=tmp_path).ids.tolist()
+        vision = encoder.vision_inputs(conversation, ids, source="rows", row=0, image_root=tmp_path)
+        encoded[kind] = {"input_ids": ids, "labels": ids, **vision}
+    return family, model, Collator(processor.tokenizer.pad_token_id, family), encoded
 
 
 @pytest.mark.parametrize("name", SYNCED)
@@ -84,9 +84,28 @@ def test_installed_when_images_come_only_after_many_text_rows(tiny_vlm_root, tmp
 
     family, model, collate, encoded = tiny_vlm_batch("qwen2_vl", tiny_vlm_root, tmp_path)
     accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), unwrap_model=lambda m: m)
-    data = [encoded["text"]] * 1000 + [encoded["image"]]
+    data = _Rows([encoded["text"]] * 1000 + [encoded["image"]])
     keep = keep_vision_in_step(accelerator, model, family, data, collate)
     assert keep is not None and keep.inputs["pixel_values"].shape == encoded["image"]["pixel_values"].shape
+    assert data.read == [1000]  # found from the index: only the row it runs was read (its image decoded)
     keep.remove()
-    assert keep_vision_in_step(accelerator, model, family, [encoded["text"]] * 4, collate) is None
-    assert keep_vision_in_step(accelerator, model, family, [encoded["image"]] * 4, collate) is None
+    assert keep_vision_in_step(accelerator, model, family, _Rows([encoded["text"]] * 4), collate) is None
+    assert keep_vision_in_step(accelerator, model, family, _Rows([encoded["image"]] * 4), collate) is None
+
+
+class _Rows(list):
+    """Rows with the index queries of `IndexedDataset`, recording which rows were read."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        super().__init__(rows)
+        self.read: list[int] = []
+
+    def __getitem__(self, i: int) -> dict:
+        self.read.append(i)
+        return super().__getitem__(i)
+
+    def images(self) -> np.ndarray:
+        return np.array([int("pixel_values" in r) for r in list.__iter__(self)])
+
+    def image_tokens(self) -> np.ndarray:
+        return self.images()
