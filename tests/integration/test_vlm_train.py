@@ -263,8 +263,9 @@ def test_images_decoded_in_workers_skip_a_broken_one_and_resume_exactly(tiny_vlm
     def train(out: str, steps: int, workers: int) -> list[dict]:
         recipe = _recipe(
             model_dir, data, tmp_path / out, family, train={"max_steps": steps, "micro_batch_size": 2},
-            data={"on_bad_row": "skip", "num_workers": workers}, checkpoint={"every": 3, "keep_last": 2},
+            checkpoint={"every": 3, "keep_last": 2},
         )  # fmt: skip
+        recipe["data"] |= {"on_bad_row": "skip", "num_workers": workers}
         run(recipe)
         return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
 

@@ -65,6 +65,8 @@ def test_image_text_data_is_checked_with_images_expanded(tmp_path, tiny_recipe, 
     rows[1]["image"] = "images/missing.png"  # a missing image
     rows[2]["conversations"][0]["value"] += " <image>"  # two placeholders, one image
     (data / "train.json").write_text(json.dumps(rows))
+    truncated = data / rows[3]["image"]  # its header reads, its pixels do not: only decoding finds it
+    truncated.write_bytes(truncated.read_bytes()[:100])
     model = build_tiny_vlm("llava", tmp_path / "llava")
     recipe = tiny_recipe(
         model={"path": str(model), "dtype": "float32"},
@@ -74,6 +76,7 @@ def test_image_text_data_is_checked_with_images_expanded(tmp_path, tiny_recipe, 
     path.write_text(yaml.safe_dump(recipe))
     assert main(["data-check", str(path), "--show", "1"]) == 2
     out, err = capsys.readouterr()
-    assert "bad_image: 1" in out and "image_count_mismatch: 1" in out
+    assert "bad_image: 2" in out and "image_count_mismatch: 1" in out
+    assert "decoding images" in err  # every image decoded, with a progress bar
     assert "[16 image tokens]" in out and "⟦A red square.<|im_end|>⟧" in out  # LLaVA: 16 tokens per image
-    assert "2 bad row(s) and data.on_bad_row is raise" in err and "missing.png" in err
+    assert "3 bad row(s) and data.on_bad_row is raise" in err and "missing.png" in err
