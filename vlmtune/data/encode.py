@@ -37,6 +37,7 @@ from vlmtune.data.template import (
     render,
     tokenize_conversation,
 )
+from vlmtune.data.vision_tokens import UnsupportedImageSize, expand_text, image_settings
 from vlmtune.errors import DataError
 
 if TYPE_CHECKING:
@@ -92,7 +93,6 @@ class Encoder:
         self.max_pixels = max_pixels
         if family is None:
             check_tokenizer(self.tokenizer)
-            self._never: set[int] = set()
         else:
             # Added tokens the tokenizer cuts the text at without touching the whitespace around them.
             self._clean_added = tuple(
@@ -129,9 +129,8 @@ class Encoder:
         h.update(json.dumps([self.train_on_prompt, self.max_pixels]).encode())
         if self.processor is not None:
             h.update(self.family.name.encode())
-            image_processor = getattr(self.processor, "image_processor", None)
-            settings = image_processor.to_dict() if image_processor is not None else {}
-            h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+            # As the processor's call resolves them: its own image kwargs over the image processor's.
+            h.update(json.dumps(image_settings(self.processor), sort_keys=True, default=str).encode())
         return h.hexdigest()
 
     # --- indexing: no pixels ---------------------------------------------------------------------------
@@ -203,8 +202,6 @@ class Encoder:
         return EncodedRow(np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool))
 
     def _expand(self, text: str, sizes: list[tuple[int, int]]) -> tuple[str, list[dict]]:
-        from vlmtune.data.vision_tokens import UnsupportedImageSize, expand_text
-
         try:
             expanded, replacements = expand_text(self.processor, self.family, text, sizes)
         except UnsupportedImageSize as exc:

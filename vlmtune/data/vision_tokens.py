@@ -69,7 +69,7 @@ def image_replacements(processor: Any, family: Family, sizes: Sequence[tuple[int
     for size in sizes:
         if min(size) < 1:
             raise UnsupportedImageSize(size, "an image needs at least one pixel each way")
-    settings = _settings(processor)
+    settings = image_settings(processor)
     metadata = _RULES[family.image_grid](processor.image_processor, settings, sizes)
     return [processor.replace_image_token(metadata, image_idx=i) for i in range(len(sizes))]
 
@@ -128,7 +128,7 @@ def expand_text(
 _SETTINGS: dict[int, tuple[weakref.ref, Any, tuple[Any, ...], dict[str, Any]]] = {}
 
 
-def _settings(processor: Any) -> dict[str, Any]:
+def image_settings(processor: Any) -> dict[str, Any]:
     """The image processor's settings as the processor's call resolves them (its own defaults first).
 
     Resolving them costs about 100 us, more than the rest of a row, so they are kept per processor until
