@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmtune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RecipeError, UserError
+from vlmtune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
-    from vlmtune.config.load import load_recipe
+    from vlmtune.config.prepare import prepare
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    problems = environment_problems(recipe)
-    if problems:
-        raise RecipeError(problems, source=args.recipe)
-    accel = load_accelerate_config(recipe)
-    for warning in recipe_warnings(recipe):
+    prepared = prepare(args.recipe, args.overrides)
+    for warning in prepared.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    recipe, launch = prepared.recipe, prepared.launch
     t = recipe.train
     quant = (
         f"{recipe.quant.bits}-bit {recipe.quant.type if recipe.quant.bits == 4 else ''}".strip()
@@ -47,9 +43,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(
         f"  batch      {t.micro_batch_size} micro × {t.grad_accum} accum per process, lr {t.lr} ({t.scheduler})"
     )
-    print(
-        f"  launch     {recipe.launch.accelerate_config or 'defaults'} ({accel.get('distributed_type', 'NO')})"
-    )
+    print(f"  launch     {recipe.launch.accelerate_config or 'defaults'} ({launch.distributed_type})")
     print(f"  output     {t.output_dir}")
     return 0
 

@@ -52,18 +52,14 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         Preempted: stopped on request (signal or STOP file) after saving a checkpoint; run again to resume.
         TrainingDiverged: non-finite losses or gradients beyond what `train.nonfinite` allows.
     """
-    from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
-    from vlmtune.config.load import dump_recipe, load_recipe
+    from vlmtune.config.load import dump_recipe
+    from vlmtune.config.prepare import prepare
 
     # Recipe and environment first: a typo fails in a second, before torch and the model are loaded.
-    # Always (re)validated: a `Recipe` changed in place in a notebook is checked like a file would be.
-    recipe = load_recipe(recipe, overrides)
-    problems = environment_problems(recipe)
-    if problems:
-        raise RecipeError(problems)
-    for warning in recipe_warnings(recipe):
+    prepared = prepare(recipe, overrides)
+    for warning in prepared.warnings:
         log.warning("%s", warning)
-    accel_cfg = load_accelerate_config(recipe)
+    recipe, launch = prepared.recipe, prepared.launch
     t, base = recipe.train, recipe._base_dir
 
     from accelerate.state import AcceleratorState, GradientState
@@ -71,6 +67,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
 
     from vlmtune.checkpoint.export import export_adapter
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
+    from vlmtune.config.rules import family_problems
     from vlmtune.data import Collator
     from vlmtune.data.batching import build_collator, build_sampler
     from vlmtune.data.packing import check_packed_attention
@@ -87,7 +84,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     # A notebook may run several recipes in one process: start each from a clean accelerate state.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    accelerator = build_accelerator(recipe, accel_cfg)
+    accelerator = build_accelerator(recipe, launch)
     try:
         out = Path(t.output_dir).expanduser().resolve()
         set_seed(t.seed)
@@ -95,14 +92,14 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         # A vision-language model (its family known from the recipe or the model config) reads images through
         # its processor; a text model through its tokenizer.
         family = model_family(recipe.model, base)
+        if problems := family_problems(recipe, family):  # `prepare` knew the family only from a local config
+            raise RecipeError(problems)
         if family is None:
-            _refuse_vision_settings(recipe)
             tokenizer = load_tokenizer(recipe.model, base)
             pad_token_id = tokenizer.pad_token_id
             collator = Collator(pad_token_id=pad_token_id)
         else:
             log.info("vision-language model family %s", family.name)
-            _refuse_vlm_packing(recipe, family.name)
             tokenizer = load_processor(recipe.model, family, recipe.vision, base)
             pad_token_id = tokenizer.tokenizer.pad_token_id
             collator = VLMCollator(pad_token_id=pad_token_id, family=family)
@@ -128,7 +125,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
-        check_sharding(accelerator, model, accel_cfg)
+        check_sharding(accelerator, model, launch)
         keep_vision_in_step(accelerator, model, family, train_data, collator)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
@@ -175,32 +172,6 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         return RunResult(out, adapter_dir, out / "metrics.jsonl", final, trainer.state.step)
     finally:
         accelerator.end_training()
-
-
-def _refuse_vision_settings(recipe) -> None:
-    """Image settings in a recipe for a text-only model are a mistake, not something to ignore."""
-    from vlmtune.config.schema import VisionConfig
-
-    problems = []
-    if recipe.vision != VisionConfig():
-        problems.append("vision: the model is not a vision-language model, so it has no vision settings")
-    for split in ("train", "eval"):
-        for i, src in enumerate(getattr(recipe.data, split)):
-            for key in ("image_root", "image_key"):
-                if getattr(src, key) is not None:
-                    problems.append(f"data.{split}.{i}.{key}: the model is not a vision-language model")
-            if src.format == "llava":
-                problems.append(f"data.{split}.{i}.format: llava needs a vision-language model")
-    if problems:
-        raise RecipeError(problems)
-
-
-def _refuse_vlm_packing(recipe, family: str) -> None:
-    """Packing is text-only; `validate` catches it when model.family is given, this when it is detected."""
-    from vlmtune.config.checks import vlm_packing_problem
-
-    if recipe.data.batching != "padded":
-        raise RecipeError([vlm_packing_problem(recipe.data.batching, family)])
 
 
 def _build_data(recipe, tokenizer, family, *, show_progress: bool):

@@ -25,7 +25,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from vlmtune.checkpoint.export import ADAPTER_WEIGHTS, replace_dir, save_adapter
-from vlmtune.config.checks import resolve_path
+from vlmtune.config.paths import resolve_path
 from vlmtune.engine.distributed import strategy, trainable_state_dict
 from vlmtune.engine.state import TrainState, rng_state, set_rng_state
 from vlmtune.errors import UserError

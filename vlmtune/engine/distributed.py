@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 from accelerate.utils import DistributedType
 
+from vlmtune.config.accelerate import LaunchSpec
 from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
 
@@ -47,15 +48,13 @@ def enable_fsdp_on_cpu(accelerator, plugin) -> None:
             plugin.set_mixed_precision(accelerator.mixed_precision)
 
 
-def check_sharding(accelerator, model, accel_cfg: dict) -> None:
+def check_sharding(accelerator, model, spec: LaunchSpec) -> None:
     """After `prepare()`: stop if the sharding in effect is not the one the recipe's accelerate config asked for.
 
     Fallbacks happen silently otherwise (FSDP on CPU trains plain DDP; a DeepSpeed config without the launcher
     trains one process).
     """
-    want = {"DEEPSPEED": "deepspeed", "FSDP": "fsdp2"}.get(
-        str(accel_cfg.get("distributed_type", "NO")), "ddp"
-    )
+    want = spec.strategy
     have = strategy(accelerator)
     world = accelerator.num_processes
     problem = None
@@ -64,7 +63,7 @@ def check_sharding(accelerator, model, accel_cfg: dict) -> None:
     elif have == "deepspeed":
         from deepspeed import DeepSpeedEngine
 
-        stage = int((accel_cfg.get("deepspeed_config") or {}).get("zero_stage", zero_stage(accelerator)))
+        stage = spec.zero_stage if spec.deepspeed else zero_stage(accelerator)
         if not isinstance(model, DeepSpeedEngine):
             problem = f"the model is a {type(model).__name__}, not a DeepSpeedEngine"
         elif model.zero_optimization_stage() != stage:
@@ -94,7 +93,7 @@ def check_sharding(accelerator, model, accel_cfg: dict) -> None:
     log.info("distributed: %s over %d process(es)%s", have, world, stage)
 
 
-def configure_ddp(accelerator, model) -> list[str]:
+def configure_ddp(accelerator, model) -> None:
     """Turn on DDP's unused-parameter detection exactly when a trainable parameter may go unused.
 
     Trainable parameters in the vision tower or projector of a VLM get no gradient from a text-only batch (unless

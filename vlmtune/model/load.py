@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from vlmtune.config.checks import resolve_path
+from vlmtune.config.paths import resolve_path
 from vlmtune.config.schema import ModelConfig, QuantConfig, VisionConfig
 from vlmtune.errors import UserError, first_line
 from vlmtune.logging import get_logger

@@ -5,6 +5,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
+from vlmtune.config.accelerate import parse_launch_spec
 from vlmtune.engine.distributed import (
     check_sharding,
     configure_ddp,
@@ -67,14 +68,26 @@ def test_ddps_unused_parameter_error_names_the_parameters():
 
 def test_a_silent_fallback_to_ddp_is_caught_after_prepare():
     with pytest.raises(UserError, match="asks for fsdp2 but ddp is in effect"):
-        check_sharding(_acc(DistributedType.MULTI_CPU), torch.nn.Linear(2, 2), {"distributed_type": "FSDP"})
+        check_sharding(
+            _acc(DistributedType.MULTI_CPU),
+            torch.nn.Linear(2, 2),
+            parse_launch_spec({"distributed_type": "FSDP"}),
+        )
     with pytest.raises(UserError, match="asks for deepspeed but none is in effect"):
-        check_sharding(_acc(DistributedType.NO, 1), torch.nn.Linear(2, 2), {"distributed_type": "DEEPSPEED"})
+        check_sharding(
+            _acc(DistributedType.NO, 1),
+            torch.nn.Linear(2, 2),
+            parse_launch_spec({"distributed_type": "DEEPSPEED"}),
+        )
     with pytest.raises(UserError, match="not DistributedDataParallel"):
         check_sharding(
-            _acc(DistributedType.MULTI_GPU), torch.nn.Linear(2, 2), {"distributed_type": "MULTI_GPU"}
+            _acc(DistributedType.MULTI_GPU),
+            torch.nn.Linear(2, 2),
+            parse_launch_spec({"distributed_type": "MULTI_GPU"}),
         )
-    check_sharding(_acc(DistributedType.NO, 1), torch.nn.Linear(2, 2), {"distributed_type": "NO"})
+    check_sharding(
+        _acc(DistributedType.NO, 1), torch.nn.Linear(2, 2), parse_launch_spec({"distributed_type": "NO"})
+    )
 
 
 def test_the_collective_timeout_is_shortened_after_loading(monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from vlmtune.config.checks import cross_field_problems
+from vlmtune.config.rules import cross_field_problems
 from vlmtune.config.schema import Recipe
 
 
@@ -89,7 +89,7 @@ def test_a_family_detected_from_a_local_config_is_checked_too(tmp_path):
     image_root are reported before anything is loaded."""
     import json
 
-    from vlmtune.config.checks import environment_problems
+    from vlmtune.config.environment import environment_problems
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model/config.json").write_text(json.dumps({"model_type": "llava"}))
@@ -111,18 +111,18 @@ def test_a_family_detected_from_a_local_config_is_checked_too(tmp_path):
 
 
 def test_compile_under_deepspeed_is_refused():
-    from vlmtune.config.checks import _accelerate_problems
+    from vlmtune.config.accelerate import launch_problems, parse_launch_spec
 
-    problems = _accelerate_problems(
+    problems = launch_problems(
         _recipe(train={"output_dir": "out", "compile": True}),
-        {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}},
+        parse_launch_spec({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}),
     )
     assert any(p.startswith("train.compile: vlmtune does not compile under DeepSpeed") for p in problems)
-    assert _accelerate_problems(_recipe(train={"output_dir": "out", "compile": True}), {}) == []
+    assert launch_problems(_recipe(train={"output_dir": "out", "compile": True}), parse_launch_spec({})) == []
 
 
 def test_offloading_without_checkpointing_is_a_warning():
-    from vlmtune.config.checks import recipe_warnings
+    from vlmtune.config.rules import recipe_warnings
 
     recipe = _recipe(
         train={"output_dir": "out", "activation_offloading": True, "gradient_checkpointing": False}
@@ -137,7 +137,7 @@ def test_unknown_loss_lists_the_choices():
 
 
 def test_under_sharded_parameters_liger_is_refused_and_chunked_needs_a_frozen_head():
-    from vlmtune.config.checks import _accelerate_problems
+    from vlmtune.config.accelerate import launch_problems, parse_launch_spec
 
     out = {"output_dir": "out"}
     chunked, liger = _recipe(train={**out, "loss": "chunked"}), _recipe(train={**out, "loss": "liger"})
@@ -146,10 +146,11 @@ def test_under_sharded_parameters_liger_is_refused_and_chunked_needs_a_frozen_he
         {"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}},
         {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}},
     ):
-        assert _accelerate_problems(chunked, accel) == []
-        assert [p.split(":")[0] for p in _accelerate_problems(liger, accel)] == ["train.loss"]
-        [problem] = _accelerate_problems(head, accel)
+        accel = parse_launch_spec(accel)
+        assert launch_problems(chunked, accel) == []
+        assert [p.split(":")[0] for p in launch_problems(liger, accel)] == ["train.loss"]
+        [problem] = launch_problems(head, accel)
         assert problem.startswith("train.loss: chunked under ZeRO-3 / FSDP needs a frozen output head")
         assert "'lm_head'" in problem
-    zero2 = {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}
-    assert _accelerate_problems(liger, zero2) == _accelerate_problems(head, zero2) == []
+    zero2 = parse_launch_spec({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}})
+    assert launch_problems(liger, zero2) == launch_problems(head, zero2) == []
