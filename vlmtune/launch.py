@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vlmtune.engine.signals import LAUNCH_TIME_ENV, SIGNALS, STOP_FILE
 from vlmtune.errors import UserError
+from vlmtune.exit_report import EXIT_DIR_ENV, workers_exit_code
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
@@ -130,13 +131,6 @@ def _ignore_sigusr1() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def _workers_exit_code(exit_dir: Path, launcher_code: int) -> int:
-    """The first non-zero code a worker reported (by rank), else the launcher's own."""
-    reported = sorted(exit_dir.glob("rank-*"), key=lambda p: int(p.name.split("-")[1]))
-    codes = [int(p.read_text() or 0) for p in reported]
-    return next((c for c in codes if c), launcher_code)
-
-
 def format_plan(plan: LaunchPlan) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
     return f"{env} {shlex.join(plan.command)}".strip()
@@ -146,7 +140,7 @@ def accelerate_launch(argv: list[str]) -> int:
     """`accelerate launch argv`, returning the workers' own exit code, without torchrun's traceback.
 
     torchrun reports any worker failure as exit 1, which would hide a preemption (75: requeue) or a user error
-    (2) from a scheduler, so each worker writes its code into a folder named by `VLMTUNE_EXIT_DIR`. The workers
+    (2) from a scheduler, so each worker writes its code into a folder (`vlmtune.exit_report`). The workers
     have printed their own error (or traceback, for a bug); torchrun's `ChildFailedError` stack on top only
     buries it, so one line names the failed ranks instead.
     """
@@ -155,15 +149,15 @@ def accelerate_launch(argv: list[str]) -> int:
 
     args = launch_command_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vlmtune-exit-") as exit_dir:
-        os.environ["VLMTUNE_EXIT_DIR"] = exit_dir  # inherited by the workers
+        os.environ[EXIT_DIR_ENV] = exit_dir  # inherited by the workers
         try:
             launch_command(args)
         except ChildFailedError as exc:
             failed = ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(exc.failures.items()))
             print(f"launcher: workers stopped ({failed})", file=sys.stderr)
-            return _workers_exit_code(Path(exit_dir), 1)
+            return workers_exit_code(Path(exit_dir), 1)
         except subprocess.CalledProcessError as exc:  # the single-process launcher
-            return _workers_exit_code(Path(exit_dir), exc.returncode)
+            return workers_exit_code(Path(exit_dir), exc.returncode)
     return 0
 
 

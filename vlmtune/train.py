@@ -21,6 +21,8 @@ from vlmtune.errors import (
     TrainingDiverged,
     UserError,
 )
+from vlmtune.exit_report import report_exit_code
+from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE
 from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger()
@@ -150,7 +152,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
             collator=train_collator, eval_collator=collator, family=family,
-            checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
+            checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
         if resume_from is not None:
@@ -160,16 +162,16 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             check_free_space(out, model, recipe.checkpoint.keep_last)
-            dump_recipe(recipe, out / "recipe.yaml")
+            dump_recipe(recipe, out / RECIPE_FILE)
         accelerator.wait_for_everyone()
         if t.report_to:
             accelerator.init_trackers(t.tracker_project, config=_flat(recipe.model_dump(mode="json")))
         final = trainer.fit()
 
-        adapter_dir = out / "adapter"
+        adapter_dir = out / ADAPTER_DIR
         export_adapter(accelerator, model, tokenizer, adapter_dir)
         log.info("adapter written to %s", adapter_dir)
-        return RunResult(out, adapter_dir, out / "metrics.jsonl", final, trainer.state.step)
+        return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:
         accelerator.end_training()
 
@@ -208,20 +210,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(sys.argv[1:] if argv is None else argv)
-    _report_exit_code(code)
+    report_exit_code(code)
     return code
-
-
-def _report_exit_code(code: int) -> None:
-    """Tell `vlmtune launch` this rank's exit code: torchrun reports any worker failure as exit 1, which would
-    hide a preemption (75, requeue) or a user error (2) from the scheduler."""
-    import os
-    from contextlib import suppress
-
-    folder = os.environ.get("VLMTUNE_EXIT_DIR")
-    if folder:
-        with suppress(OSError):  # the launcher is gone (killed): nobody is left to read it
-            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
 USAGE = """usage: accelerate launch -m vlmtune.train RECIPE.yaml [section.key=value ...]

@@ -18,12 +18,19 @@ from typing import Any
 from vlmtune.checkpoint.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
 from vlmtune.config.schema import ModelConfig, Recipe, VisionConfig
 from vlmtune.errors import UserError, first_line
+from vlmtune.layout import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    MARKER,
+    RECIPE_FILE,
+    complete_checkpoints,
+    is_complete,
+)
 from vlmtune.logging import get_logger
 from vlmtune.model.families import Family, find_family, get_family
 
 log = get_logger(__name__)
 
-RECIPE_FILE = "recipe.yaml"
 TOKENIZER_FILE = "tokenizer_config.json"
 _SOURCE_KINDS = (
     "a run folder (train.output_dir), its adapter/, a checkpoints/step-N/ folder, or a merged model"
@@ -100,28 +107,24 @@ def resolve_source(path: str | Path, *, base: str | None = None, trust_remote_co
 
 
 def _adapter_dir(folder: Path) -> Path | None:
-    for candidate in (folder, folder / "adapter"):
+    for candidate in (folder, folder / ADAPTER_DIR):
         if (candidate / ADAPTER_CONFIG).is_file():
-            if (
-                candidate.parent.parent.name == "checkpoints"
-                and not (candidate.parent / "COMPLETE").is_file()
-            ):
+            if candidate.parent.parent.name == CHECKPOINTS_DIR and not is_complete(candidate.parent):
                 raise UserError(
-                    f"{candidate.parent} is not a complete checkpoint (no COMPLETE marker: its save was "
+                    f"{candidate.parent} is not a complete checkpoint (no {MARKER} marker: its save was "
                     "interrupted); use another checkpoint or the run's final adapter/"
                 )
             verify_adapter(candidate)
             return candidate
     if (folder / "config.json").is_file():
         return None  # a full model
-    for candidate in (folder, folder / "adapter"):
-        if (candidate / ADAPTER_WEIGHTS).is_file() or (candidate.name == "adapter" and candidate.is_dir()):
+    for candidate in (folder, folder / ADAPTER_DIR):
+        if (candidate / ADAPTER_WEIGHTS).is_file() or (candidate.name == ADAPTER_DIR and candidate.is_dir()):
             raise UserError(
                 f"adapter at {candidate} is incomplete: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
             )
-    if (folder / "checkpoints").is_dir():
-        steps = [m.parent for m in (folder / "checkpoints").glob("step-*/COMPLETE")]
-        newest = max(steps, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+    if (folder / CHECKPOINTS_DIR).is_dir():
+        newest = (complete_checkpoints(folder / CHECKPOINTS_DIR) or [None])[-1]
         hint = f"; its checkpoints can be used, e.g. {newest}" if newest else ""
         raise UserError(f"{folder}: the run has no final adapter/ yet (it did not finish){hint}")
     raise UserError(f"{folder} holds no {ADAPTER_CONFIG} and no config.json; give {_SOURCE_KINDS}")
@@ -132,7 +135,7 @@ def _run_dir(given: Path, adapter_dir: Path | None) -> Path | None:
     candidates = [given]
     if adapter_dir is not None:
         candidates.append(adapter_dir.parent)
-        if adapter_dir.parent.parent.name == "checkpoints":
+        if adapter_dir.parent.parent.name == CHECKPOINTS_DIR:
             candidates.append(adapter_dir.parent.parent.parent)
     return next((c for c in candidates if (c / RECIPE_FILE).is_file()), None)
 
@@ -249,7 +252,7 @@ def load_processor(source: Source) -> Any:
 
     from vlmtune.model import load as model_load
 
-    candidates = [d for d in (source.adapter_dir, source.run_dir and source.run_dir / "adapter") if d]
+    candidates = [d for d in (source.adapter_dir, source.run_dir and source.run_dir / ADAPTER_DIR) if d]
     if source.adapter_dir is None:
         candidates.append(Path(source.base))
     folder = next((d for d in candidates if (d / TOKENIZER_FILE).is_file()), None)

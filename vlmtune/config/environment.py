@@ -16,6 +16,7 @@ from vlmtune.config.paths import resolve_path
 from vlmtune.config.rules import family_problems
 from vlmtune.config.schema import Recipe
 from vlmtune.errors import UserError
+from vlmtune.layout import is_complete
 from vlmtune.model.families import find_family
 
 # train.report_to name → (module accelerate imports for it, package to pip install). tensorboard is a dependency.
@@ -55,10 +56,7 @@ def check_environment(recipe: Recipe) -> tuple[LaunchSpec | None, list[str]]:
     problems += _package_problems(recipe)
 
     resume = recipe.checkpoint.resume
-    if (
-        resume not in ("auto", "never")
-        and not (resolve_path(resume, recipe._base_dir) / "COMPLETE").is_file()
-    ):
+    if resume not in ("auto", "never") and not is_complete(resolve_path(resume, recipe._base_dir)):
         problems.append(
             f"checkpoint.resume: {resume} is not a complete checkpoint (no COMPLETE marker); "
             "use `auto` to take the newest complete one"
