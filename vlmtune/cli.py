@@ -58,12 +58,12 @@ def _data_check(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     family = model_family(recipe.model, recipe._base_dir)
     if family is None:
-        tokenizer = text_tokenizer = load_tokenizer(recipe.model, recipe._base_dir)
+        processor = tokenizer = load_tokenizer(recipe.model, recipe._base_dir)
         image_ids: set[int] = set()
     else:  # a vision-language model: its processor reads the images
-        tokenizer = load_processor(recipe.model, family, recipe.vision, recipe._base_dir)
-        text_tokenizer, image_ids = tokenizer.tokenizer, set(family.image_token_ids(tokenizer.tokenizer))
-    reports = scan(recipe, tokenizer, family=family)
+        processor = load_processor(recipe.model, family, recipe.vision, recipe._base_dir)
+        tokenizer, image_ids = processor.tokenizer, set(family.image_token_ids(processor.tokenizer))
+    reports = scan(recipe, processor, family=family)
     print(format_report(recipe, reports))
     path = Path(args.bad_rows or Path(recipe.train.output_dir).expanduser() / "data-check" / "bad_rows.jsonl")
     n = write_problems(reports, path)
@@ -72,7 +72,7 @@ def _data_check(args: argparse.Namespace) -> int:
     train = next((r.dataset for r in reports if r.name == "train" and r.dataset), None)
     for i in range(min(args.show, len(train) if train else 0)):
         print(f"\n--- train example {i} ({len(train[i]['input_ids'])} tokens; trained tokens marked) ---")
-        print(render_example(train[i], text_tokenizer, image_ids=image_ids))
+        print(render_example(train[i], tokenizer, image_ids=image_ids))
     failures = verdict(recipe, reports)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)

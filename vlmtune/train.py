@@ -92,21 +92,21 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         set_seed(t.seed)
 
         # A vision-language model (its family known from the recipe or the model config) reads images through
-        # its processor; a text model through its tokenizer.
+        # its processor; a text model's processor is its tokenizer.
         family = model_family(recipe.model, base)
         if problems := family_problems(recipe, family):  # `prepare` knew the family only from a local config
             raise RecipeError(problems)
         if family is None:
-            tokenizer = load_tokenizer(recipe.model, base)
-            pad_token_id = tokenizer.pad_token_id
+            processor = load_tokenizer(recipe.model, base)
+            pad_token_id = processor.pad_token_id
             collator = Collator(pad_token_id=pad_token_id)
         else:
             log.info("vision-language model family %s", family.name)
-            tokenizer = load_processor(recipe.model, family, recipe.vision, base)
-            pad_token_id = tokenizer.tokenizer.pad_token_id
+            processor = load_processor(recipe.model, family, recipe.vision, base)
+            pad_token_id = processor.tokenizer.pad_token_id
             collator = VLMCollator(pad_token_id=pad_token_id, family=family)
         train_data, eval_data = _build_data(
-            recipe, tokenizer, family, show_progress=accelerator.is_main_process
+            recipe, processor, family, show_progress=accelerator.is_main_process
         )
 
         model = load_model(
@@ -134,7 +134,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         train_collator = build_collator(recipe, collator, pad_token_id)
         if recipe.data.batching != "padded":
             check_packed_attention(
-                model, train_collator, len(tokenizer), accelerator.device, recipe.data.batching
+                model, train_collator, len(processor), accelerator.device, recipe.data.batching
             )
         sampler = build_sampler(recipe, train_data.lengths, accelerator.num_processes)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
@@ -169,7 +169,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         final = trainer.fit()
 
         adapter_dir = out / ADAPTER_DIR
-        export_adapter(accelerator, model, tokenizer, adapter_dir)
+        export_adapter(accelerator, model, processor, adapter_dir)
         log.info("adapter written to %s", adapter_dir)
         return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:

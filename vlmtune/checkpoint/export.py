@@ -21,9 +21,9 @@ def save_adapter(peft_model, out_dir: Path, *, state_dict: dict | None = None) -
     verify_adapter(out_dir)
 
 
-def export_adapter(accelerator, model, tokenizer, adapter_dir: Path) -> None:
-    """Write the final adapter plus tokenizer files (a VLM's processor files: pass the processor as
-    `tokenizer`), so the folder is usable on its own; swapped in whole."""
+def export_adapter(accelerator, model, processor, adapter_dir: Path) -> None:
+    """Write the final adapter plus the processor's files (a text model's processor is its tokenizer), so the
+    folder is usable on its own; swapped in whole."""
     from vlmtune.engine.distributed import trainable_state_dict
 
     weights = trainable_state_dict(
@@ -34,7 +34,7 @@ def export_adapter(accelerator, model, tokenizer, adapter_dir: Path) -> None:
         if staging.exists():
             shutil.rmtree(staging)
         save_adapter(accelerator.unwrap_model(model), staging, state_dict=weights)
-        tokenizer.save_pretrained(str(staging))
+        processor.save_pretrained(str(staging))
         replace_dir(staging, adapter_dir)
     accelerator.wait_for_everyone()
 

@@ -191,7 +191,7 @@ def _family(where: str, base_from: str, recipe: Recipe | None, trust_remote_code
     return find_family(config)
 
 
-def load_model(source: Source, *, dtype: str, device: str = "cpu") -> Any:
+def load_source_model(source: Source, *, dtype: str, device: str = "cpu") -> Any:
     """The model to run or merge: the full model, or the base (unquantised, in `dtype`) with the adapter on it
     (a `PeftModel`). In eval mode, on `device`.
 
@@ -242,7 +242,7 @@ def _attach_adapter(model: Any, source: Source) -> Any:
     return peft_model
 
 
-def load_processor(source: Source) -> Any:
+def load_source_processor(source: Source) -> Any:
     """The tokenizer (text model) or processor (VLM) training used, with its chat template.
 
     From the adapter folder (or the run's final adapter/) when it holds one, else from the recipe's settings
