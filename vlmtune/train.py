@@ -151,7 +151,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
-            collator=train_collator, eval_collator=collator, family=family,
+            train_collator=train_collator, eval_collator=collator, family=family, output_dir=out,
             checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)

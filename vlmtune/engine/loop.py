@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
-from vlmtune.checkpoint.manager import CheckpointManager
 from vlmtune.config.schema import Recipe
 from vlmtune.data.batching import layout
 from vlmtune.data.sampler import StepSampler
@@ -25,7 +29,9 @@ from vlmtune.engine.offload import OffloadActivations
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
 from vlmtune.errors import Preempted, TrainingDiverged
+from vlmtune.layout import step_of
 from vlmtune.logging import get_logger
+from vlmtune.model.families import Family
 
 log = get_logger(__name__)
 
@@ -103,24 +109,47 @@ class StepBatches(torch.utils.data.Dataset):
         return rows, [collate(self.collator, self.data, r) for r in rows]
 
 
+class Rows(Protocol):
+    """An encoded dataset: row i is a mapping of token ids, labels and (for a VLM) vision inputs."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+
+# Rows (or, for packed batches, bins of rows) → one micro-batch of tensors.
+Collate = Callable[[list], dict[str, torch.Tensor]]
+
+
+class Checkpointer(Protocol):
+    """What the loop needs of checkpoints (`vlmtune.checkpoint.manager.CheckpointManager` is one)."""
+
+    def save(self, step: int, model, optimizer, scheduler, state: TrainState) -> Path: ...
+
+    def load(self, path: Path, model, optimizer, scheduler, state: TrainState) -> None: ...
+
+    def latest(self) -> Path | None: ...
+
+
 @dataclass
 class Components:
     """What the loop works with, built by `vlmtune.train`."""
 
     recipe: Recipe
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: LRScheduler
     sampler: StepSampler
-    train_data: object
-    eval_data: object | None
-    collator: object
-    checkpoints: CheckpointManager
+    train_data: Rows
+    eval_data: Rows | None
+    train_collator: Collate
+    checkpoints: Checkpointer
     metrics: MetricsWriter
-    eval_collator: object | None = None  # padded, for evaluation (default: `collator`)
+    output_dir: Path  # the run folder: the STOP file and non-finite diagnostics are there
+    eval_collator: Collate | None = None  # padded, for evaluation (default: `train_collator`)
     # The VLM family (None for a text model): the FLOP count leaves out its vision tower and projector.
-    family: object | None = None
+    family: Family | None = None
 
 
 class Trainer:
@@ -152,7 +181,7 @@ class Trainer:
         self._peak_flops = peak_flops(self.acc.device)
 
     def _batch(self, data, rows: list[int], collator=None) -> dict[str, torch.Tensor]:
-        batch = collate(collator or self.c.collator, data, rows)
+        batch = collate(collator or self.c.train_collator, data, rows)
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     # --- one step ------------------------------------------------------------------------------------
@@ -245,7 +274,7 @@ class Trainer:
         where = f"step {state.step}: loss {out['loss_sum']}, grad_norm {out['grad_norm']}"
         log.warning("non-finite %s; update skipped (%d so far)", where, state.nonfinite_steps)
         if t.nonfinite == "abort" or state.nonfinite_in_a_row > t.max_nonfinite_in_a_row:
-            path = self.c.checkpoints.root.parent / f"nonfinite-step-{state.step}.json"
+            path = self.c.output_dir / f"nonfinite-step-{state.step}.json"
             if self.acc.is_main_process:
                 diag = {
                     "step": state.step,
@@ -323,7 +352,7 @@ class Trainer:
         )
         window = self._new_window()
         steps = iter(self._steps(state.step, total))
-        with StopWatcher(c.checkpoints.root.parent) as stop:
+        with StopWatcher(c.output_dir) as stop:
             while state.step < total:
                 waiting = time.perf_counter()
                 rows, batches = next(steps)
@@ -361,7 +390,8 @@ class Trainer:
                     bar.close()
                     raise Preempted(state.step, stop.reason or "another rank was asked to stop")
         bar.close()
-        if total > 0 and c.checkpoints.latest() != c.checkpoints.root / f"step-{total}":
+        latest = c.checkpoints.latest()
+        if total > 0 and (latest is None or step_of(latest) != total):
             c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
         return final
 
@@ -369,7 +399,7 @@ class Trainer:
         """(rows, collated micro-batches) of steps start..total-1, from `data.num_workers` processes or this one."""
         d = self.c.recipe.data
         steps = StepBatches(
-            self.sampler, self.c.train_data, self.c.collator, self.acc.process_index, start, total
+            self.sampler, self.c.train_data, self.c.train_collator, self.acc.process_index, start, total
         )
         if d.num_workers == 0:
             return (steps[i] for i in range(len(steps)))
