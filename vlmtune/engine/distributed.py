@@ -100,7 +100,6 @@ def configure_ddp(accelerator, model) -> None:
     `vision_sync` runs the tower anyway), and Mllama's cross-attention layers none at all, which DDP reports as an
     error unless find_unused_parameters is on. The detection walks the autograd graph every
     step, so it stays off when every trainable parameter takes part in every forward (a text model's LoRA).
-    Returns the parameter names that made it necessary.
     """
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -119,7 +118,6 @@ def configure_ddp(accelerator, model) -> None:
             "DDP: find_unused_parameters on (%d trainable parameters outside the language model)",
             len(optional),
         )
-    return optional
 
 
 def params_without_grad(model) -> list[str]:

@@ -64,7 +64,7 @@ class VisionKeepAlive:
             handle.remove()
 
 
-def keep_vision_in_step(accelerator, model, family: Family | None, data, collator) -> VisionKeepAlive | None:
+def keep_vision_in_step(accelerator, model, family: Family | None, data, collator) -> None:
     """Install `VisionKeepAlive` when several processes train a VLM on data that mixes image and text-only rows.
 
     Raises:
@@ -72,11 +72,11 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
             layers without an image, which no dummy image in the embeddings can bring back in step.
     """
     if family is None or accelerator.num_processes < 2:
-        return None
+        return
     keys = [k for k in collator.vision if collator.vision[k] != "count"]
     image_rows = [i for i in range(len(data)) if any(k in data[i] for k in keys)]
     if not image_rows or len(image_rows) == len(data):
-        return None  # every process runs the same path on every batch
+        return  # every process runs the same path on every batch
     if family.cross_attention_images:
         if strategy(accelerator) == "fsdp2" or zero_stage(accelerator) == 3:
             raise UserError(
@@ -84,7 +84,7 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
                 f"{accelerator.num_processes} processes under {strategy(accelerator)} a batch without images on one process "
                 "and with images on another cannot stay in step; give every row an image, or use DDP / ZeRO-2"
             )
-        return None  # DDP finds the skipped layers' weights unused (configure_ddp)
+        return  # DDP finds the skipped layers' weights unused (configure_ddp)
     smallest = min(image_rows[:_SCAN_ROWS], key=lambda i: data[i]["pixel_values"].numel())
     batch = collator([data[smallest]])
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -94,7 +94,7 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
         if k in collator.vision
     }
     log.info("text-only batches run the vision tower on a %s image so processes stay in step", _shape(inputs))
-    return VisionKeepAlive(accelerator.unwrap_model(model), inputs)
+    VisionKeepAlive(accelerator.unwrap_model(model), inputs)  # its hooks live as long as the model
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

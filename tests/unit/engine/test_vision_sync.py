@@ -80,13 +80,19 @@ def test_installed_when_images_come_only_after_many_text_rows(tiny_vlm_root, tmp
     """Sources are concatenated in order: a long text-only source first must not hide the image rows."""
     from types import SimpleNamespace
 
-    from vlmtune.engine.vision_sync import keep_vision_in_step
+    from vlmtune.engine.vision_sync import VisionKeepAlive, keep_vision_in_step
+
+    def installed() -> list[VisionKeepAlive]:
+        hooks = model.get_input_embeddings()._forward_hooks.values()
+        return [h.__self__ for h in hooks if isinstance(getattr(h, "__self__", None), VisionKeepAlive)]
 
     family, model, collate, encoded = tiny_vlm_batch("qwen2_vl", tiny_vlm_root, tmp_path)
     accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), unwrap_model=lambda m: m)
     data = [encoded["text"]] * 1000 + [encoded["image"]]
-    keep = keep_vision_in_step(accelerator, model, family, data, collate)
-    assert keep is not None and keep.inputs["pixel_values"].shape == encoded["image"]["pixel_values"].shape
+    keep_vision_in_step(accelerator, model, family, data, collate)
+    [keep] = installed()
+    assert keep.inputs["pixel_values"].shape == encoded["image"]["pixel_values"].shape
     keep.remove()
-    assert keep_vision_in_step(accelerator, model, family, [encoded["text"]] * 4, collate) is None
-    assert keep_vision_in_step(accelerator, model, family, [encoded["image"]] * 4, collate) is None
+    keep_vision_in_step(accelerator, model, family, [encoded["text"]] * 4, collate)
+    keep_vision_in_step(accelerator, model, family, [encoded["image"]] * 4, collate)
+    assert installed() == []
