@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmtune.config.prepare import prepare
 from vlmtune.engine.signals import LAUNCH_TIME_ENV, SIGNALS, STOP_FILE
 from vlmtune.errors import UserError
 from vlmtune.exit_report import EXIT_DIR_ENV, workers_exit_code
@@ -57,8 +58,6 @@ def plan_launch(
     procs_per_node: int | None = None,
 ) -> LaunchPlan:
     """The `accelerate launch` command and environment that run the recipe on this node."""
-    from vlmtune.config.prepare import prepare
-
     prepared = prepare(recipe_path, overrides)
     recipe, spec = prepared.recipe, prepared.launch
     dist = spec.distributed_type

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vlmtune.config.prepare import prepare
 from vlmtune.errors import (
     EXIT_DIVERGED,
     EXIT_PREEMPTED,
@@ -47,8 +48,6 @@ def notebook_launch(
             imported bitsandbytes, or a DeepSpeed / FSDP accelerate config, which notebooks cannot start).
         TrainingDiverged, Preempted: as `vlmtune.run`.
     """
-    from vlmtune.config.prepare import prepare
-
     prepared = prepare(recipe, overrides)
     recipe, spec = prepared.recipe, prepared.launch
     if spec.deepspeed or spec.fsdp:

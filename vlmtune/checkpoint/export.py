@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vlmtune.engine.distributed import trainable_state_dict
 from vlmtune.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -24,8 +25,6 @@ def save_adapter(peft_model, out_dir: Path, *, state_dict: dict | None = None) -
 def export_adapter(accelerator, model, processor, adapter_dir: Path) -> None:
     """Write the final adapter plus the processor's files (a text model's processor is its tokenizer), so the
     folder is usable on its own; swapped in whole."""
-    from vlmtune.engine.distributed import trainable_state_dict
-
     weights = trainable_state_dict(
         accelerator, model
     )  # a collective under ZeRO-3 / FSDP2: every rank calls it

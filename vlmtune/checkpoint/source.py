@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.checkpoint.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
+from vlmtune.config.load import load_recipe
 from vlmtune.config.schema import ModelConfig, Recipe, VisionConfig
 from vlmtune.errors import UserError, first_line
 from vlmtune.layout import (
@@ -28,6 +29,7 @@ from vlmtune.layout import (
 )
 from vlmtune.logging import get_logger
 from vlmtune.model.families import Family, find_family, get_family
+from vlmtune.model.load import DTYPES, from_pretrained_complete, model_location
 
 log = get_logger(__name__)
 
@@ -141,8 +143,6 @@ def _run_dir(given: Path, adapter_dir: Path | None) -> Path | None:
 
 
 def _load_run_recipe(run_dir: Path) -> Recipe | None:
-    from vlmtune.config.load import load_recipe
-
     try:
         recipe = load_recipe(run_dir / RECIPE_FILE)
     except UserError as exc:  # written by another vlmtune version: the adapter config still names the base
@@ -155,8 +155,6 @@ def _load_run_recipe(run_dir: Path) -> Recipe | None:
 def _base_location(
     base: str | None, recipe: Recipe | None, run_dir: Path | None, adapter_dir: Path
 ) -> tuple[str, str]:
-    from vlmtune.model.load import model_location
-
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     from_adapter = config.get("base_model_name_or_path")
     if base is not None:
@@ -199,8 +197,6 @@ def load_source_model(source: Source, *, dtype: str, device: str = "cpu") -> Any
         UserError: the weights cannot be loaded or are incomplete, or the adapter does not fit the base.
     """
     from transformers import AutoModelForCausalLM
-
-    from vlmtune.model.load import DTYPES, from_pretrained_complete
 
     cls = AutoModelForCausalLM if source.family is None else source.family.load_class()
     model = from_pretrained_complete(

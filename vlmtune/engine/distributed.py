@@ -13,6 +13,7 @@ from accelerate.utils import DistributedType
 from vlmtune.config.accelerate import LaunchSpec
 from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
+from vlmtune.model.families import find_family, part_of
 
 log = get_logger(__name__)
 
@@ -102,8 +103,6 @@ def configure_ddp(accelerator, model) -> None:
     step, so it stays off when every trainable parameter takes part in every forward (a text model's LoRA).
     """
     from accelerate.utils import DistributedDataParallelKwargs
-
-    from vlmtune.model.families import find_family, part_of
 
     config = getattr(model, "config", None)
     family = find_family(config) if config is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from vlmtune.config.accelerate import load_launch_spec
 from vlmtune.config.schema import QuantConfig, Recipe
 from vlmtune.model.meta import MetaModel, build_meta_model
 from vlmtune.plan.memory import (
@@ -164,8 +165,6 @@ def plan_recipe(
 
     `meta`: the recipe's meta model when already built (several plans of one model and LoRA; notebooks).
     """
-    from vlmtune.config.accelerate import load_launch_spec
-
     sharding = Sharding.from_spec(load_launch_spec(recipe), gpus)
     meta = meta or build_meta_model(recipe)
     budget = int(gpu_mem_gib * GIB)

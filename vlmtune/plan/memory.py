@@ -19,6 +19,7 @@ import torch
 from vlmtune.config.accelerate import LaunchSpec, Strategy
 from vlmtune.config.schema import Recipe
 from vlmtune.engine.loss import unwrap
+from vlmtune.model.families import part_of
 from vlmtune.model.meta import MetaModel
 
 GIB = 1024**3
@@ -215,8 +216,6 @@ def _quant_note(q, quantized: int, kept: int, kept_dtype: str, vlm: bool) -> str
 
 def decoder_layers(meta: MetaModel) -> list[torch.nn.Module]:
     """The language model's decoder layers: the `layers` ModuleList with the most parameters."""
-    from vlmtune.model.families import part_of
-
     best: list[torch.nn.Module] = []
     best_size = -1
     for name, module in meta.model.named_modules():
