@@ -125,7 +125,7 @@ def vlm_run(tiny_vlm_root, tmp_path_factory):
 
     from vlmtune.checkpoint.export import save_adapter
     from vlmtune.config.schema import LoraConfig, VisionConfig
-    from vlmtune.model.families import get_family
+    from vlmtune.families import get_family
     from vlmtune.model.lora import apply_lora
     from vlmtune.testing.tiny_vlm import build_tiny_vlm
 

@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmtune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, RecipeError, UserError
+from vlmtune.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
-    from vlmtune.config.load import load_recipe
+    from vlmtune.config.prepare import prepare
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    problems = environment_problems(recipe)
-    if problems:
-        raise RecipeError(problems, source=args.recipe)
-    accel = load_accelerate_config(recipe)
-    for warning in recipe_warnings(recipe):
+    prepared = prepare(args.recipe, args.overrides)
+    for warning in prepared.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    recipe, launch = prepared.recipe, prepared.launch
     t = recipe.train
     quant = (
         f"{recipe.quant.bits}-bit {recipe.quant.type if recipe.quant.bits == 4 else ''}".strip()
@@ -47,9 +43,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(
         f"  batch      {t.micro_batch_size} micro × {t.grad_accum} accum per process, lr {t.lr} ({t.scheduler})"
     )
-    print(
-        f"  launch     {recipe.launch.accelerate_config or 'defaults'} ({accel.get('distributed_type', 'NO')})"
-    )
+    print(f"  launch     {recipe.launch.accelerate_config or 'defaults'} ({launch.distributed_type})")
     print(f"  output     {t.output_dir}")
     return 0
 
@@ -64,12 +58,12 @@ def _data_check(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     family = model_family(recipe.model, recipe._base_dir)
     if family is None:
-        tokenizer = text_tokenizer = load_tokenizer(recipe.model, recipe._base_dir)
+        processor = tokenizer = load_tokenizer(recipe.model, recipe._base_dir)
         image_ids: set[int] = set()
     else:  # a vision-language model: its processor reads the images
-        tokenizer = load_processor(recipe.model, family, recipe.vision, recipe._base_dir)
-        text_tokenizer, image_ids = tokenizer.tokenizer, set(family.image_token_ids(tokenizer.tokenizer))
-    reports = scan(recipe, tokenizer, family=family)
+        processor = load_processor(recipe.model, family, recipe.vision, recipe._base_dir)
+        tokenizer, image_ids = processor.tokenizer, set(family.image_token_ids(processor.tokenizer))
+    reports = scan(recipe, processor, family=family)
     print(format_report(recipe, reports))
     path = Path(args.bad_rows or Path(recipe.train.output_dir).expanduser() / "data-check" / "bad_rows.jsonl")
     n = write_problems(reports, path)
@@ -78,7 +72,7 @@ def _data_check(args: argparse.Namespace) -> int:
     train = next((r.dataset for r in reports if r.name == "train" and r.dataset), None)
     for i in range(min(args.show, len(train) if train else 0)):
         print(f"\n--- train example {i} ({len(train[i]['input_ids'])} tokens; trained tokens marked) ---")
-        print(render_example(train[i], text_tokenizer, image_ids=image_ids))
+        print(render_example(train[i], tokenizer, image_ids=image_ids))
     failures = verdict(recipe, reports)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)

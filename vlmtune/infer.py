@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from vlmtune.checkpoint.source import Source, load_model, load_processor
+from vlmtune.checkpoint.source import Source, load_source_model, load_source_processor
 from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
 
@@ -71,14 +71,14 @@ class Generator:
         dtype = dtype or ("float32" if self.device == "cpu" else "bfloat16")
         self.source = source
         self.family = source.family
-        self.processor = load_processor(source)
+        self.processor = load_source_processor(source)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if not getattr(self.processor, "chat_template", None):
             raise UserError(
                 f"the tokenizer/processor of {source.path} has no chat template; train with model.chat_template "
                 "set (the final adapter/ then holds it), or use a model that ships one"
             )
-        self.model = load_model(source, dtype=dtype, device=self.device)
+        self.model = load_source_model(source, dtype=dtype, device=self.device)
 
     @property
     def takes_images(self) -> bool:

@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmtune.config.prepare import prepare
 from vlmtune.engine.signals import LAUNCH_TIME_ENV, SIGNALS, STOP_FILE
 from vlmtune.errors import UserError
+from vlmtune.exit_report import EXIT_DIR_ENV, workers_exit_code
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
@@ -56,33 +58,25 @@ def plan_launch(
     procs_per_node: int | None = None,
 ) -> LaunchPlan:
     """The `accelerate launch` command and environment that run the recipe on this node."""
-    from vlmtune.config.checks import environment_problems, load_accelerate_config, resolve_path
-    from vlmtune.config.load import load_recipe
-    from vlmtune.errors import RecipeError
+    prepared = prepare(recipe_path, overrides)
+    recipe, spec = prepared.recipe, prepared.launch
+    dist = spec.distributed_type
 
-    recipe = load_recipe(recipe_path, overrides)
-    problems = environment_problems(recipe)
-    if problems:
-        raise RecipeError(problems, source=recipe_path)
-    cfg = load_accelerate_config(recipe)
-    dist = str(cfg.get("distributed_type", "NO"))
-
-    nodes = nodes or int(cfg.get("num_machines", 1) or 1)
+    nodes = nodes or spec.num_machines
     if not 0 <= node_rank < nodes:
         raise UserError(f"--node-rank {node_rank} is outside 0..{nodes - 1} for {nodes} node(s)")
-    on_cpu = bool(cfg.get("use_cpu")) or _gpu_count() == 0
+    on_cpu = spec.use_cpu or _gpu_count() == 0
     if procs_per_node is None:
         # The config's total split over the nodes, capped at this node's GPUs; one for a single-process config.
-        configured = int(cfg.get("num_processes") or 1) // nodes or 1
+        configured = spec.num_processes // nodes or 1
         procs_per_node = 1 if dist == "NO" else configured if on_cpu else min(configured, _gpu_count())
     world = nodes * procs_per_node
     if nodes > 1 and not main_ip:
         raise UserError("--main-ip is required with more than one node (the address of the node with rank 0)")
 
     cmd = [sys.executable, "-m", "vlmtune.launch"]  # `accelerate launch`, see accelerate_launch()
-    config_file = recipe.launch.accelerate_config
-    if config_file:
-        cmd += ["--config_file", str(resolve_path(config_file, recipe._base_dir))]
+    if spec.path is not None:
+        cmd += ["--config_file", str(spec.path)]
     cmd += ["--num_machines", str(nodes), "--num_processes", str(world), "--machine_rank", str(node_rank)]
     port = str(main_port or DEFAULT_PORT)
     cmd += ["--main_process_ip", main_ip or "127.0.0.1", "--main_process_port", port]
@@ -91,11 +85,11 @@ def plan_launch(
     env = {k: v for k, v in DIST_ENV_DEFAULTS.items() if k not in os.environ}
     if world > 1 and dist in ("NO", "MULTI_GPU", "MULTI_CPU"):
         cmd.append("--multi_gpu")  # plain DDP; with ACCELERATE_USE_CPU this is gloo DDP on CPU
-    if dist == "DEEPSPEED" and nodes > 1:
+    if spec.deepspeed and nodes > 1:
         cmd += ["--deepspeed_multinode_launcher", "standard"]  # one launcher per node, no pdsh / hostfile
     if on_cpu:
         # accelerate turns DeepSpeed off when told to use the CPU; without GPUs it runs there anyway.
-        if dist != "DEEPSPEED":
+        if not spec.deepspeed:
             env["ACCELERATE_USE_CPU"] = "true"
         if "OMP_NUM_THREADS" not in os.environ:
             # Processes sharing the cores each with all threads run many times slower (seen: 13× with DeepSpeed).
@@ -136,13 +130,6 @@ def _ignore_sigusr1() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def _workers_exit_code(exit_dir: Path, launcher_code: int) -> int:
-    """The first non-zero code a worker reported (by rank), else the launcher's own."""
-    reported = sorted(exit_dir.glob("rank-*"), key=lambda p: int(p.name.split("-")[1]))
-    codes = [int(p.read_text() or 0) for p in reported]
-    return next((c for c in codes if c), launcher_code)
-
-
 def format_plan(plan: LaunchPlan) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
     return f"{env} {shlex.join(plan.command)}".strip()
@@ -152,7 +139,7 @@ def accelerate_launch(argv: list[str]) -> int:
     """`accelerate launch argv`, returning the workers' own exit code, without torchrun's traceback.
 
     torchrun reports any worker failure as exit 1, which would hide a preemption (75: requeue) or a user error
-    (2) from a scheduler, so each worker writes its code into a folder named by `VLMTUNE_EXIT_DIR`. The workers
+    (2) from a scheduler, so each worker writes its code into a folder (`vlmtune.exit_report`). The workers
     have printed their own error (or traceback, for a bug); torchrun's `ChildFailedError` stack on top only
     buries it, so one line names the failed ranks instead.
     """
@@ -161,15 +148,15 @@ def accelerate_launch(argv: list[str]) -> int:
 
     args = launch_command_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vlmtune-exit-") as exit_dir:
-        os.environ["VLMTUNE_EXIT_DIR"] = exit_dir  # inherited by the workers
+        os.environ[EXIT_DIR_ENV] = exit_dir  # inherited by the workers
         try:
             launch_command(args)
         except ChildFailedError as exc:
             failed = ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(exc.failures.items()))
             print(f"launcher: workers stopped ({failed})", file=sys.stderr)
-            return _workers_exit_code(Path(exit_dir), 1)
+            return workers_exit_code(Path(exit_dir), 1)
         except subprocess.CalledProcessError as exc:  # the single-process launcher
-            return _workers_exit_code(Path(exit_dir), exc.returncode)
+            return workers_exit_code(Path(exit_dir), exc.returncode)
     return 0
 
 

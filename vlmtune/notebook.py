@@ -14,12 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vlmtune.config.prepare import prepare
 from vlmtune.errors import (
     EXIT_DIVERGED,
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
     Preempted,
-    RecipeError,
     TrainingDiverged,
     UserError,
 )
@@ -48,16 +48,11 @@ def notebook_launch(
             imported bitsandbytes, or a DeepSpeed / FSDP accelerate config, which notebooks cannot start).
         TrainingDiverged, Preempted: as `vlmtune.run`.
     """
-    from vlmtune.config.checks import environment_problems, load_accelerate_config
-    from vlmtune.config.load import load_recipe
-
-    recipe = load_recipe(recipe, overrides)
-    if problems := environment_problems(recipe):
-        raise RecipeError(problems)
-    dist = str(load_accelerate_config(recipe).get("distributed_type", "NO"))
-    if dist in ("DEEPSPEED", "FSDP"):
+    prepared = prepare(recipe, overrides)
+    recipe, spec = prepared.recipe, prepared.launch
+    if spec.deepspeed or spec.fsdp:
         raise UserError(
-            f"launch.accelerate_config: notebook_launch starts plain DDP processes, not {dist}; "
+            f"launch.accelerate_config: notebook_launch starts plain DDP processes, not {spec.distributed_type}; "
             "run `vlmtune launch RECIPE` in a terminal for DeepSpeed or FSDP2"
         )
     if num_processes < 1:

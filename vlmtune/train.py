@@ -21,6 +21,8 @@ from vlmtune.errors import (
     TrainingDiverged,
     UserError,
 )
+from vlmtune.exit_report import report_exit_code
+from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE
 from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger()
@@ -52,18 +54,14 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         Preempted: stopped on request (signal or STOP file) after saving a checkpoint; run again to resume.
         TrainingDiverged: non-finite losses or gradients beyond what `train.nonfinite` allows.
     """
-    from vlmtune.config.checks import environment_problems, load_accelerate_config, recipe_warnings
-    from vlmtune.config.load import dump_recipe, load_recipe
+    from vlmtune.config.load import dump_recipe
+    from vlmtune.config.prepare import prepare
 
     # Recipe and environment first: a typo fails in a second, before torch and the model are loaded.
-    # Always (re)validated: a `Recipe` changed in place in a notebook is checked like a file would be.
-    recipe = load_recipe(recipe, overrides)
-    problems = environment_problems(recipe)
-    if problems:
-        raise RecipeError(problems)
-    for warning in recipe_warnings(recipe):
+    prepared = prepare(recipe, overrides)
+    for warning in prepared.warnings:
         log.warning("%s", warning)
-    accel_cfg = load_accelerate_config(recipe)
+    recipe, launch = prepared.recipe, prepared.launch
     t, base = recipe.train, recipe._base_dir
 
     from accelerate.state import AcceleratorState, GradientState
@@ -71,6 +69,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
 
     from vlmtune.checkpoint.export import export_adapter
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
+    from vlmtune.config.rules import family_problems
     from vlmtune.data import Collator
     from vlmtune.data.batching import build_collator, build_sampler
     from vlmtune.data.packing import check_packed_attention
@@ -86,26 +85,26 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     # A notebook may run several recipes in one process: start each from a clean accelerate state.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    accelerator = build_accelerator(recipe, accel_cfg)
+    accelerator = build_accelerator(recipe, launch)
     try:
         out = Path(t.output_dir).expanduser().resolve()
         set_seed(t.seed)
 
         # A vision-language model (its family known from the recipe or the model config) reads images through
-        # its processor; a text model through its tokenizer.
+        # its processor; a text model's processor is its tokenizer.
         family = model_family(recipe.model, base)
+        if problems := family_problems(recipe, family):  # `prepare` knew the family only from a local config
+            raise RecipeError(problems)
         if family is None:
-            _refuse_vision_settings(recipe)
-            tokenizer = load_tokenizer(recipe.model, base)
-            pad_token_id = tokenizer.pad_token_id
+            processor = load_tokenizer(recipe.model, base)
+            pad_token_id = processor.pad_token_id
         else:
             log.info("vision-language model family %s", family.name)
-            _refuse_vlm_packing(recipe, family.name)
-            tokenizer = load_processor(recipe.model, family, recipe.vision, base)
-            pad_token_id = tokenizer.tokenizer.pad_token_id
-        collator = Collator(pad_token_id=pad_token_id, family=family)
+            processor = load_processor(recipe.model, family, recipe.vision, base)
+            pad_token_id = processor.tokenizer.pad_token_id
+        padded = Collator(pad_token_id=pad_token_id, family=family)
         train_data, eval_data = _build_data(
-            recipe, tokenizer, family, show_progress=accelerator.is_main_process
+            recipe, processor, family, show_progress=accelerator.is_main_process
         )
 
         model = load_model(
@@ -126,14 +125,14 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
-        check_sharding(accelerator, model, accel_cfg)
-        keep_vision_in_step(accelerator, model, family, train_data, collator)
+        check_sharding(accelerator, model, launch)
+        keep_vision_in_step(accelerator, model, family, train_data, padded)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
-        train_collator = build_collator(recipe, collator, pad_token_id)
+        train_collator = build_collator(recipe, padded, pad_token_id)
         if recipe.data.batching != "padded":
             check_packed_attention(
-                model, train_collator, len(tokenizer), accelerator.device, recipe.data.batching
+                model, train_collator, len(processor), accelerator.device, recipe.data.batching
             )
         sampler = build_sampler(recipe, train_data.lengths, accelerator.num_processes)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
@@ -150,8 +149,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
-            collator=train_collator, eval_collator=collator, family=family,
-            checkpoints=checkpoints, metrics=MetricsWriter(out / "metrics.jsonl", accelerator),
+            train_collator=train_collator, eval_collator=padded, family=family, output_dir=out,
+            checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator),
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
         if resume_from is not None:
@@ -161,56 +160,30 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             check_free_space(out, model, recipe.checkpoint.keep_last)
-            dump_recipe(recipe, out / "recipe.yaml")
+            dump_recipe(recipe, out / RECIPE_FILE)
         accelerator.wait_for_everyone()
         if t.report_to:
             accelerator.init_trackers(t.tracker_project, config=_flat(recipe.model_dump(mode="json")))
         final = trainer.fit()
 
-        adapter_dir = out / "adapter"
-        export_adapter(accelerator, model, tokenizer, adapter_dir)
+        adapter_dir = out / ADAPTER_DIR
+        export_adapter(accelerator, model, processor, adapter_dir)
         log.info("adapter written to %s", adapter_dir)
-        return RunResult(out, adapter_dir, out / "metrics.jsonl", final, trainer.state.step)
+        return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:
         accelerator.end_training()
 
 
-def _refuse_vision_settings(recipe) -> None:
-    """Image settings in a recipe for a text-only model are a mistake, not something to ignore."""
-    from vlmtune.config.schema import VisionConfig
+def _build_data(recipe, processor, family, *, show_progress: bool):
+    """The indexed train and (optional) eval datasets; data problems surface before the model is loaded.
 
-    problems = []
-    if recipe.vision != VisionConfig():
-        problems.append("vision: the model is not a vision-language model, so it has no vision settings")
-    for split in ("train", "eval"):
-        for i, src in enumerate(getattr(recipe.data, split)):
-            for key in ("image_root", "image_key"):
-                if getattr(src, key) is not None:
-                    problems.append(f"data.{split}.{i}.{key}: the model is not a vision-language model")
-            if src.format == "llava":
-                problems.append(f"data.{split}.{i}.format: llava needs a vision-language model")
-    if problems:
-        raise RecipeError(problems)
-
-
-def _refuse_vlm_packing(recipe, family: str) -> None:
-    """Packing is text-only; `validate` catches it when model.family is given, this when it is detected."""
-    from vlmtune.config.checks import vlm_packing_problem
-
-    if recipe.data.batching != "padded":
-        raise RecipeError([vlm_packing_problem(recipe.data.batching, family)])
-
-
-def _build_data(recipe, tokenizer, family, *, show_progress: bool):
-    """The encoded train and (optional) eval datasets; data problems surface before the model is loaded.
-
-    `tokenizer` is a VLM's processor when `family` is given.
+    `processor` is a text model's tokenizer, or a VLM's processor (`family` given).
     """
     from vlmtune.data import build_dataset
 
     def build(sources, split):
         data = build_dataset(
-            sources, recipe.data, tokenizer, family=family, seed=recipe.train.seed, base_dir=recipe._base_dir,
+            sources, recipe.data, processor, family=family, seed=recipe.train.seed, base_dir=recipe._base_dir,
             show_progress=show_progress,
         )  # fmt: skip
         log.info("%s data: %s", split, data.stats.summary())
@@ -233,20 +206,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(sys.argv[1:] if argv is None else argv)
-    _report_exit_code(code)
+    report_exit_code(code)
     return code
-
-
-def _report_exit_code(code: int) -> None:
-    """Tell `vlmtune launch` this rank's exit code: torchrun reports any worker failure as exit 1, which would
-    hide a preemption (75, requeue) or a user error (2) from the scheduler."""
-    import os
-    from contextlib import suppress
-
-    folder = os.environ.get("VLMTUNE_EXIT_DIR")
-    if folder:
-        with suppress(OSError):  # the launcher is gone (killed): nobody is left to read it
-            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
 USAGE = """usage: accelerate launch -m vlmtune.train RECIPE.yaml [section.key=value ...]

@@ -36,8 +36,8 @@ def run_vlmtune(spec: dict, clock: Clock) -> BatchRecorder:
     init, train_step = loop.Trainer.__init__, loop.Trainer.train_step
 
     def wrapped_init(self, c, total_steps):
-        c.collator = BatchRecorder(c.collator)
-        recorders.append(c.collator)
+        c.train_collator = BatchRecorder(c.train_collator)
+        recorders.append(c.train_collator)
         init(self, c, total_steps)
 
     def wrapped_step(self, micro_batches):

@@ -19,7 +19,8 @@ from transformers import AutoProcessor
 from vlmtune.config.schema import DataConfig, DataSource
 from vlmtune.data import Collator, build_dataset
 from vlmtune.engine.loop import forward
-from vlmtune.model.families import FAMILIES, get_family, part_of
+from vlmtune.families import FAMILIES, get_family
+from vlmtune.model.parts import part_of
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 from vlmtune.train import run
 

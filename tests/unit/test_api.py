@@ -11,7 +11,8 @@ from tests.conftest import REPO
 
 def test_import_and_load_recipe_touch_no_gpu_and_no_heavy_package():
     code = (
-        "import sys, vlmtune\n"
+        # The entry points' modules too: the CLI and `accelerate launch -m vlmtune.train` start with them.
+        "import sys, vlmtune, vlmtune.train, vlmtune.cli, vlmtune.config.prepare\n"
         "assert vlmtune.__version__\n"
         f"recipe = vlmtune.load_recipe({str(REPO / 'recipes/demo/tiny_lora.yaml')!r}, {{'train.lr': 1e-4}})\n"
         "heavy = [m for m in ('torch', 'accelerate', 'transformers', 'peft', 'bitsandbytes', 'deepspeed')"

@@ -7,7 +7,7 @@ import yaml
 
 from tests.conftest import REPO
 from vlmtune.errors import UserError
-from vlmtune.launch import _workers_exit_code, format_plan, plan_launch
+from vlmtune.launch import format_plan, plan_launch
 
 CONFIGS = REPO / "accelerate_configs"
 
@@ -84,12 +84,3 @@ def test_a_bad_recipe_fails_before_anything_starts(tmp_path, tiny_recipe):
     recipe = _recipe(tmp_path, tiny_recipe, {"distributed_type": "NO"})
     with pytest.raises(UserError, match=r"train\.lr"):
         plan_launch(recipe, ["train.lr=-1"])
-
-
-def test_the_workers_exit_code_wins_over_torchruns_1(tmp_path):
-    assert _workers_exit_code(tmp_path, 1) == 1  # nothing reported: the launcher's own failure
-    (tmp_path / "rank-1").write_text("75")
-    (tmp_path / "rank-0").write_text("0")
-    assert _workers_exit_code(tmp_path, 1) == 75
-    (tmp_path / "rank-10").write_text("2")
-    assert _workers_exit_code(tmp_path, 1) == 75  # by rank, not by name

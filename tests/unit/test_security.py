@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 from tests.conftest import REPO
-from vlmtune.config.checks import recipe_warnings
 from vlmtune.config.load import load_recipe
+from vlmtune.config.rules import recipe_warnings
 from vlmtune.config.schema import ModelConfig
 
 SOURCES = sorted([*(REPO / "vlmtune").rglob("*.py"), *(REPO / "scripts").rglob("*.py")])

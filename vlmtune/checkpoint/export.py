@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vlmtune.engine.distributed import trainable_state_dict
 from vlmtune.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -21,11 +22,9 @@ def save_adapter(peft_model, out_dir: Path, *, state_dict: dict | None = None) -
     verify_adapter(out_dir)
 
 
-def export_adapter(accelerator, model, tokenizer, adapter_dir: Path) -> None:
-    """Write the final adapter plus tokenizer files (a VLM's processor files: pass the processor as
-    `tokenizer`), so the folder is usable on its own; swapped in whole."""
-    from vlmtune.engine.distributed import trainable_state_dict
-
+def export_adapter(accelerator, model, processor, adapter_dir: Path) -> None:
+    """Write the final adapter plus the processor's files (a text model's processor is its tokenizer), so the
+    folder is usable on its own; swapped in whole."""
     weights = trainable_state_dict(
         accelerator, model
     )  # a collective under ZeRO-3 / FSDP2: every rank calls it
@@ -34,7 +33,7 @@ def export_adapter(accelerator, model, tokenizer, adapter_dir: Path) -> None:
         if staging.exists():
             shutil.rmtree(staging)
         save_adapter(accelerator.unwrap_model(model), staging, state_dict=weights)
-        tokenizer.save_pretrained(str(staging))
+        processor.save_pretrained(str(staging))
         replace_dir(staging, adapter_dir)
     accelerator.wait_for_everyone()
 

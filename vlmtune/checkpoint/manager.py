@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -25,25 +24,27 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from vlmtune.checkpoint.export import ADAPTER_WEIGHTS, replace_dir, save_adapter
-from vlmtune.config.checks import resolve_path
+from vlmtune.config.paths import resolve_path
 from vlmtune.engine.distributed import strategy, trainable_state_dict
 from vlmtune.engine.state import TrainState, rng_state, set_rng_state
 from vlmtune.errors import UserError
+from vlmtune.layout import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    MARKER,
+    PARTIAL_SUFFIX,
+    complete_checkpoints,
+    is_complete,
+    step_dir_name,
+)
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
 
-MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file()
-
 
 class CheckpointManager:
     def __init__(self, output_dir: Path, accelerator, *, keep_last: int) -> None:
-        self.root = output_dir / "checkpoints"
+        self.root = output_dir / CHECKPOINTS_DIR
         self.accelerator = accelerator
         self.keep_last = keep_last
 
@@ -51,14 +52,7 @@ class CheckpointManager:
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for p in self.root.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and p.is_dir() and is_complete(p):
-                found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
         done = self.complete_checkpoints()
@@ -83,20 +77,20 @@ class CheckpointManager:
         try:
             return self._save(step, model, optimizer, scheduler, state)
         except OSError as exc:
-            partial = self.root / f"step-{step}.partial"
+            partial = self.root / (step_dir_name(step) + PARTIAL_SUFFIX)
             if self.accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)
             kept = self.latest()
             raise UserError(
-                f"could not write checkpoint step-{step} in {self.root}: {exc.strerror or exc}. "
+                f"could not write checkpoint {step_dir_name(step)} in {self.root}: {exc.strerror or exc}. "
                 + (f"The last complete checkpoint, {kept.name}, is intact: " if kept else "")
                 + "free disk space (or lower checkpoint.keep_last) and run again to resume"
             ) from None
 
     def _save(self, step: int, model, optimizer, scheduler, state: TrainState) -> Path:
         acc = self.accelerator
-        final = self.root / f"step-{step}"
-        partial = self.root / f"step-{step}.partial"
+        final = self.root / step_dir_name(step)
+        partial = self.root / (step_dir_name(step) + PARTIAL_SUFFIX)
         if acc.is_main_process:
             if partial.exists():
                 shutil.rmtree(partial)  # left by a crash: never trusted, never resumed from
@@ -106,7 +100,7 @@ class CheckpointManager:
         kind = strategy(acc)
         adapter = trainable_state_dict(acc, model)  # a collective under ZeRO-3 / FSDP2
         if acc.is_main_process:
-            save_adapter(acc.unwrap_model(model), partial / "adapter", state_dict=adapter)
+            save_adapter(acc.unwrap_model(model), partial / ADAPTER_DIR, state_dict=adapter)
             _save_torch(scheduler.state_dict(), partial / "scheduler.pt")
             if acc.scaler is not None:
                 _save_torch(acc.scaler.state_dict(), partial / "scaler.pt")
@@ -134,7 +128,7 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
         for p in self.root.iterdir():
-            if p.name.endswith((".partial", ".old")) and p.is_dir():
+            if p.name.endswith((PARTIAL_SUFFIX, ".old")) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
     # --- load ----------------------------------------------------------------------------------------
@@ -183,7 +177,7 @@ class CheckpointManager:
         set_rng_state(_load_torch(rng_file))
 
     def _load_adapter(self, model, path: Path, mismatch: str) -> None:
-        weights = load_file(str(path / "adapter" / ADAPTER_WEIGHTS))
+        weights = load_file(str(path / ADAPTER_DIR / ADAPTER_WEIGHTS))
         result = set_peft_model_state_dict(self.accelerator.unwrap_model(model), weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:

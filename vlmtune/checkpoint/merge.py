@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmtune.checkpoint.export import replace_dir
-from vlmtune.checkpoint.source import Source, load_model, load_processor
+from vlmtune.checkpoint.source import Source, load_source_model, load_source_processor
 from vlmtune.errors import UserError
 
 
@@ -51,8 +51,8 @@ def merge(source: Source, out: str | Path, *, dtype: str, force: bool = False) -
     _check_out(out, source, force)
     _refuse_quantized_base(source)
 
-    processor = load_processor(source)  # before the weights: the cheaper failure first
-    model = load_model(source, dtype=dtype)
+    processor = load_source_processor(source)  # before the weights: the cheaper failure first
+    model = load_source_model(source, dtype=dtype)
     # safe_merge: each merged weight is checked for NaN/Inf before it replaces the base weight.
     merged = model.merge_and_unload(safe_merge=True)
     merged.config.use_cache = True  # generation wants the KV cache, whatever training set

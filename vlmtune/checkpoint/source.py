@@ -16,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.checkpoint.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
+from vlmtune.config.load import load_recipe
 from vlmtune.config.schema import ModelConfig, Recipe, VisionConfig
 from vlmtune.errors import UserError, first_line
+from vlmtune.families import Family, find_family, get_family
+from vlmtune.layout import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    MARKER,
+    RECIPE_FILE,
+    complete_checkpoints,
+    is_complete,
+)
 from vlmtune.logging import get_logger
-from vlmtune.model.families import Family, find_family, get_family
+from vlmtune.model.load import DTYPES, from_pretrained_complete, model_location
 
 log = get_logger(__name__)
 
-RECIPE_FILE = "recipe.yaml"
 TOKENIZER_FILE = "tokenizer_config.json"
 _SOURCE_KINDS = (
     "a run folder (train.output_dir), its adapter/, a checkpoints/step-N/ folder, or a merged model"
@@ -100,28 +109,24 @@ def resolve_source(path: str | Path, *, base: str | None = None, trust_remote_co
 
 
 def _adapter_dir(folder: Path) -> Path | None:
-    for candidate in (folder, folder / "adapter"):
+    for candidate in (folder, folder / ADAPTER_DIR):
         if (candidate / ADAPTER_CONFIG).is_file():
-            if (
-                candidate.parent.parent.name == "checkpoints"
-                and not (candidate.parent / "COMPLETE").is_file()
-            ):
+            if candidate.parent.parent.name == CHECKPOINTS_DIR and not is_complete(candidate.parent):
                 raise UserError(
-                    f"{candidate.parent} is not a complete checkpoint (no COMPLETE marker: its save was "
+                    f"{candidate.parent} is not a complete checkpoint (no {MARKER} marker: its save was "
                     "interrupted); use another checkpoint or the run's final adapter/"
                 )
             verify_adapter(candidate)
             return candidate
     if (folder / "config.json").is_file():
         return None  # a full model
-    for candidate in (folder, folder / "adapter"):
-        if (candidate / ADAPTER_WEIGHTS).is_file() or (candidate.name == "adapter" and candidate.is_dir()):
+    for candidate in (folder, folder / ADAPTER_DIR):
+        if (candidate / ADAPTER_WEIGHTS).is_file() or (candidate.name == ADAPTER_DIR and candidate.is_dir()):
             raise UserError(
                 f"adapter at {candidate} is incomplete: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
             )
-    if (folder / "checkpoints").is_dir():
-        steps = [m.parent for m in (folder / "checkpoints").glob("step-*/COMPLETE")]
-        newest = max(steps, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+    if (folder / CHECKPOINTS_DIR).is_dir():
+        newest = (complete_checkpoints(folder / CHECKPOINTS_DIR) or [None])[-1]
         hint = f"; its checkpoints can be used, e.g. {newest}" if newest else ""
         raise UserError(f"{folder}: the run has no final adapter/ yet (it did not finish){hint}")
     raise UserError(f"{folder} holds no {ADAPTER_CONFIG} and no config.json; give {_SOURCE_KINDS}")
@@ -132,14 +137,12 @@ def _run_dir(given: Path, adapter_dir: Path | None) -> Path | None:
     candidates = [given]
     if adapter_dir is not None:
         candidates.append(adapter_dir.parent)
-        if adapter_dir.parent.parent.name == "checkpoints":
+        if adapter_dir.parent.parent.name == CHECKPOINTS_DIR:
             candidates.append(adapter_dir.parent.parent.parent)
     return next((c for c in candidates if (c / RECIPE_FILE).is_file()), None)
 
 
 def _load_run_recipe(run_dir: Path) -> Recipe | None:
-    from vlmtune.config.load import load_recipe
-
     try:
         recipe = load_recipe(run_dir / RECIPE_FILE)
     except UserError as exc:  # written by another vlmtune version: the adapter config still names the base
@@ -152,8 +155,6 @@ def _load_run_recipe(run_dir: Path) -> Recipe | None:
 def _base_location(
     base: str | None, recipe: Recipe | None, run_dir: Path | None, adapter_dir: Path
 ) -> tuple[str, str]:
-    from vlmtune.model.load import model_location
-
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     from_adapter = config.get("base_model_name_or_path")
     if base is not None:
@@ -188,7 +189,7 @@ def _family(where: str, base_from: str, recipe: Recipe | None, trust_remote_code
     return find_family(config)
 
 
-def load_model(source: Source, *, dtype: str, device: str = "cpu") -> Any:
+def load_source_model(source: Source, *, dtype: str, device: str = "cpu") -> Any:
     """The model to run or merge: the full model, or the base (unquantised, in `dtype`) with the adapter on it
     (a `PeftModel`). In eval mode, on `device`.
 
@@ -196,8 +197,6 @@ def load_model(source: Source, *, dtype: str, device: str = "cpu") -> Any:
         UserError: the weights cannot be loaded or are incomplete, or the adapter does not fit the base.
     """
     from transformers import AutoModelForCausalLM
-
-    from vlmtune.model.load import DTYPES, from_pretrained_complete
 
     cls = AutoModelForCausalLM if source.family is None else source.family.load_class()
     model = from_pretrained_complete(
@@ -239,7 +238,7 @@ def _attach_adapter(model: Any, source: Source) -> Any:
     return peft_model
 
 
-def load_processor(source: Source) -> Any:
+def load_source_processor(source: Source) -> Any:
     """The tokenizer (text model) or processor (VLM) training used, with its chat template.
 
     From the adapter folder (or the run's final adapter/) when it holds one, else from the recipe's settings
@@ -249,7 +248,7 @@ def load_processor(source: Source) -> Any:
 
     from vlmtune.model import load as model_load
 
-    candidates = [d for d in (source.adapter_dir, source.run_dir and source.run_dir / "adapter") if d]
+    candidates = [d for d in (source.adapter_dir, source.run_dir and source.run_dir / ADAPTER_DIR) if d]
     if source.adapter_dir is None:
         candidates.append(Path(source.base))
     folder = next((d for d in candidates if (d / TOKENIZER_FILE).is_file()), None)

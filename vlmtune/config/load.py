@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from vlmtune.config.checks import cross_field_problems
+from vlmtune.config.rules import cross_field_problems
 from vlmtune.config.schema import Recipe
 from vlmtune.errors import RecipeError
 
@@ -62,13 +62,33 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | dict | 
     Raises:
         RecipeError: listing every problem, each with its key path and the file it came from.
     """
+    recipe, problems = load_recipe_and_rule_problems(path, overrides)
+    if problems:
+        raise RecipeError(problems, source=recipe_source(path))
+    return recipe
+
+
+def recipe_source(path: str | Path | dict | Recipe) -> str | None:
+    """How errors name a recipe: its file, or nothing for a mapping or a `Recipe`."""
+    return None if isinstance(path, dict | Recipe) else str(path)
+
+
+def load_recipe_and_rule_problems(
+    path: str | Path | dict | Recipe, overrides: list[str] | dict | None = None
+) -> tuple[Recipe, list[str]]:
+    """Like `load_recipe`, but the cross-field rules' problems are returned rather than raised, so the
+    caller can report them together with the environment's (`config.prepare`).
+
+    Raises:
+        RecipeError: the recipe cannot be read, an override is malformed, or a value fails the schema.
+    """
     if isinstance(path, Recipe):
         # A new, validated recipe: the given one stays as it was, and its relative paths keep their folder.
-        derived = load_recipe(path.model_dump(mode="json"), overrides)
+        derived, problems = load_recipe_and_rule_problems(path.model_dump(mode="json"), overrides)
         derived._base_dir = path._base_dir
-        return derived
+        return derived, problems
     raw, origin = load_raw(path)
-    source = None if isinstance(path, dict) else str(path)
+    source = recipe_source(path)
     problems: list[str] = []
     # Where an override's problem is reported from: the command line, or the `overrides` mapping given in Python.
     override_source = "overrides argument" if isinstance(overrides, dict) else OVERRIDE_SOURCE
@@ -76,14 +96,14 @@ def load_recipe(path: str | Path | dict | Recipe, overrides: list[str] | dict | 
         _set_path(raw, key.split("."), value)
         origin[key] = override_source
     try:
-        recipe = validate(raw, origin, source=source)
+        recipe = _schema_validate(raw, origin, source=source)
     except RecipeError as exc:
         raise RecipeError(problems + exc.problems, source=source) from None
     if problems:
         raise RecipeError(problems, source=source)
     if source is not None:
         recipe._base_dir = Path(path).expanduser().resolve().parent
-    return recipe
+    return recipe, _rule_problems(recipe, origin)
 
 
 def load_raw(path: str | Path | dict) -> tuple[dict, dict[str, str]]:
@@ -97,18 +117,25 @@ def load_raw(path: str | Path | dict) -> tuple[dict, dict[str, str]]:
 
 
 def validate(raw: dict, origin: dict[str, str] | None = None, source: str | None = None) -> Recipe:
-    """Validate a merged mapping against the schema; collect every problem into one RecipeError."""
-    origin = origin or {}
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_describe(err, origin) for err in exc.errors()]
-        raise RecipeError(list(dict.fromkeys(problems)), source=source) from None
-    problems = cross_field_problems(recipe)
-    if problems:
-        keyed = [p + _origin_of(p.split(":", 1)[0].split("."), origin) for p in problems]
-        raise RecipeError(keyed, source=source)
+    """Validate a merged mapping against the schema and the cross-field rules; collect every problem into one
+    RecipeError."""
+    recipe = _schema_validate(raw, origin, source)
+    if problems := _rule_problems(recipe, origin):
+        raise RecipeError(problems, source=source)
     return recipe
+
+
+def _schema_validate(raw: dict, origin: dict[str, str] | None, source: str | None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, origin or {}) for err in exc.errors()]
+        raise RecipeError(list(dict.fromkeys(problems)), source=source) from None
+
+
+def _rule_problems(recipe: Recipe, origin: dict[str, str] | None) -> list[str]:
+    """The cross-field rules' problems, each with the file that set its key."""
+    return [p + _origin_of(p.split(":", 1)[0].split("."), origin or {}) for p in cross_field_problems(recipe)]
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:

@@ -39,7 +39,7 @@ class ModelConfig(_Section):
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str | None) -> str | None:
-        from vlmtune.model.families import FAMILIES
+        from vlmtune.families import FAMILIES
 
         if value is not None and value not in FAMILIES:
             raise ValueError(f"unknown model family {value!r}; supported: {', '.join(FAMILIES)}")

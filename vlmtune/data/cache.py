@@ -5,7 +5,7 @@ and image tokens) as `.npy` arrays, plus a journal of what happened to the other
 truncated or dropped), replayed on a hit so counts, logs, budgets and `data-check` reports come out the same.
 The key covers everything the result depends on: the data's bytes (a changed file is a new key; images are
 checked when collated instead, see `encode.Encoder.vision_inputs`), how the recipe names and reads it, the
-encoder (vocabulary, chat template, image processor settings), the row policies and the vlmtune version.
+encoder (vocabulary, chat template, image processor settings), the row policies and the encoding code itself.
 
 Entries are written to a temporary folder and renamed into place, so a crash or a concurrent run never leaves a
 half entry to be read. `building` takes a lock per key, so of the processes of one machine (the ranks of a run,
@@ -27,12 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-import vlmtune
 from vlmtune.logging import get_logger
 
 logger = get_logger("data")
 
-FORMAT_VERSION = 2  # bump when the entry layout or the encoding code's output changes
+FORMAT_VERSION = 2  # bump when the entry layout changes
+
+
+def code_digest() -> str:
+    """A digest of the code that encoding runs (the data package and the family registry): a new version of it
+    is a new key, so an index is never read by code that would have encoded the rows differently."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for path in [*sorted(here.glob("*.py")), here.parent / "families.py"]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def cache_root() -> Path:
@@ -94,7 +103,7 @@ def source_key(data: Path | str, description: list, encoder_fingerprint: str) ->
     """The cache key of one source: its data (a file or folder's bytes, or a string such as a `datasets`
     fingerprint), how it is read (`description`: label, format, columns, policies), and the encoder."""
     h = hashlib.sha256()
-    h.update(json.dumps([FORMAT_VERSION, vlmtune.__version__, description, encoder_fingerprint]).encode())
+    h.update(json.dumps([FORMAT_VERSION, code_digest(), description, encoder_fingerprint]).encode())
     if isinstance(data, Path):
         file_digest(data, h)
     else:

@@ -1,7 +1,7 @@
 """Batching: right-padded tokens, plus an image-text batch's vision inputs batched the way its family needs.
 
 Rows come from `dataset.IndexedDataset`, one processor call each (at read time), so the vision inputs of a batch
-are assembled here, by the family's `vision_batching` rules (`model.families`): one entry per image (or per
+are assembled here, by the family's `vision_batching` rules (`vlmtune.families`): one entry per image (or per
 patch or tile) concatenated along dim 0, which the model matches to the image tokens in order (Qwen-VL's
 flattened patches with `image_grid_thw`, LLaVA's images), or one entry per sample, `(batch, images, ...)`, where
 a sample with fewer images is padded with all-zero images that the model recognises and skips (Idefics3 /
@@ -24,7 +24,7 @@ from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.logging import get_logger
 
 if TYPE_CHECKING:
-    from vlmtune.model.families import Family
+    from vlmtune.families import Family
 
 log = get_logger("data")
 
@@ -82,7 +82,7 @@ class Collator:
             name = self.family.name if self.family is not None else "text"
             raise ValueError(
                 f"{name} rows hold {', '.join(unknown)}, which the collator does not know how to batch; add them "
-                "to the family's vision_batching in vlmtune.model.families"
+                "to the family's vision_batching in vlmtune.families"
             )
         for key in sorted(keys & set(self.token_pad)):
             # A text-only row of a vision-language batch has no per-token outputs: it is all "not image".

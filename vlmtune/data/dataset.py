@@ -34,9 +34,9 @@ from vlmtune.data.sources import (
     LoadedSource,
     Unparsable,
     datasets_progress,
+    find_path,
     load_source,
     locate,
-    resolve_path,
     source_label,
 )
 from vlmtune.data.stats import DataStats
@@ -45,7 +45,7 @@ from vlmtune.errors import DataError
 from vlmtune.logging import get_logger
 
 if TYPE_CHECKING:
-    from vlmtune.model.families import Family
+    from vlmtune.families import Family
 
 logger = get_logger("data")
 
@@ -489,7 +489,7 @@ def _image_root(spec: DataSource, loaded: LoadedSource, base_dir: Path | None) -
     """Where relative image paths start: `image_root`, else the data file's folder (a dataset repository
     folder itself; nothing for a hub dataset: the working directory)."""
     if spec.image_root:
-        return resolve_path(spec.image_root, base_dir)
+        return find_path(spec.image_root, base_dir)
     if not loaded.path.exists():
         return None
     return loaded.path if loaded.is_repository else loaded.path.parent

@@ -41,7 +41,7 @@ from vlmtune.data.vision_tokens import UnsupportedImageSize, expand_text, image_
 from vlmtune.errors import DataError
 
 if TYPE_CHECKING:
-    from vlmtune.model.families import Family
+    from vlmtune.families import Family
 
 IGNORE_INDEX = -100  # the label of a token that is not trained (what transformers' losses skip)
 
@@ -394,5 +394,5 @@ def _check_spans(
             raise ChatTemplateError(
                 f"the assistant reply {text[start:end]!r} reads back from the processor's tokens as "
                 f"{read_back!r}: the processor rewrote the text in a way vlmtune.data.encode does not know, "
-                "so the label mask cannot be placed; set the family's text_layout in vlmtune.model.families"
+                "so the label mask cannot be placed; set the family's text_layout in vlmtune.families"
             )

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmtune.config.paths import is_hub_id, resolve_path
 from vlmtune.config.schema import DataSource
 from vlmtune.errors import DataError
 from vlmtune.logging import get_logger
@@ -24,7 +24,6 @@ from vlmtune.logging import get_logger
 logger = get_logger("data")
 
 SUPPORTED = (".jsonl", ".json", ".parquet")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DISK_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes for a DatasetDict / a Dataset
 _SUPPORTED_TEXT = (
     ", ".join(SUPPORTED)
@@ -80,23 +79,19 @@ class LoadedSource:
         return f"{self.label} row {index} (line {self._lines[index]})"
 
 
-def resolve_path(path: str, base_dir: Path | None = None) -> Path:
-    """Find a data path: as given (relative to the working directory), else relative to `base_dir`.
-
-    Args:
-        path: The path from the recipe.
-        base_dir: The recipe's folder, so a recipe can name files next to itself.
+def find_path(path: str, base_dir: Path | None = None) -> Path:
+    """A data path that exists, found as `config.paths.resolve_path` finds every recipe path.
 
     Raises:
         DataError: nothing there; says where it looked and suggests near names.
     """
+    found = resolve_path(path, base_dir)
+    if found.exists():
+        return found.resolve()
     given = Path(path).expanduser()
     candidates = [given.resolve()]
     if not given.is_absolute() and base_dir is not None:
         candidates.append((Path(base_dir) / given).resolve())
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
     looked = " and ".join(str(c) for c in dict.fromkeys(candidates))
     hint = ""
     near = [m for c in candidates for m in _near_names(c)]
@@ -106,11 +101,6 @@ def resolve_path(path: str, base_dir: Path | None = None) -> Path:
         f"data file {path!r} not found: looked at {looked}. Relative paths are resolved against the current "
         f"directory, then the recipe's folder; fix the path in the recipe's data section.{hint}"
     )
-
-
-def is_hub_id(path: str) -> bool:
-    """`org/name` (no file suffix, not written as a local path): a Hugging Face hub dataset id."""
-    return bool(_HUB_ID.fullmatch(path)) and Path(path).suffix.lower() not in (*SUPPORTED, ".arrow")
 
 
 def source_label(source: DataSource) -> str:
@@ -126,7 +116,7 @@ def locate(source: DataSource, base_dir: Path | None = None) -> Path | None:
         DataError: neither a local path nor a hub id (says where it looked).
     """
     try:
-        return resolve_path(source.path, base_dir)
+        return find_path(source.path, base_dir)
     except DataError:
         if is_hub_id(source.path):
             return None

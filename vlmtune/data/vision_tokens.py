@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from vlmtune.model.families import Family
+    from vlmtune.families import Family
 
 Size = tuple[int, int]
 

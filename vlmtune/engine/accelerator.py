@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
-from vlmtune.config.checks import FSDP_KEYS, fsdp_problems, resolve_path
+from vlmtune.config.accelerate import FSDP_KEYS, LaunchSpec, fsdp_problems
 from vlmtune.config.schema import Recipe
 from vlmtune.engine.distributed import enable_fsdp_on_cpu
 from vlmtune.engine.trackers import build_trackers
@@ -34,12 +34,11 @@ LOAD_TIMEOUT = _minutes("VLMTUNE_LOAD_TIMEOUT_MIN", 60)
 STEP_TIMEOUT = _minutes("VLMTUNE_TIMEOUT_MIN", 10)
 
 
-def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
+def build_accelerator(recipe: Recipe, spec: LaunchSpec) -> Accelerator:
     """An Accelerator configured by the recipe (precision, accumulation, trackers, sharding plugins)."""
-    check_launch(accel_cfg)
+    check_launch(spec)
     t = recipe.train
-    dist = str(accel_cfg.get("distributed_type", "NO"))
-    on_cpu = bool(accel_cfg.get("use_cpu")) or not torch.cuda.is_available()
+    on_cpu = spec.use_cpu or not torch.cuda.is_available()
     # An explicit backend makes accelerate initialise a process group, so name one only for multi-process runs.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     backend = "gloo" if on_cpu and distributed else None
@@ -50,22 +49,21 @@ def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
         "gradient_accumulation_steps": t.grad_accum,
         "kwargs_handlers": [InitProcessGroupKwargs(backend=backend, timeout=LOAD_TIMEOUT)],
         # accelerate turns DeepSpeed off when asked for `cpu`; without GPUs it runs on the CPU all the same.
-        "cpu": on_cpu and dist != "DEEPSPEED",
+        "cpu": on_cpu and not spec.deepspeed,
     }
     if t.report_to:
         kwargs["log_with"] = build_trackers(t)
         kwargs["project_dir"] = t.output_dir
-    if dist == "DEEPSPEED":
-        kwargs["deepspeed_plugin"] = _deepspeed_plugin(recipe, accel_cfg.get("deepspeed_config") or {})
-    elif dist == "FSDP":
-        fsdp = accel_cfg.get("fsdp_config") or {}
-        if problems := fsdp_problems(fsdp):
+    if spec.deepspeed:
+        kwargs["deepspeed_plugin"] = _deepspeed_plugin(recipe, spec)
+    elif spec.fsdp:
+        if problems := fsdp_problems(spec):
             raise UserError("; ".join(problems))
-        kwargs["fsdp_plugin"] = _fsdp_plugin(fsdp)
+        kwargs["fsdp_plugin"] = _fsdp_plugin(spec.fsdp_config)
     if t.mixed_precision == "fp16" and on_cpu:
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
     accelerator = Accelerator(**kwargs)
-    if dist == "FSDP" and on_cpu and distributed:
+    if spec.fsdp and on_cpu and distributed:
         enable_fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
     if accelerator.mixed_precision != t.mixed_precision:  # accelerate drops it for multi-process CPU runs
         log.warning(
@@ -75,18 +73,18 @@ def build_accelerator(recipe: Recipe, accel_cfg: dict) -> Accelerator:
     return accelerator
 
 
-def check_launch(accel_cfg: dict) -> None:
+def check_launch(spec: LaunchSpec) -> None:
     """Refuse a launch whose sharding or process count contradicts the recipe's accelerate config."""
-    dist = str(accel_cfg.get("distributed_type", "NO"))
+    dist = spec.distributed_type
     launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if (launched_ds and dist != "DEEPSPEED") or (launched_fsdp and dist != "FSDP"):
+    if (launched_ds and not spec.deepspeed) or (launched_fsdp and not spec.fsdp):
         kind = "DeepSpeed" if launched_ds else "FSDP"
         raise UserError(
             f"the launcher enables {kind} but the recipe's launch.accelerate_config says distributed_type {dist}; "
             "launch with the recipe's config (`vlmtune launch RECIPE`) or change launch.accelerate_config"
         )
-    expected = int(accel_cfg.get("num_processes") or 1)
+    expected = spec.num_processes
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # More or fewer processes than the file says is a normal override (`--num_processes`, more nodes); one
     # process when the config wants several means the launcher never read the config.
@@ -97,18 +95,16 @@ def check_launch(accel_cfg: dict) -> None:
         )
 
 
-def _deepspeed_plugin(recipe: Recipe, ds: dict) -> DeepSpeedPlugin:
+def _deepspeed_plugin(recipe: Recipe, spec: LaunchSpec) -> DeepSpeedPlugin:
     t = recipe.train
-    config_file = ds.get("deepspeed_config_file")
-    if config_file:
-        path = resolve_path(config_file, recipe._base_dir)
-        plugin = DeepSpeedPlugin(hf_ds_config=str(path))
+    if spec.deepspeed_config_file is not None:
+        plugin = DeepSpeedPlugin(hf_ds_config=str(spec.deepspeed_config_file))
     else:
         plugin = DeepSpeedPlugin(
-            zero_stage=int(ds.get("zero_stage", 2)),
-            offload_optimizer_device=ds.get("offload_optimizer_device", "none"),
-            offload_param_device=ds.get("offload_param_device", "none"),
-            zero3_init_flag=bool(ds.get("zero3_init_flag", False)),
+            zero_stage=spec.zero_stage,
+            offload_optimizer_device=spec.offload_optimizer_device,
+            offload_param_device=spec.offload_param_device,
+            zero3_init_flag=spec.zero3_init,
             gradient_accumulation_steps=t.grad_accum,
             gradient_clipping=t.max_grad_norm or 0.0,
         )

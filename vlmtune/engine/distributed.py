@@ -10,8 +10,11 @@ from datetime import timedelta
 import torch
 from accelerate.utils import DistributedType
 
+from vlmtune.config.accelerate import LaunchSpec
 from vlmtune.errors import UserError
+from vlmtune.families import find_family
 from vlmtune.logging import get_logger
+from vlmtune.model.parts import part_of
 
 log = get_logger(__name__)
 
@@ -47,15 +50,13 @@ def enable_fsdp_on_cpu(accelerator, plugin) -> None:
             plugin.set_mixed_precision(accelerator.mixed_precision)
 
 
-def check_sharding(accelerator, model, accel_cfg: dict) -> None:
+def check_sharding(accelerator, model, spec: LaunchSpec) -> None:
     """After `prepare()`: stop if the sharding in effect is not the one the recipe's accelerate config asked for.
 
     Fallbacks happen silently otherwise (FSDP on CPU trains plain DDP; a DeepSpeed config without the launcher
     trains one process).
     """
-    want = {"DEEPSPEED": "deepspeed", "FSDP": "fsdp2"}.get(
-        str(accel_cfg.get("distributed_type", "NO")), "ddp"
-    )
+    want = spec.strategy
     have = strategy(accelerator)
     world = accelerator.num_processes
     problem = None
@@ -64,7 +65,7 @@ def check_sharding(accelerator, model, accel_cfg: dict) -> None:
     elif have == "deepspeed":
         from deepspeed import DeepSpeedEngine
 
-        stage = int((accel_cfg.get("deepspeed_config") or {}).get("zero_stage", zero_stage(accelerator)))
+        stage = spec.zero_stage if spec.deepspeed else zero_stage(accelerator)
         if not isinstance(model, DeepSpeedEngine):
             problem = f"the model is a {type(model).__name__}, not a DeepSpeedEngine"
         elif model.zero_optimization_stage() != stage:
@@ -94,18 +95,15 @@ def check_sharding(accelerator, model, accel_cfg: dict) -> None:
     log.info("distributed: %s over %d process(es)%s", have, world, stage)
 
 
-def configure_ddp(accelerator, model) -> list[str]:
+def configure_ddp(accelerator, model) -> None:
     """Turn on DDP's unused-parameter detection exactly when a trainable parameter may go unused.
 
     Trainable parameters in the vision tower or projector of a VLM get no gradient from a text-only batch (unless
     `vision_sync` runs the tower anyway), and Mllama's cross-attention layers none at all, which DDP reports as an
     error unless find_unused_parameters is on. The detection walks the autograd graph every
     step, so it stays off when every trainable parameter takes part in every forward (a text model's LoRA).
-    Returns the parameter names that made it necessary.
     """
     from accelerate.utils import DistributedDataParallelKwargs
-
-    from vlmtune.model.families import find_family, part_of
 
     config = getattr(model, "config", None)
     family = find_family(config) if config is not None else None
@@ -120,7 +118,6 @@ def configure_ddp(accelerator, model) -> list[str]:
             "DDP: find_unused_parameters on (%d trainable parameters outside the language model)",
             len(optional),
         )
-    return optional
 
 
 def params_without_grad(model) -> list[str]:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from vlmtune.errors import UserError
-from vlmtune.model.families import Family, part_of
+from vlmtune.families import Family
+from vlmtune.model.parts import part_of
 
 # Dense bf16/fp16 tensor-core peak per GPU, TFLOP/s, from the vendors' data sheets (no sparsity). The first
 # name contained in torch.cuda.get_device_name() wins, so the more specific names come first.

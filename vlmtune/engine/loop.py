@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
-from vlmtune.checkpoint.manager import CheckpointManager
 from vlmtune.config.schema import Recipe
 from vlmtune.data.batching import layout
+from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.distributed import params_without_grad, strategy, unused_parameters_error
 from vlmtune.engine.flops import flop_counter, peak_flops, sequence_lengths
@@ -25,11 +30,11 @@ from vlmtune.engine.offload import OffloadActivations
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
 from vlmtune.errors import DataError, Preempted, TrainingDiverged
+from vlmtune.families import Family
+from vlmtune.layout import step_of
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
-
-IGNORE = -100
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,16 +42,16 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     The labels are shifted, not the logits: `logits[:, :-1]` is not contiguous, so flattening it copied the whole
     (batch, length, vocab) tensor every micro-batch (with a 32k vocabulary, more time and memory than the
-    LoRA matmuls on CPU). The last position gets label IGNORE, so the sum is unchanged.
+    LoRA matmuls on CPU). The last position gets label IGNORE_INDEX, so the sum is unchanged.
     """
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="sum"
+        logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -108,24 +113,47 @@ class StepBatches(torch.utils.data.Dataset):
             return rows, DataError(str(exc))
 
 
+class Rows(Protocol):
+    """An encoded dataset: row i is a mapping of token ids, labels and (for a VLM) vision inputs."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+
+# Rows (or, for packed batches, bins of rows) → one micro-batch of tensors.
+Collate = Callable[[list], dict[str, torch.Tensor]]
+
+
+class Checkpointer(Protocol):
+    """What the loop needs of checkpoints (`vlmtune.checkpoint.manager.CheckpointManager` is one)."""
+
+    def save(self, step: int, model, optimizer, scheduler, state: TrainState) -> Path: ...
+
+    def load(self, path: Path, model, optimizer, scheduler, state: TrainState) -> None: ...
+
+    def latest(self) -> Path | None: ...
+
+
 @dataclass
 class Components:
     """What the loop works with, built by `vlmtune.train`."""
 
     recipe: Recipe
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: LRScheduler
     sampler: StepSampler
-    train_data: object
-    eval_data: object | None
-    collator: object
-    checkpoints: CheckpointManager
+    train_data: Rows
+    eval_data: Rows | None
+    train_collator: Collate
+    checkpoints: Checkpointer
     metrics: MetricsWriter
-    eval_collator: object | None = None  # padded, for evaluation (default: `collator`)
+    output_dir: Path  # the run folder: the STOP file and non-finite diagnostics are there
+    eval_collator: Collate | None = None  # padded, for evaluation (default: `train_collator`)
     # The VLM family (None for a text model): the FLOP count leaves out its vision tower and projector.
-    family: object | None = None
+    family: Family | None = None
 
 
 class Trainer:
@@ -155,9 +183,12 @@ class Trainer:
             )
         self._flops = flop_counter(unwrap(c.model), c.family)
         self._peak_flops = peak_flops(self.acc.device)
+        # The stop requests of this rank (set while `fit` runs), and whether any rank asked in the last step.
+        self._stop: StopWatcher | None = None
+        self._stop_agreed = False
 
     def _batch(self, data, rows: list[int], collator=None) -> dict[str, torch.Tensor]:
-        batch = collate(collator or self.c.collator, data, rows)
+        batch = collate(collator or self.c.train_collator, data, rows)
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     # --- one step ------------------------------------------------------------------------------------
@@ -191,9 +222,16 @@ class Trainer:
 
     def _train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
         acc, model = self.acc, self.c.model
+        # Counted from the collated batches while they are still on the host: no device→host copy.
         local_tokens = sum(trained_tokens(mb["labels"]) for mb in micro_batches)
-        window_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
-        scale = acc.num_processes * acc.gradient_accumulation_steps / max(window_tokens, 1)
+        lengths = [n for mb in micro_batches for n in sequence_lengths(mb)]
+        local_inputs = sum(input_tokens(mb) for mb in micro_batches)
+        micro_batches = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro_batches]
+        # The window's token count stays on the device: the loss scale needs it, no host decision does.
+        window_tokens = acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum")
+        # In float64, then float32 like the loss: the same factor as computing it on the host.
+        n_tokens = window_tokens.to(torch.float64).clamp(min=1)
+        scale = (acc.num_processes * acc.gradient_accumulation_steps / n_tokens).float()
         loss_sum = torch.zeros((), device=acc.device)
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -208,9 +246,17 @@ class Trainer:
             self._no_grad = params_without_grad(model)
         max_norm = self.c.recipe.train.max_grad_norm
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # One reduction for the summed loss and every rank's stop request, then the step's one device→host
+        # copy: the skip decision needs the loss and the (already global) gradient norm on the host.
+        stop = torch.tensor(float(self._stop is not None and self._stop.requested()), device=acc.device)
+        reduced = acc.reduce(torch.stack([loss_sum.float(), stop]), "sum")
+        total_loss, grad_norm, tokens, stops = self._to_host(
+            torch.stack([reduced[0].double(), torch.as_tensor(grad_norm, device=acc.device).double(),
+                         window_tokens.double(), reduced[1].double()])
+        )  # fmt: skip
+        self._stop_agreed = stops > 0
         # Both values are global (summed loss, all-reduced gradients), so every rank takes the same decision.
-        total_loss = float(acc.reduce(loss_sum, "sum"))
         nonfinite = not self.loss_scaling and not (math.isfinite(total_loss) and math.isfinite(grad_norm))
         if nonfinite:
             skipped = True  # never apply NaN/Inf (DeepSpeed has already skipped it: see _deepspeed_plugin)
@@ -220,24 +266,21 @@ class Trainer:
         if not skipped:
             self.c.scheduler.step()  # a skipped step does not advance the schedule
         self.c.optimizer.zero_grad(set_to_none=True)
-
-        lengths = [n for mb in micro_batches for n in sequence_lengths(mb)]
-        # One all-reduce for both: input tokens and model FLOPs summed over ranks.
-        local = torch.tensor(
-            [sum(input_tokens(mb) for mb in micro_batches), self._flops.step(lengths)],
-            dtype=torch.float64,
-            device=acc.device,
-        )
-        inputs, flops = acc.reduce(local, "sum").tolist()
         return {
             "loss_sum": total_loss,
-            "tokens": window_tokens,
-            "input_tokens": int(inputs),
-            "flops": flops,
+            "tokens": int(tokens),
+            # This rank's counts only: summed over ranks when a record is written (`_record`).
+            "local_input_tokens": local_inputs,
+            "local_flops": self._flops.step(lengths),
             "grad_norm": grad_norm,
             "skipped": skipped,
             "nonfinite": nonfinite,
         }
+
+    @staticmethod
+    def _to_host(values: torch.Tensor) -> list[float]:
+        """The step's device→host copy (one `.tolist()` of a few numbers); a seam for counting syncs."""
+        return values.tolist()
 
     def _handle_nonfinite(self, out: dict, rows: list[list[int]]) -> None:
         """Apply train.nonfinite: skip (count; stop after too many in a row) or abort (diagnostics, stop)."""
@@ -250,7 +293,7 @@ class Trainer:
         where = f"step {state.step}: loss {out['loss_sum']}, grad_norm {out['grad_norm']}"
         log.warning("non-finite %s; update skipped (%d so far)", where, state.nonfinite_steps)
         if t.nonfinite == "abort" or state.nonfinite_in_a_row > t.max_nonfinite_in_a_row:
-            path = self.c.checkpoints.root.parent / f"nonfinite-step-{state.step}.json"
+            path = self.c.output_dir / f"nonfinite-step-{state.step}.json"
             if self.acc.is_main_process:
                 diag = {
                     "step": state.step,
@@ -288,7 +331,7 @@ class Trainer:
             loss = self.loss_sum(batch)
             if real:
                 loss_sum += loss
-                tokens += trained_tokens(batch["labels"])
+                tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # on the device: no copy per batch
         model.train()
         loss = float(acc.reduce(loss_sum, "sum")) / max(float(acc.reduce(tokens, "sum")), 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -328,7 +371,8 @@ class Trainer:
         )
         window = self._new_window()
         steps = iter(self._steps(state.step, total))
-        with StopWatcher(c.checkpoints.root.parent) as stop:
+        with StopWatcher(c.output_dir) as stop:
+            self._stop = stop
             while state.step < total:
                 waiting = time.perf_counter()
                 rows, batches = next(steps)
@@ -336,12 +380,12 @@ class Trainer:
                 if isinstance(batches, DataError):
                     raise batches
                 state.bad_rows += sum(int(b.pop("bad_rows", 0)) for b in batches)  # on the CPU: no sync
-                out = self.train_step([{k: v.to(acc.device) for k, v in b.items()} for b in batches])
+                out = self.train_step(batches)  # host batches: it counts tokens before moving them
                 state.step += 1
                 self._handle_nonfinite(out, rows)
                 state.trained_tokens += out["tokens"]
                 state.skipped_steps += int(out["skipped"])
-                for key in ("loss_sum", "tokens", "input_tokens", "flops"):
+                for key in ("loss_sum", "tokens", "local_input_tokens", "local_flops"):
                     window[key] += out[key]
                 bar.update(1)
 
@@ -362,14 +406,16 @@ class Trainer:
                 if saved:
                     c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
                 window["start"] += time.perf_counter() - paused
-                if state.step < total and stop.agreed(acc):
+                if state.step < total and self._stop_agreed:
                     if not saved:
                         c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
                     stop.clear(acc)
                     bar.close()
                     raise Preempted(state.step, stop.reason or "another rank was asked to stop")
+        self._stop = None
         bar.close()
-        if total > 0 and c.checkpoints.latest() != c.checkpoints.root / f"step-{total}":
+        latest = c.checkpoints.latest()
+        if total > 0 and (latest is None or step_of(latest) != total):
             c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
         return final
 
@@ -377,7 +423,7 @@ class Trainer:
         """(rows, collated micro-batches) of steps start..total-1, from `data.num_workers` processes or this one."""
         d = self.c.recipe.data
         steps = StepBatches(
-            self.sampler, self.c.train_data, self.c.collator, self.acc.process_index, start, total
+            self.sampler, self.c.train_data, self.c.train_collator, self.acc.process_index, start, total
         )
         if d.num_workers == 0:
             return (steps[i] for i in range(len(steps)))
@@ -395,11 +441,15 @@ class Trainer:
     @staticmethod
     def _new_window() -> dict:
         return {
-            "loss_sum": 0.0, "tokens": 0, "input_tokens": 0, "flops": 0.0, "data_wait": 0.0,
+            "loss_sum": 0.0, "tokens": 0, "local_input_tokens": 0, "local_flops": 0.0, "data_wait": 0.0,
             "start": time.perf_counter(),
         }  # fmt: skip
 
     def _record(self, out: dict, window: dict) -> dict:
+        """The metrics record of the window that ends at this step (a collective: every rank calls it)."""
+        # Input tokens and FLOPs are summed over ranks here, once per record rather than once per step.
+        local = torch.tensor([window["local_input_tokens"], window["local_flops"]], dtype=torch.float64)
+        inputs, flops = self._to_host(self.acc.reduce(local.to(self.acc.device), "sum"))
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         state = self.state
         record = {
@@ -409,7 +459,7 @@ class Trainer:
             "lr": self.c.scheduler.get_last_lr()[0],
             "grad_norm": out["grad_norm"],
             "trained_tokens": state.trained_tokens,
-            "tokens_per_sec": window["input_tokens"] / elapsed,
+            "tokens_per_sec": inputs / elapsed,
             "trained_tokens_per_sec": window["tokens"] / elapsed,
             "peak_mem_mb": round(peak_memory_mb(self.acc.device), 1),
             # Share of the time spent waiting for batches (sampling + collating): near 0 when data keeps up.
@@ -419,5 +469,5 @@ class Trainer:
             "nonfinite_steps": state.nonfinite_steps,
         }
         if self._peak_flops:  # a known GPU, or $VLMTUNE_PEAK_TFLOPS
-            record["mfu"] = window["flops"] / elapsed / (self._peak_flops * self.acc.num_processes)
+            record["mfu"] = flops / elapsed / (self._peak_flops * self.acc.num_processes)
         return record

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.errors import UserError
-
-IGNORE = -100
 
 
 def trained_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +38,7 @@ def trained_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
     Position t predicts label t + 1 (labels are aligned with the inputs, as in `token_loss_sum`).
     """
-    mask = labels[:, 1:] != IGNORE
+    mask = labels[:, 1:] != IGNORE_INDEX
     return hidden[:, :-1][mask], labels[:, 1:][mask]
 
 
@@ -306,4 +305,4 @@ def _liger_loss(head: nn.Module, softcap: float | None) -> Callable:
             f"train.loss: liger needs a plain, unsharded linear output head, and this one is "
             f"{type(head).__name__} (adapted by LoRA, quantised or partitioned by ZeRO-3); use train.loss: chunked"
         )
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", softcap=softcap)
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)

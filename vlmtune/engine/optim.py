@@ -8,6 +8,7 @@ import torch
 from transformers import get_scheduler
 
 from vlmtune.config.schema import TrainConfig, VisionConfig
+from vlmtune.model.parts import part_of
 
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -21,8 +22,6 @@ def build_optimizer(
     For a VLM (`family` given), the vision tower and projector get their own learning rates
     (`vision.tower_lr`, `vision.projector_lr`, default `train.lr`); the schedule scales every group alike.
     """
-    from vlmtune.model.families import part_of
-
     lrs = {"language": cfg.lr}
     if family is not None:
         vision = vision or VisionConfig()

@@ -1,7 +1,8 @@
 """Preemption: SIGTERM, SIGUSR1 or a STOP file ask the run to checkpoint at the next step boundary and exit.
 
-Signals reach ranks unevenly (a launcher may forward them to some workers only), so every step the ranks agree
-by a max-reduce of their flags: if any rank was asked, all stop after the same step.
+Signals reach ranks unevenly (a launcher may forward them to some workers only), so every step the ranks agree:
+the loop adds each rank's `requested()` flag into the step's loss reduction (no collective of its own), and if
+any rank was asked, all stop after the same step.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 STOP_FILE = "STOP"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Set by `vlmtune launch` to when it started: a STOP file older than the launch was meant for an earlier run.
@@ -21,7 +20,7 @@ LAUNCH_TIME_ENV = "VLMTUNE_LAUNCH_TIME"
 
 
 class StopWatcher:
-    """Collects stop requests (signals, a STOP file in the output folder); `agreed` decides for all ranks."""
+    """Collects stop requests (signals, a STOP file in the output folder) on this rank."""
 
     def __init__(self, output_dir: Path) -> None:
         self.stop_file = output_dir / STOP_FILE
@@ -53,12 +52,11 @@ class StopWatcher:
     def _on_signal(self, signum: int, frame) -> None:
         self.reason = signal.Signals(signum).name
 
-    def agreed(self, accelerator) -> bool:
-        """True on every rank when any rank was asked to stop (a collective: call it on all ranks)."""
+    def requested(self) -> bool:
+        """Whether this rank was asked to stop (a signal, or the STOP file); the ranks' answers are summed."""
         if self.reason is None and self.stop_file.exists():
             self.reason = f"{self.stop_file} exists"
-        flag = torch.tensor(int(self.reason is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, "max").item())
+        return self.reason is not None
 
     def clear(self, accelerator) -> None:
         """Forget a honoured STOP file, so the resumed run does not stop again at once."""

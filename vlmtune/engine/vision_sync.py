@@ -22,7 +22,7 @@ from vlmtune.errors import UserError
 from vlmtune.logging import get_logger
 
 if TYPE_CHECKING:
-    from vlmtune.model.families import Family
+    from vlmtune.families import Family
 
 log = get_logger(__name__)
 
@@ -65,7 +65,7 @@ class VisionKeepAlive:
             handle.remove()
 
 
-def keep_vision_in_step(accelerator, model, family: Family | None, data, collator) -> VisionKeepAlive | None:
+def keep_vision_in_step(accelerator, model, family: Family | None, data, collator) -> None:
     """Install `VisionKeepAlive` when several processes train a VLM on data that mixes image and text-only rows.
 
     Raises:
@@ -73,10 +73,10 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
             layers without an image, which no dummy image in the embeddings can bring back in step.
     """
     if family is None or accelerator.num_processes < 2:
-        return None
+        return
     image_rows = np.flatnonzero(data.images())  # from the index: no image is decoded to find them
     if not len(image_rows) or len(image_rows) == len(data):
-        return None  # every process runs the same path on every batch
+        return  # every process runs the same path on every batch
     if family.cross_attention_images:
         if strategy(accelerator) == "fsdp2" or zero_stage(accelerator) == 3:
             raise UserError(
@@ -84,7 +84,7 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
                 f"{accelerator.num_processes} processes under {strategy(accelerator)} a batch without images on one process "
                 "and with images on another cannot stay in step; give every row an image, or use DDP / ZeRO-2"
             )
-        return None  # DDP finds the skipped layers' weights unused (configure_ddp)
+        return  # DDP finds the skipped layers' weights unused (configure_ddp)
     image_tokens = data.image_tokens()
     smallest = int(min(image_rows[:_SCAN_ROWS], key=lambda i: image_tokens[i]))
     batch = collator([data[smallest]])
@@ -95,7 +95,7 @@ def keep_vision_in_step(accelerator, model, family: Family | None, data, collato
         if k in collator.vision
     }
     log.info("text-only batches run the vision tower on a %s image so processes stay in step", _shape(inputs))
-    return VisionKeepAlive(accelerator.unwrap_model(model), inputs)
+    VisionKeepAlive(accelerator.unwrap_model(model), inputs)  # its hooks live as long as the model
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

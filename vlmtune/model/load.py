@@ -16,11 +16,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from vlmtune.config.checks import resolve_path
+from vlmtune.config.paths import resolve_path
 from vlmtune.config.schema import ModelConfig, QuantConfig, VisionConfig
 from vlmtune.errors import UserError, first_line
+from vlmtune.families import Family, find_family, get_family, set_image_size
 from vlmtune.logging import get_logger
-from vlmtune.model.families import Family, find_family, get_family, set_image_size
 from vlmtune.model.quant import bnb_config
 
 log = get_logger(__name__)

@@ -16,15 +16,9 @@ from transformers import PreTrainedModel
 
 from vlmtune.config.schema import LoraConfig, VisionConfig
 from vlmtune.errors import UserError
+from vlmtune.families import Family
 from vlmtune.logging import get_logger
-from vlmtune.model.families import (
-    Family,
-    lm_lora_targets,
-    nested_parts,
-    part_linear_layers,
-    part_modules,
-    part_of,
-)
+from vlmtune.model.parts import lm_lora_targets, nested_parts, part_linear_layers, part_modules, part_of
 
 log = get_logger(__name__)
 

@@ -3,7 +3,7 @@
 No weight is read or allocated: only `config.json` is needed (a local folder, or a hub id whose config is in the
 cache or can be fetched). Parameter counts, dtypes and the adapted layers are then exactly those of the real
 run, because the same `apply_lora` (target selection, VLM `vision` settings) wraps the meta model. Quantisation is
-not applied here; `vlmtune.engine.memory` accounts for it from the module list.
+not applied here; `vlmtune.plan.memory` accounts for it from the module list.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from vlmtune.config.schema import Recipe
 from vlmtune.errors import UserError, first_line
-from vlmtune.model.families import Family, find_family, get_family
+from vlmtune.families import Family, find_family, get_family
 from vlmtune.model.load import DTYPES, model_location
 from vlmtune.model.lora import apply_lora
 from vlmtune.model.quant import unquantized_modules

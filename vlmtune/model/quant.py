@@ -6,7 +6,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from vlmtune.config.schema import QuantConfig
-from vlmtune.model.families import Family
+from vlmtune.families import Family
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,

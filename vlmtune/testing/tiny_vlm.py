@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlmtune.families import FAMILIES, get_family
 from vlmtune.logging import get_logger
-from vlmtune.model.families import FAMILIES, get_family
 from vlmtune.testing.tiny import IM_START, MARKER, _is_complete, build_tiny_tokenizer, tokenizer_corpus
 
 logger = get_logger(__name__)
@@ -507,7 +507,7 @@ def build_tiny_vlm(family_name: str, out_dir: str | Path, seed: int = 0) -> Path
     temporary sibling directory and moved in with the marker last, as `vlmtune.testing.tiny.build_tiny_llm` does.
 
     Args:
-        family_name: A key of `vlmtune.model.families.FAMILIES` with a tiny builder (`TINY_FAMILIES`).
+        family_name: A key of `vlmtune.families.FAMILIES` with a tiny builder (`TINY_FAMILIES`).
         out_dir: Directory to write (created if missing).
         seed: Seed of the weight initialisation.
 

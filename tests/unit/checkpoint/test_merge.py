@@ -14,10 +14,10 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from vlmtune.checkpoint.merge import merge
-from vlmtune.checkpoint.source import load_processor, resolve_source
+from vlmtune.checkpoint.source import load_source_processor, resolve_source
 from vlmtune.cli import main
 from vlmtune.errors import UserError
-from vlmtune.model.families import get_family
+from vlmtune.families import get_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +67,7 @@ def test_run_adapter_and_checkpoint_sources_agree(text_run, tiny_model_dir, tmp_
     shutil.copytree(text_run / "checkpoints/step-2", unfinished / "checkpoints/step-2")
     shutil.copy(text_run / "recipe.yaml", unfinished)
     template = AutoTokenizer.from_pretrained(text_run / "adapter").chat_template
-    assert load_processor(resolve_source(unfinished / "checkpoints/step-2")).chat_template == template
+    assert load_source_processor(resolve_source(unfinished / "checkpoints/step-2")).chat_template == template
     with pytest.raises(UserError, match=r"no final adapter/ yet .*checkpoints/step-2"):
         resolve_source(unfinished)
 

@@ -113,7 +113,7 @@ SHIPPED = sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.yaml")
 @pytest.mark.parametrize("recipe", SHIPPED, ids=str)
 def test_every_shipped_recipe_validates(recipe, monkeypatch):
     """Schema, cross-field rules and the environment checks that do not depend on built models."""
-    from vlmtune.config.checks import environment_problems
+    from vlmtune.config.environment import environment_problems
 
     monkeypatch.chdir(REPO)
     r = load_recipe(recipe)

@@ -9,7 +9,7 @@ from datasets import Dataset, DatasetDict
 
 from tests.unit.data.helpers import chat, row, write_jsonl
 from vlmtune.config.schema import DataSource
-from vlmtune.data.sources import Unparsable, load_source, resolve_path
+from vlmtune.data.sources import Unparsable, find_path, load_source
 from vlmtune.errors import DataError
 
 ROWS = [row(i) for i in range(3)]
@@ -117,10 +117,10 @@ def test_relative_path_resolves_against_cwd_first_then_the_recipe_folder(tmp_pat
     (work / "data").mkdir(parents=True)
     monkeypatch.chdir(work)
 
-    assert resolve_path("data/train.jsonl", recipes) == recipes / "data" / "train.jsonl"
+    assert find_path("data/train.jsonl", recipes) == recipes / "data" / "train.jsonl"
 
     write_jsonl(work / "data" / "train.jsonl", ROWS)
-    assert resolve_path("data/train.jsonl", recipes) == work / "data" / "train.jsonl"
+    assert find_path("data/train.jsonl", recipes) == work / "data" / "train.jsonl"
 
 
 def test_missing_file_names_the_path_where_it_looked_and_a_near_name(tmp_path, monkeypatch):
@@ -129,7 +129,7 @@ def test_missing_file_names_the_path_where_it_looked_and_a_near_name(tmp_path, m
     monkeypatch.chdir(tmp_path)
 
     with pytest.raises(DataError) as caught:
-        resolve_path("data/trian.jsonl", recipes)
+        find_path("data/trian.jsonl", recipes)
 
     message = str(caught.value)
     assert "'data/trian.jsonl' not found" in message

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from vlmtune.data.vision_tokens import UnsupportedImageSize, expand_text, image_replacements
-from vlmtune.model.families import FAMILIES, get_family, set_image_size
+from vlmtune.families import FAMILIES, get_family, set_image_size
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
 transformers = pytest.importorskip("transformers")

@@ -62,7 +62,7 @@ def test_peak_flops_from_the_environment_or_unknown(monkeypatch):
 
 
 def test_a_vlm_counts_its_language_model_only(tiny_vlm_root):
-    from vlmtune.model.families import get_family
+    from vlmtune.families import get_family
     from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
     family = get_family("llava")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from vlmtune.engine.loop import IGNORE, token_loss_sum, trained_tokens
+from vlmtune.data.encode import IGNORE_INDEX as IGNORE
+from vlmtune.engine.loop import token_loss_sum, trained_tokens
 
 
 def _reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from vlmtune.engine.loss import (
     trained_rows,
 )
 from vlmtune.errors import UserError
-from vlmtune.model.families import FAMILIES
+from vlmtune.families import FAMILIES
 from vlmtune.model.lora import apply_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")

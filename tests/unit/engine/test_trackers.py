@@ -2,7 +2,7 @@
 
 import typing
 
-from vlmtune.config.checks import TRACKER_PACKAGES
+from vlmtune.config.environment import TRACKER_PACKAGES
 from vlmtune.config.schema import TrainConfig
 from vlmtune.engine.trackers import build_trackers
 
@@ -31,7 +31,7 @@ def test_every_accepted_tracker_is_built_without_importing_its_package(tmp_path)
 def test_a_missing_tracker_package_is_a_problem_naming_the_package(tiny_recipe, monkeypatch):
     import importlib.util
 
-    from vlmtune.config.checks import environment_problems
+    from vlmtune.config.environment import environment_problems
     from vlmtune.config.load import load_recipe
 
     real = importlib.util.find_spec

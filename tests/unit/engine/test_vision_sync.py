@@ -13,7 +13,8 @@ from vlmtune.data import Collator, Encoder
 from vlmtune.data.formats import normalise
 from vlmtune.engine.loop import forward
 from vlmtune.engine.vision_sync import VisionKeepAlive
-from vlmtune.model.families import FAMILIES, get_family, part_of
+from vlmtune.families import FAMILIES, get_family
+from vlmtune.model.parts import part_of
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,17 +81,23 @@ def test_installed_when_images_come_only_after_many_text_rows(tiny_vlm_root, tmp
     """Sources are concatenated in order: a long text-only source first must not hide the image rows."""
     from types import SimpleNamespace
 
-    from vlmtune.engine.vision_sync import keep_vision_in_step
+    from vlmtune.engine.vision_sync import VisionKeepAlive, keep_vision_in_step
+
+    def installed() -> list[VisionKeepAlive]:
+        hooks = model.get_input_embeddings()._forward_hooks.values()
+        return [h.__self__ for h in hooks if isinstance(getattr(h, "__self__", None), VisionKeepAlive)]
 
     family, model, collate, encoded = tiny_vlm_batch("qwen2_vl", tiny_vlm_root, tmp_path)
     accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), unwrap_model=lambda m: m)
     data = _Rows([encoded["text"]] * 1000 + [encoded["image"]])
-    keep = keep_vision_in_step(accelerator, model, family, data, collate)
-    assert keep is not None and keep.inputs["pixel_values"].shape == encoded["image"]["pixel_values"].shape
+    keep_vision_in_step(accelerator, model, family, data, collate)
+    [keep] = installed()
+    assert keep.inputs["pixel_values"].shape == encoded["image"]["pixel_values"].shape
     assert data.read == [1000]  # found from the index: only the row it runs was read (its image decoded)
     keep.remove()
-    assert keep_vision_in_step(accelerator, model, family, _Rows([encoded["text"]] * 4), collate) is None
-    assert keep_vision_in_step(accelerator, model, family, _Rows([encoded["image"]] * 4), collate) is None
+    keep_vision_in_step(accelerator, model, family, _Rows([encoded["text"]] * 4), collate)
+    keep_vision_in_step(accelerator, model, family, _Rows([encoded["image"]] * 4), collate)
+    assert installed() == []
 
 
 class _Rows(list):

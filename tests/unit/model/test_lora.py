@@ -8,8 +8,9 @@ import torch
 from vlmtune.config.schema import LoraConfig, TrainConfig, VisionConfig
 from vlmtune.engine.optim import build_optimizer
 from vlmtune.errors import UserError
-from vlmtune.model.families import get_family, part_of
+from vlmtune.families import get_family
 from vlmtune.model.lora import apply_lora
+from vlmtune.model.parts import part_of
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
 

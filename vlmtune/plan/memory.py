@@ -11,19 +11,16 @@ trainable weights in its optimizer.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
 
 import torch
 
-from vlmtune.config.checks import resolve_path
+from vlmtune.config.accelerate import LaunchSpec, Strategy
 from vlmtune.config.schema import Recipe
 from vlmtune.engine.loss import unwrap
-from vlmtune.errors import UserError
 from vlmtune.model.meta import MetaModel
+from vlmtune.model.parts import part_of
 
 GIB = 1024**3
 # Outside PyTorch's allocator: the CUDA context and kernels (~0.5 GiB), cuBLAS workspaces, and fragmentation.
@@ -33,8 +30,6 @@ NCCL_OVERHEAD = GIB // 2
 # bitsandbytes: 4-bit weights are quantised in blocks of 64 (one absmax each), 8-bit optimizer states in blocks
 # of 256, and tensors under 4,096 elements keep 32-bit optimizer states.
 QUANT_BLOCK, OPTIM_BLOCK, OPTIM_8BIT_MIN = 64, 256, 4096
-
-Strategy = Literal["none", "ddp", "deepspeed", "fsdp2"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +42,20 @@ class Sharding:
     offload_optimizer: bool = False
     offload_params: bool = False
     reshard_after_forward: bool = True
+
+    @classmethod
+    def from_spec(cls, spec: LaunchSpec, gpus: int | None = None) -> Sharding:
+        """The sharding the recipe's accelerate config asks for; `gpus` overrides its process count."""
+        world = gpus or spec.num_processes
+        sharded = spec.strategy in ("deepspeed", "fsdp2")
+        return cls(
+            spec.strategy if sharded else "ddp" if world > 1 else "none",
+            world,
+            zero_stage=spec.zero_stage,
+            offload_optimizer=spec.offload_optimizer,
+            offload_params=spec.offload_params,
+            reshard_after_forward=spec.reshard_after_forward,
+        )
 
     @property
     def label(self) -> str:
@@ -72,52 +81,6 @@ class Sharding:
     @property
     def shards_weights(self) -> bool:
         return self.strategy == "fsdp2" or (self.strategy == "deepspeed" and self.zero_stage == 3)
-
-
-def sharding_from_accelerate(accel: dict, gpus: int | None = None, base_dir: Path | None = None) -> Sharding:
-    """The sharding an accelerate config file asks for; `gpus` overrides its num_processes.
-
-    Raises:
-        UserError: a DeepSpeed JSON file (`deepspeed_config_file`) that cannot be read.
-    """
-    dist = str(accel.get("distributed_type", "NO"))
-    world = gpus or int(accel.get("num_processes") or 1)
-    if dist == "DEEPSPEED":
-        ds = dict(accel.get("deepspeed_config") or {})
-        if ds.get("deepspeed_config_file"):
-            zero = _deepspeed_json(ds["deepspeed_config_file"], base_dir).get("zero_optimization") or {}
-            ds["zero_stage"] = zero.get("stage", 0)
-            for part in ("optimizer", "param"):
-                ds[f"offload_{part}_device"] = (zero.get(f"offload_{part}") or {}).get("device", "none")
-        return Sharding(
-            "deepspeed",
-            world,
-            zero_stage=int(ds.get("zero_stage", 2)),
-            offload_optimizer=ds.get("offload_optimizer_device", "none") not in ("none", None),
-            offload_params=ds.get("offload_param_device", "none") not in ("none", None),
-        )
-    if dist == "FSDP":
-        fsdp = {k.removeprefix("fsdp_"): v for k, v in (accel.get("fsdp_config") or {}).items()}
-        return Sharding(
-            "fsdp2",
-            world,
-            offload_params=bool(fsdp.get("offload_params", False)),
-            reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)),
-        )
-    return Sharding("ddp" if world > 1 else "none", world)
-
-
-def _deepspeed_json(name: str, base_dir: Path | None) -> dict:
-    path = resolve_path(name, base_dir)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"launch.accelerate_config: deepspeed_config_file {name} cannot be read as JSON ({exc})"
-        ) from None
-    if not isinstance(data, dict):
-        raise UserError(f"launch.accelerate_config: deepspeed_config_file {name} must hold a JSON object")
-    return data
 
 
 @dataclass(frozen=True)
@@ -146,7 +109,19 @@ class Parameters:
 
 
 def _half(recipe: Recipe, sharding: Sharding) -> bool:
+    """DeepSpeed with bf16/fp16 casts the whole module to the half type (2 bytes), whatever model.dtype says."""
     return sharding.strategy == "deepspeed" and recipe.train.mixed_precision in ("bf16", "fp16")
+
+
+def dtype_bytes(recipe: Recipe, sharding: Sharding) -> tuple[int, int, bool]:
+    """(weights bytes, residual-stream bytes, autocast on) as training runs the recipe."""
+    half = _half(recipe, sharding)
+    model = 2 if half else {"bfloat16": 2, "float16": 2, "float32": 4}[recipe.model.dtype]
+    # k-bit preparation makes embeddings and norms fp32, so the residual stream is fp32 too.
+    residual = 4 if recipe.quant is not None and not half else model
+    # accelerate autocasts for every strategy but DeepSpeed, which runs the cast module instead.
+    autocast = recipe.train.mixed_precision in ("bf16", "fp16") and sharding.strategy != "deepspeed"
+    return model, residual, autocast
 
 
 def quantized_bytes(numel: int, out_features: int, bits: int, double_quant: bool) -> int:
@@ -241,8 +216,6 @@ def _quant_note(q, quantized: int, kept: int, kept_dtype: str, vlm: bool) -> str
 
 def decoder_layers(meta: MetaModel) -> list[torch.nn.Module]:
     """The language model's decoder layers: the `layers` ModuleList with the most parameters."""
-    from vlmtune.model.families import part_of
-
     best: list[torch.nn.Module] = []
     best_size = -1
     for name, module in meta.model.named_modules():
@@ -415,4 +388,48 @@ def activation_bytes(
         recompute=recompute,
         logits_saved=0 if loss_chunk else 4 * batch * (seq - 1) * s.vocab,
         logits_peak=(e + 12) * min(loss_chunk or T, T) * s.vocab,
+    )
+
+
+def micro_batch_shape(recipe: Recipe) -> tuple[int, int, str]:
+    """(rows, tokens per row, description) of the largest micro-batch the recipe's batching can form.
+
+    padded: micro_batch_size rows of data.max_length (with train.micro_batch_tokens: as many max-length rows as
+    the budget holds); packed: micro_batch_size bins of data.pack_length; padding_free: one row of all the
+    micro-batch's tokens, so attention terms that grow with the square of the row length grow with it.
+    """
+    d, t = recipe.data, recipe.train
+    if d.batching == "packed":
+        length = d.pack_length or d.max_length
+        return t.micro_batch_size, length, f"{t.micro_batch_size} packed bins × {length} tokens"
+    tokens = t.micro_batch_tokens or t.micro_batch_size * d.max_length
+    if d.batching == "padding_free":
+        return 1, tokens, f"one padding-free row of {tokens} tokens"
+    if t.micro_batch_tokens:
+        rows = max(1, t.micro_batch_tokens // d.max_length)
+        return rows, d.max_length, f"≤ {t.micro_batch_tokens} tokens ({rows} × {d.max_length} at most)"
+    return t.micro_batch_size, d.max_length, f"{t.micro_batch_size} × {d.max_length} tokens"
+
+
+def batch_activations(
+    shape: LayerShape, recipe: Recipe, sharding: Sharding, checkpointing: bool | None = None
+) -> Activations:
+    """Activation and logits bytes of the recipe's fullest micro-batch (`checkpointing` overrides the recipe's)."""
+    model_bytes, residual_bytes, autocast = dtype_bytes(recipe, sharding)
+    rows, seq, _ = micro_batch_shape(recipe)
+    attention = recipe.model.attn_implementation
+    if attention == "sdpa" and not shape.sdpa:  # as `load_model` falls back for an architecture without sdpa
+        attention = "eager"
+    return activation_bytes(
+        shape,
+        batch=rows,
+        seq=seq,
+        checkpointing=recipe.train.gradient_checkpointing if checkpointing is None else checkpointing,
+        autocast=autocast,
+        model_bytes=model_bytes,
+        residual_bytes=residual_bytes,
+        attention=attention,
+        # DeepSpeed runs the whole module, adapters included, in the half type.
+        adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
+        loss_chunk=None if recipe.train.loss == "standard" else recipe.train.loss_chunk_tokens,
     )

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from vlmtune.config.checks import cross_field_problems
+from vlmtune.config.rules import cross_field_problems
 from vlmtune.config.schema import Recipe
 
 
@@ -84,45 +84,8 @@ def test_llava_format_and_image_root_parse():
     assert recipe.data.train[0].format == "llava" and recipe.data.train[0].image_root == "imgs"
 
 
-def test_a_family_detected_from_a_local_config_is_checked_too(tmp_path):
-    """Without model.family, validate reads the local config.json: wrong image-size keys and a missing
-    image_root are reported before anything is loaded."""
-    import json
-
-    from vlmtune.config.checks import environment_problems
-
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model/config.json").write_text(json.dumps({"model_type": "llava"}))
-    (tmp_path / "a.json").write_text("[]")
-    recipe = Recipe.model_validate(
-        {
-            "model": {"path": str(tmp_path / "model")},
-            "vision": {"max_pixels": 1_000_000},
-            "data": {"train": [{"path": str(tmp_path / "a.json"), "image_root": str(tmp_path / "pics")}]},
-            "train": {"output_dir": str(tmp_path / "out")},
-        }
-    )
-    problems = environment_problems(recipe)
-    assert any(p.startswith("vision.max_pixels: not an image-size setting of llava models") for p in problems)
-    assert any(p.startswith("data.train.0.image_root: not a folder") for p in problems)
-    (tmp_path / "pics").mkdir()
-    (tmp_path / "model/config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    assert environment_problems(recipe) == []
-
-
-def test_compile_under_deepspeed_is_refused():
-    from vlmtune.config.checks import _accelerate_problems
-
-    problems = _accelerate_problems(
-        _recipe(train={"output_dir": "out", "compile": True}),
-        {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}},
-    )
-    assert any(p.startswith("train.compile: vlmtune does not compile under DeepSpeed") for p in problems)
-    assert _accelerate_problems(_recipe(train={"output_dir": "out", "compile": True}), {}) == []
-
-
 def test_offloading_without_checkpointing_is_a_warning():
-    from vlmtune.config.checks import recipe_warnings
+    from vlmtune.config.rules import recipe_warnings
 
     recipe = _recipe(
         train={"output_dir": "out", "activation_offloading": True, "gradient_checkpointing": False}
@@ -134,22 +97,3 @@ def test_offloading_without_checkpointing_is_a_warning():
 def test_unknown_loss_lists_the_choices():
     with pytest.raises(ValidationError, match=r"train\.loss\n.*'standard', 'chunked' or 'liger'"):
         _recipe(train={"output_dir": "out", "loss": "fused"})
-
-
-def test_under_sharded_parameters_liger_is_refused_and_chunked_needs_a_frozen_head():
-    from vlmtune.config.checks import _accelerate_problems
-
-    out = {"output_dir": "out"}
-    chunked, liger = _recipe(train={**out, "loss": "chunked"}), _recipe(train={**out, "loss": "liger"})
-    head = _recipe(train={**out, "loss": "chunked"}, lora={"modules_to_save": ["lm_head"]})
-    for accel in (
-        {"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}},
-        {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}},
-    ):
-        assert _accelerate_problems(chunked, accel) == []
-        assert [p.split(":")[0] for p in _accelerate_problems(liger, accel)] == ["train.loss"]
-        [problem] = _accelerate_problems(head, accel)
-        assert problem.startswith("train.loss: chunked under ZeRO-3 / FSDP needs a frozen output head")
-        assert "'lm_head'" in problem
-    zero2 = {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}
-    assert _accelerate_problems(liger, zero2) == _accelerate_problems(head, zero2) == []

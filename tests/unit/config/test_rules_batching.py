@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlmtune.config.checks import cross_field_problems
+from vlmtune.config.rules import cross_field_problems
 from vlmtune.config.schema import Recipe
 
 

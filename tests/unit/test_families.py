@@ -8,14 +8,8 @@ import pytest
 from PIL import Image
 
 from vlmtune.errors import UserError
-from vlmtune.model.families import (
-    FAMILIES,
-    find_family,
-    get_family,
-    lm_lora_targets,
-    part_of,
-    set_image_size,
-)
+from vlmtune.families import FAMILIES, find_family, get_family, set_image_size
+from vlmtune.model.parts import lm_lora_targets, part_of
 from vlmtune.testing.tiny_vlm import TINY_FAMILIES, build_tiny_vlm, main
 
 transformers = pytest.importorskip("transformers")

@@ -24,12 +24,18 @@ import pytest
 import torch
 
 from vlmtune.config.load import load_recipe
-from vlmtune.engine.memory import Sharding, activation_bytes, layer_shape, parameters
 from vlmtune.engine.optim import build_optimizer
-from vlmtune.model.families import get_family
+from vlmtune.families import get_family
 from vlmtune.model.lora import apply_lora, count_parameters
 from vlmtune.model.meta import build_meta_model
-from vlmtune.plan import _dtype_bytes
+from vlmtune.plan.memory import (
+    Sharding,
+    activation_bytes,
+    batch_activations,
+    dtype_bytes,
+    layer_shape,
+    parameters,
+)
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
 PARAM_TOL, ACT_TOL = 0.02, 0.05
@@ -104,7 +110,7 @@ def _saved_bytes(model, batch, recipe) -> int:
 
 
 def _estimated_activations(meta, recipe) -> int:
-    model_bytes, residual_bytes, autocast = _dtype_bytes(recipe, Sharding())
+    model_bytes, residual_bytes, autocast = dtype_bytes(recipe, Sharding())
     act = activation_bytes(
         layer_shape(meta),
         batch=recipe.train.micro_batch_size,
@@ -302,8 +308,6 @@ def test_an_architecture_without_sdpa_is_planned_with_eager_attention(tiny_model
     """`load_model` runs Gemma 2 with eager attention (it has no sdpa path), so the planner counts eager's
     attention probabilities for it even when the recipe says sdpa."""
     from transformers import AutoConfig
-
-    from vlmtune.plan import batch_activations
 
     AutoConfig.for_model(
         "gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -1,7 +1,7 @@
 """`vlmtune plan`: will this recipe fit, per GPU, before anything is launched?
 
 The model is built on the meta device from its config (`vlmtune.model.meta`), the memory of each part of the
-training state is estimated (`vlmtune.engine.memory`) and divided as the recipe's accelerate config shards it,
+training state is estimated (`vlmtune.plan.memory`) and divided as the recipe's accelerate config shards it,
 and the total is compared with the GPU's memory. When it does not fit, the plan tries the usual remedies one at a
 time (checkpointing, a smaller micro-batch, ZeRO-3, QLoRA, offload) and names those that would.
 """
@@ -10,21 +10,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from vlmtune.config.accelerate import load_launch_spec
 from vlmtune.config.schema import QuantConfig, Recipe
-from vlmtune.engine.memory import (
+from vlmtune.model.meta import MetaModel, build_meta_model
+from vlmtune.plan.memory import (
     CUDA_OVERHEAD,
     GIB,
     NCCL_OVERHEAD,
-    Activations,
     Item,
     LayerShape,
     Sharding,
-    activation_bytes,
+    batch_activations,
+    dtype_bytes,
     layer_shape,
+    micro_batch_shape,
     parameters,
-    sharding_from_accelerate,
 )
-from vlmtune.model.meta import MetaModel, build_meta_model
 
 _MAX_MICRO_BATCH = 4096
 
@@ -66,37 +67,6 @@ class Plan:
         return max(self.items, key=lambda i: i.gpu)
 
 
-def micro_batch_shape(recipe: Recipe) -> tuple[int, int, str]:
-    """(rows, tokens per row, description) of the largest micro-batch the recipe's batching can form.
-
-    padded: micro_batch_size rows of data.max_length (with train.micro_batch_tokens: as many max-length rows as
-    the budget holds); packed: micro_batch_size bins of data.pack_length; padding_free: one row of all the
-    micro-batch's tokens, so attention terms that grow with the square of the row length grow with it.
-    """
-    d, t = recipe.data, recipe.train
-    if d.batching == "packed":
-        length = d.pack_length or d.max_length
-        return t.micro_batch_size, length, f"{t.micro_batch_size} packed bins × {length} tokens"
-    tokens = t.micro_batch_tokens or t.micro_batch_size * d.max_length
-    if d.batching == "padding_free":
-        return 1, tokens, f"one padding-free row of {tokens} tokens"
-    if t.micro_batch_tokens:
-        rows = max(1, t.micro_batch_tokens // d.max_length)
-        return rows, d.max_length, f"≤ {t.micro_batch_tokens} tokens ({rows} × {d.max_length} at most)"
-    return t.micro_batch_size, d.max_length, f"{t.micro_batch_size} × {d.max_length} tokens"
-
-
-def _dtype_bytes(recipe: Recipe, sharding: Sharding) -> tuple[int, int, bool]:
-    """(weights bytes, residual-stream bytes, autocast on) as training runs the recipe."""
-    half = sharding.strategy == "deepspeed" and recipe.train.mixed_precision in ("bf16", "fp16")
-    model = 2 if half else {"bfloat16": 2, "float16": 2, "float32": 4}[recipe.model.dtype]
-    # k-bit preparation makes embeddings and norms fp32, so the residual stream is fp32 too.
-    residual = 4 if recipe.quant is not None and not half else model
-    # accelerate autocasts for every strategy but DeepSpeed, which runs the cast module instead.
-    autocast = recipe.train.mixed_precision in ("bf16", "fp16") and sharding.strategy != "deepspeed"
-    return model, residual, autocast
-
-
 @dataclass
 class Estimate:
     """The per-GPU items of one recipe and sharding, with what the plan derives from them."""
@@ -107,37 +77,13 @@ class Estimate:
     activations: dict[str, int]  # with and without gradient checkpointing, at the recipe's micro-batch
 
 
-def batch_activations(
-    shape: LayerShape, recipe: Recipe, sharding: Sharding, checkpointing: bool | None = None
-) -> Activations:
-    """Activation and logits bytes of the recipe's fullest micro-batch (`checkpointing` overrides the recipe's)."""
-    model_bytes, residual_bytes, autocast = _dtype_bytes(recipe, sharding)
-    rows, seq, _ = micro_batch_shape(recipe)
-    attention = recipe.model.attn_implementation
-    if attention == "sdpa" and not shape.sdpa:  # as `load_model` falls back for an architecture without sdpa
-        attention = "eager"
-    return activation_bytes(
-        shape,
-        batch=rows,
-        seq=seq,
-        checkpointing=recipe.train.gradient_checkpointing if checkpointing is None else checkpointing,
-        autocast=autocast,
-        model_bytes=model_bytes,
-        residual_bytes=residual_bytes,
-        attention=attention,
-        # DeepSpeed runs the whole module, adapters included, in the half type.
-        adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
-        loss_chunk=None if recipe.train.loss == "standard" else recipe.train.loss_chunk_tokens,
-    )
-
-
 def estimate(
     meta: MetaModel, recipe: Recipe, sharding: Sharding, shape: LayerShape | None = None
 ) -> Estimate:
     """The per-GPU items for `recipe` under `sharding` (`shape`: `layer_shape(meta)` when already known)."""
     t, n = recipe.train, sharding.world
     p = parameters(meta, recipe, sharding)
-    model_bytes = _dtype_bytes(recipe, sharding)[0]
+    model_bytes = dtype_bytes(recipe, sharding)[0]
     shape = shape or layer_shape(meta)
     described = micro_batch_shape(recipe)[2]
     act = batch_activations(shape, recipe, sharding)
@@ -219,9 +165,7 @@ def plan_recipe(
 
     `meta`: the recipe's meta model when already built (several plans of one model and LoRA; notebooks).
     """
-    from vlmtune.config.checks import load_accelerate_config
-
-    sharding = sharding_from_accelerate(load_accelerate_config(recipe), gpus, recipe._base_dir)
+    sharding = Sharding.from_spec(load_launch_spec(recipe), gpus)
     meta = meta or build_meta_model(recipe)
     budget = int(gpu_mem_gib * GIB)
     est = estimate(meta, recipe, sharding)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from vlmtune.cli import main
+from vlmtune.config.accelerate import parse_launch_spec
 from vlmtune.config.load import load_recipe
-from vlmtune.engine.memory import GIB, quantized_bytes, sharding_from_accelerate
 from vlmtune.errors import UserError
 from vlmtune.model.meta import build_meta_model
 from vlmtune.plan import plan_recipe
+from vlmtune.plan.memory import GIB, Sharding, quantized_bytes
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 QWEN2_5_7B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
@@ -255,7 +256,7 @@ def test_sharding_from_a_deepspeed_json_file(tmp_path):
     ds = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     accel = {"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": "ds.json"}}
-    sharding = sharding_from_accelerate(accel, 4, base_dir=tmp_path)
+    sharding = Sharding.from_spec(parse_launch_spec(accel, base_dir=tmp_path), 4)
     assert (sharding.zero_stage, sharding.world, sharding.offload_optimizer, sharding.offload_params) == (
         3,
         4,
@@ -264,7 +265,7 @@ def test_sharding_from_a_deepspeed_json_file(tmp_path):
     )
     (tmp_path / "ds.json").write_text("{not json")
     with pytest.raises(UserError, match=r"deepspeed_config_file ds\.json cannot be read as JSON"):
-        sharding_from_accelerate(accel, 4, base_dir=tmp_path)
+        parse_launch_spec(accel, base_dir=tmp_path)
 
 
 @pytest.mark.parametrize(

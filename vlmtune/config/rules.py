@@ -1,0 +1,160 @@
+"""Rules that span several recipe fields: combinations of valid values that cannot work together.
+
+They need only the recipe (and, for `family_problems`, the model family: from `model.family`, or detected from
+the model's config.json by `config.environment`, or by `train` once the config is loaded).
+"""
+
+from __future__ import annotations
+
+from vlmtune.config.schema import Recipe, VisionConfig
+from vlmtune.families import FAMILIES, Family
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Allowed but risky settings, each as `key.path: why`; logged by `train` and printed by `validate`."""
+    warnings = []
+    m = recipe.model
+    t = recipe.train
+    if t.activation_offloading and not t.gradient_checkpointing:
+        warnings.append(
+            "train.activation_offloading: without gradient_checkpointing every activation is copied to the CPU "
+            "and back in each step, which is slow; set train.gradient_checkpointing: true"
+        )
+    if m.trust_remote_code and not m.revision:
+        warnings.append(
+            "model.trust_remote_code: true runs Python code from the model repository, and with no model.revision "
+            "pinned that code can change between runs; pin a commit hash in model.revision"
+        )
+    every, max_steps = recipe.checkpoint.every, t.max_steps
+    if every and max_steps and every > max_steps:
+        # A short run is normal (a smoke test, a first look); the final checkpoint is written all the same.
+        warnings.append(
+            f"checkpoint.every: {every} is more than train.max_steps ({max_steps}), so only the final "
+            "checkpoint is written"
+        )
+    return warnings
+
+
+def cross_field_problems(recipe: Recipe) -> list[str]:
+    """Combinations of valid values that cannot work together, each as `key.path: reason`."""
+    t, q, lora = recipe.train, recipe.quant, recipe.lora
+    problems = []
+    if t.mixed_precision == "fp16" and recipe.model.dtype == "bfloat16":
+        problems.append(
+            "train.mixed_precision: fp16 with model.dtype bfloat16 mixes two half types; "
+            "use mixed_precision bf16, or model.dtype float16/float32"
+        )
+    if t.mixed_precision == "bf16" and recipe.model.dtype == "float16":
+        problems.append("train.mixed_precision: bf16 with model.dtype float16; use model.dtype bfloat16")
+    if q is not None and q.bits == 8 and lora.use_dora:
+        problems.append(
+            "lora.use_dora: DoRA on 8-bit weights is not supported by peft; use quant.bits 4 or no quant"
+        )
+    if t.eval_every > 0 and not recipe.data.eval:
+        problems.append("train.eval_every: evaluation is scheduled but data.eval lists no source")
+    family = FAMILIES.get(recipe.model.family) if recipe.model.family else None
+    problems += batching_problems(recipe) + vision_problems(recipe)
+    return problems + (family_problems(recipe, family) if family is not None else [])
+
+
+def family_problems(recipe: Recipe, family: Family | None) -> list[str]:
+    """What the model's kind refuses: image settings for a text model (`family` None); packing and other
+    families' image-size keys for a vision-language model."""
+    if family is None:
+        return _text_model_problems(recipe)
+    problems = image_size_problems(recipe, family)
+    if recipe.data.batching != "padded":
+        problems.append(vlm_packing_problem(recipe.data.batching, family.name))
+    return problems
+
+
+def _text_model_problems(recipe: Recipe) -> list[str]:
+    """Image settings in a recipe for a text-only model are a mistake, not something to ignore."""
+    problems = []
+    if recipe.vision != VisionConfig():
+        problems.append("vision: the model is not a vision-language model, so it has no vision settings")
+    for split in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, split)):
+            for key in ("image_root", "image_key"):
+                if getattr(src, key) is not None:
+                    problems.append(f"data.{split}.{i}.{key}: the model is not a vision-language model")
+            if src.format == "llava":
+                problems.append(f"data.{split}.{i}.format: llava needs a vision-language model")
+    return problems
+
+
+def vlm_packing_problem(batching: str, family: str) -> str:
+    # Image-text rows carry per-image inputs (pixel values, image grids, multimodal rope positions) that
+    # packing would have to re-align sequence by sequence; no family does that yet.
+    return (
+        f"data.batching: {batching} is not supported for vision-language models ({family}); use "
+        "data.batching: padded (data.group_by_length and train.micro_batch_tokens also cut padding)"
+    )
+
+
+def batching_problems(recipe: Recipe) -> list[str]:
+    """Rules of `data.batching`, `data.pack_length`, `data.group_by_length` and `train.micro_batch_tokens`."""
+    d, t, problems = recipe.data, recipe.train, []
+    if d.pack_length is not None and d.batching != "packed":
+        problems.append(
+            f"data.pack_length: only used with data.batching: packed (now {d.batching}); remove it or pack"
+        )
+    if d.pack_length is not None and d.pack_length < d.max_length:
+        problems.append(
+            f"data.pack_length: {d.pack_length} is less than data.max_length ({d.max_length}), so the longest "
+            "rows would fit no bin; raise pack_length or lower max_length"
+        )
+    if d.group_by_length and d.batching != "padded":
+        problems.append(
+            f"data.group_by_length: groups rows to cut padding, and data.batching {d.batching} has none; "
+            "remove group_by_length"
+        )
+    if t.micro_batch_tokens is not None:
+        if d.batching == "packed":
+            problems.append(
+                "train.micro_batch_tokens: with data.batching: packed a micro-batch is train.micro_batch_size "
+                "bins of data.pack_length tokens; set those instead"
+            )
+        if d.group_by_length:
+            problems.append(
+                "data.group_by_length: token-budget micro-batches (train.micro_batch_tokens) are already "
+                "grouped by length; remove group_by_length"
+            )
+        if t.micro_batch_tokens < d.max_length:
+            problems.append(
+                f"train.micro_batch_tokens: {t.micro_batch_tokens} is less than data.max_length "
+                f"({d.max_length}), so the longest rows would fit no micro-batch; raise it or lower max_length"
+            )
+    return problems
+
+
+def vision_problems(recipe: Recipe) -> list[str]:
+    """Rules of the `vision` section that hold for every model."""
+    v, problems = recipe.vision, []
+    for part in ("tower", "projector"):
+        if getattr(v, part) == "frozen" and getattr(v, f"{part}_lr") is not None:
+            problems.append(
+                f"vision.{part}_lr: the {part} is frozen (vision.{part}: frozen), so it has no learning rate; "
+                f"set vision.{part} to lora or full, or remove vision.{part}_lr"
+            )
+    if v.min_pixels and v.max_pixels and v.min_pixels > v.max_pixels:
+        problems.append(f"vision.min_pixels: {v.min_pixels} is more than vision.max_pixels ({v.max_pixels})")
+    if recipe.quant is not None and recipe.quant.vision == "quantized" and "full" in (v.tower, v.projector):
+        part = "tower" if v.tower == "full" else "projector"
+        problems.append(
+            f"vision.{part}: full training of a quantised {part} is not possible; set quant.vision: float "
+            "(keeps the tower and projector unquantised), or train it with lora"
+        )
+    return problems
+
+
+def image_size_problems(recipe: Recipe, family: Family) -> list[str]:
+    """Image-size keys of the recipe that `family` does not take."""
+    problems = []
+    for key, value in recipe.vision.image_size().items():
+        if value is not None and key not in family.size_keys:
+            takes = ", ".join(f"vision.{k}" for k in family.size_keys) or "none: the vision config fixes it"
+            problems.append(
+                f"vision.{key}: not an image-size setting of {family.name} models (image-size keys: {takes})"
+            )
+    return problems
