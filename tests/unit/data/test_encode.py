@@ -253,7 +253,9 @@ def test_a_broken_or_changed_image_is_found_when_its_row_is_read(tiny_vlm_root, 
     raising, skipping = build("raise"), build("skip")
     whole = (tmp_path / "b.jpg").read_bytes()
     (tmp_path / "b.jpg").write_bytes(whole[: len(whole) // 2])  # the header survives: indexing passes
-    with pytest.raises(DataError, match=r"rows.jsonl row 1 \(line 2\): image 0 .*b.jpg.*: cannot (read|decode) the image"):
+    with pytest.raises(
+        DataError, match=r"rows.jsonl row 1 \(line 2\): image 0 .*b.jpg.*: cannot (read|decode) the image"
+    ):
         raising[1]
     assert skipping[1]["bad_row"]["kind"] == "bad_image"
     batch = Collator(processor.tokenizer.pad_token_id, family)([skipping[0], skipping[1]])
