@@ -130,11 +130,12 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         keep_vision_in_step(accelerator, model, family, train_data, collator)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
-        train_collator = build_collator(recipe, collator, pad_token_id)
+        train_collator = build_collator(
+            recipe, collator, pad_token_id, family=family, model_config=accelerator.unwrap_model(model).config
+        )
         if recipe.data.batching != "padded":
-            check_packed_attention(
-                model, train_collator, len(tokenizer), accelerator.device, recipe.data.batching
-            )
+            vocab = len(getattr(tokenizer, "tokenizer", tokenizer))  # a VLM's processor holds its tokenizer
+            check_packed_attention(model, train_collator, vocab, accelerator.device, recipe.data.batching)
         sampler = build_sampler(recipe, train_data.lengths, accelerator.num_processes)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         scheduler = build_scheduler(optimizer, t, total_steps)
@@ -194,11 +195,13 @@ def _refuse_vision_settings(recipe) -> None:
 
 
 def _refuse_vlm_packing(recipe, family: str) -> None:
-    """Packing is text-only; `validate` catches it when model.family is given, this when it is detected."""
+    """Packing a family that cannot keep examples apart: `validate` catches it when model.family is given, this
+    when the family is detected from the checkpoint."""
     from vlmtune.config.checks import vlm_packing_problem
 
-    if recipe.data.batching != "padded":
-        raise RecipeError([vlm_packing_problem(recipe.data.batching, family)])
+    problem = vlm_packing_problem(recipe.data.batching, family)
+    if problem:
+        raise RecipeError([problem])
 
 
 def _build_data(recipe, tokenizer, family, *, show_progress: bool):

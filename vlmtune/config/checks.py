@@ -76,12 +76,18 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     return problems + batching_problems(recipe) + vision_problems(recipe)
 
 
-def vlm_packing_problem(batching: str, family: str) -> str:
-    # Image-text rows carry per-image inputs (pixel values, image grids, multimodal rope positions) that
-    # packing would have to re-align sequence by sequence; no family does that yet.
+def vlm_packing_problem(batching: str, family: str) -> str | None:
+    """Why `data.batching` (padding_free / packed) cannot be used with this vision-language family; None when it
+    can. The reason lives in the family registry (`Family.packing_refused`), where the tests that prove packing
+    for the other families read it too."""
+    from vlmtune.model.families import FAMILIES
+
+    reason = FAMILIES[family].packing_refused if family in FAMILIES else ""
+    if batching == "padded" or not reason:
+        return None
     return (
-        f"data.batching: {batching} is not supported for vision-language models ({family}); use "
-        "data.batching: padded (data.group_by_length and train.micro_batch_tokens also cut padding)"
+        f"data.batching: {batching} is not supported for {family} models: {reason}; use data.batching: padded "
+        "(data.group_by_length and train.micro_batch_tokens also cut padding)"
     )
 
 
@@ -102,8 +108,8 @@ def batching_problems(recipe: Recipe) -> list[str]:
             f"data.group_by_length: groups rows to cut padding, and data.batching {d.batching} has none; "
             "remove group_by_length"
         )
-    if recipe.model.family is not None and d.batching != "padded":
-        problems.append(vlm_packing_problem(d.batching, recipe.model.family))
+    if recipe.model.family is not None and (problem := vlm_packing_problem(d.batching, recipe.model.family)):
+        problems.append(problem)
     if t.micro_batch_tokens is not None:
         if d.batching == "packed":
             problems.append(

@@ -23,6 +23,7 @@ from vlmtune.data.packing import (
     best_fit_decreasing,
     budget_chunks,
 )
+from vlmtune.data.positions import RopeIndex
 from vlmtune.data.sampler import StepSampler
 from vlmtune.logging import get_logger
 
@@ -58,15 +59,22 @@ def build_sampler(recipe: Recipe, lengths: list[int], world_size: int) -> StepSa
     )
 
 
-def build_collator(recipe: Recipe, padded_collator, pad_token_id: int):
-    """The training collator: `padded_collator` (the text or VLM one) unless batching packs sequences."""
-    if recipe.data.batching == "padding_free":
-        return PaddingFreeCollator()
-    if recipe.data.batching == "packed":
-        if recipe.model.attn_implementation == "flash_attention_2":
-            return OneRowPackedCollator()
-        return PackedCollator(pad_token_id)
-    return padded_collator
+def build_collator(recipe: Recipe, padded_collator, pad_token_id: int, family=None, model_config=None):
+    """The training collator: `padded_collator` (the text or VLM one) unless batching packs sequences.
+
+    A vision-language `family`'s packed rows batch their vision inputs by `padded_collator`'s rules, and, for a
+    family with multimodal rope, carry each example's 3-D positions computed from `model_config`.
+    """
+    batching = recipe.data.batching
+    if batching == "padded":
+        return padded_collator
+    vision = padded_collator if family is not None else None
+    rope = RopeIndex(family.rope_index, model_config) if family is not None and family.rope_index else None
+    if batching == "padding_free":
+        return PaddingFreeCollator(pad_token_id, vision, rope)
+    if recipe.model.attn_implementation == "flash_attention_2":
+        return OneRowPackedCollator(pad_token_id, vision, rope)
+    return PackedCollator(pad_token_id, vision, rope)
 
 
 def layout(recipe: Recipe) -> str:
