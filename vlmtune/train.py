@@ -136,7 +136,9 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         if recipe.data.batching != "padded":
             vocab = len(getattr(tokenizer, "tokenizer", tokenizer))  # a VLM's processor holds its tokenizer
             check_packed_attention(model, train_collator, vocab, accelerator.device, recipe.data.batching)
-        sampler = build_sampler(recipe, train_data.lengths, accelerator.num_processes)
+        sampler = build_sampler(
+            recipe, train_data.lengths, accelerator.num_processes, image_tokens=train_data.image_tokens()
+        )
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         scheduler = build_scheduler(optimizer, t, total_steps)
         log.info(

@@ -30,10 +30,16 @@ from vlmtune.logging import get_logger
 log = get_logger("data")
 
 
-def build_sampler(recipe: Recipe, lengths: list[int], world_size: int) -> StepSampler:
-    """The step sampler for `recipe`'s batching mode over rows of these `lengths`."""
+def build_sampler(
+    recipe: Recipe, lengths: list[int], world_size: int, image_tokens: list[int] | None = None
+) -> StepSampler:
+    """The step sampler for `recipe`'s batching mode over rows of these `lengths` (image tokens included;
+    `image_tokens` per row count again in the work balanced across processes, for the vision tower)."""
     d, t = recipe.data, recipe.train
-    common = {"grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed}
+    costs = None
+    if d.balance_ranks and world_size > 1:
+        costs = [n + (int(image_tokens[i]) if image_tokens is not None else 0) for i, n in enumerate(lengths)]
+    common = {"grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed, "costs": costs}
     if d.batching == "packed":
         capacity = d.pack_length or d.max_length
         bins = best_fit_decreasing(lengths, capacity, seed=t.seed)
@@ -83,5 +89,5 @@ def layout(recipe: Recipe) -> str:
     d, t = recipe.data, recipe.train
     return (
         f"batching={d.batching} pack_length={d.pack_length} group_by_length={d.group_by_length} "
-        f"micro_batch_tokens={t.micro_batch_tokens}"
+        f"micro_batch_tokens={t.micro_batch_tokens} balance_ranks={d.balance_ranks}"
     )
