@@ -202,3 +202,16 @@ def test_rope_positions_are_the_models_own_for_each_example(tiny) -> None:
         assert torch.equal(batch["position_ids"][1:, 0, start : start + n], ref[:, 0])
         assert torch.equal(batch["position_ids"][0, 0, start : start + n], torch.arange(n))
         start += n
+
+
+def test_rope_index_survives_pickling_for_dataloader_workers() -> None:
+    import pickle
+
+    rope = pickle.loads(pickle.dumps(RopeIndex("Qwen2VLModel", transformers.Qwen2VLConfig())))
+    example = {
+        "input_ids": [1, 2, 3, 4, 5, 6],
+        "mm_token_type_ids": [0, 1, 1, 1, 1, 0],
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),  # 2 x 2 merged tokens
+    }
+    assert rope(example).tolist() == [[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]]
+    assert rope({"input_ids": [7, 8, 9]}).tolist() == [[0, 1, 2]] * 3
