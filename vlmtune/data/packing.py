@@ -8,6 +8,13 @@ does this is checked once per run by `check_packed_attention`, not assumed.
 The loss shifts labels by one within a row, so the last token of one sequence would be trained to predict the
 first token of the next. The first label of every sequence is therefore -100; in a padded batch that label is
 never used either (nothing precedes it), so the trained tokens, and the loss, are the same as padded batching.
+
+Image-text rows (a vision-language family's `Collator` given as `vision`): the vision inputs of every example of
+the batch are batched together by the family's rules in the order of their placeholders, which is the order the
+model fills image tokens in; per-token outputs (`mm_token_type_ids`, `token_type_ids`) are laid end to end like
+`input_ids`. Families with multimodal rope (Qwen-VL) get each example's own 3-D positions from `rope`
+(`positions.RopeIndex`), as `(4, rows, tokens)` position ids: the 1-D positions first (the boundaries), then the
+three rope axes. Families whose model cannot keep packed examples apart say why in `Family.packing_refused`.
 """
 
 from __future__ import annotations
@@ -113,7 +120,7 @@ def _merge_vision(examples: list[dict], vision: dict[str, str]) -> dict:
         elif how == "sample":
             trailing = tuple(max(v.shape[d] for v in present) for d in range(2, present[0].dim()))
             merged[key] = torch.cat([_pad_to(v, (1, v.shape[1], *trailing)) for v in present], dim=1)
-        else:  # refused up front by the family's `packing` (Mllama's cross-attention mask)
+        else:  # refused up front by `Family.packing_refused` (Mllama's cross-attention mask)
             raise ValueError(f"{key}: {how} vision inputs cannot be packed")
     return merged
 
