@@ -278,15 +278,23 @@ def test_images_decoded_in_workers_skip_a_broken_one_and_resume_exactly(tiny_vlm
     assert resumed[-1]["bad_rows"] == workers[-1]["bad_rows"]
 
 
-@pytest.mark.parametrize(("batching", "extra"), [("packed", {"pack_length": 512}), ("padding_free", {})])
+@pytest.mark.parametrize(
+    ("batching", "extra", "train"),
+    [
+        ("packed", {"pack_length": 512}, {}),
+        ("padding_free", {}, {}),
+        ("padding_free", {}, {"micro_batch_tokens": 512}),  # micro-batches bounded in tokens, images included
+    ],
+    ids=["packed", "padding_free", "padding_free-micro_batch_tokens"],
+)
 def test_packed_image_text_rows_train_qwen2_vl_and_reload(
-    batching, extra, tiny_vlm_root, vlm_data, tmp_path, monkeypatch
+    batching, extra, train, tiny_vlm_root, vlm_data, tmp_path, monkeypatch
 ):
     """Image and text-only rows of Qwen2-VL in shared rows (3-D rope positions per example) train like padded
     ones: the loss falls, and the adapter reloads in plain PEFT with the trained model's logits."""
     family = get_family("qwen2_vl")
     model_dir = build_tiny_vlm(family.name, tiny_vlm_root / family.name)
-    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, train={"micro_batch_size": 2})
+    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, train={"micro_batch_size": 2, **train})
     recipe["data"].update(batching=batching, **extra)
     trained = _keep_trained_model(monkeypatch)
     result = run(recipe)
