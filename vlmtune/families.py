@@ -84,6 +84,11 @@ class Family:
             row, padded like `sample` and along the sequence).
         token_pad: Per-token outputs besides input_ids / attention_mask / labels, and the value padding (and a
             text-only row) takes.
+        rope_index: The transformers class whose `get_rope_index` gives a row's multimodal (3-D) rope
+            positions (Qwen-VL); packed rows carry each example's own (`vlmtune.data.positions`). None: 1-D
+            positions, restarting per packed example.
+        packing_refused: Why `data.batching: padding_free / packed` cannot keep this family's examples apart in
+            a shared row (empty: it can, and the packed-equals-alone tests cover it).
         notes: Anything else the data pipeline must know.
     """
 
@@ -107,6 +112,8 @@ class Family:
     text_layout: Literal["bos_after_last_image", "bos_if_missing"] | None = None
     vision_batching: Mapping[str, Batching] = field(default_factory=lambda: MappingProxyType({}))
     token_pad: Mapping[str, int] = field(default_factory=lambda: _TOKEN_PAD)
+    rope_index: str | None = None
+    packing_refused: str = ""
     notes: str = ""
 
     def load_class(self) -> type:
@@ -175,11 +182,12 @@ _IDEFICS = {
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(name="qwen2_vl", model_types=("qwen2_vl",), **_QWEN),
-        Family(name="qwen2_5_vl", model_types=("qwen2_5_vl",), **_QWEN),
+        Family(name="qwen2_vl", model_types=("qwen2_vl",), **_QWEN, rope_index="Qwen2VLModel"),
+        Family(name="qwen2_5_vl", model_types=("qwen2_5_vl",), **_QWEN, rope_index="Qwen2_5_VLModel"),
         Family(
             name="qwen3_vl",
             model_types=("qwen3_vl",),
+            rope_index="Qwen3VLModel",
             **{**_QWEN, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
         ),
         Family(name="llava", model_types=("llava",), **_LLAVA, image_grid="resize_crop"),
@@ -217,6 +225,8 @@ FAMILIES: dict[str, Family] = {
             text_layout="bos_after_last_image",
             # token_type_ids 0 mark the bidirectional prefix, so padding (after the answer) is 1, the causal part.
             token_pad=MappingProxyType({**_TOKEN_PAD, "token_type_ids": 1}),
+            packing_refused="its prefix-LM mask lets every prefix token (token_type_ids 0) attend to every other "
+            "in the same row, so packed examples would see each other's images and prompts",
             notes="the processor adds 1,152 <loc>/<seg> tokens to the tokenizer, and inserts bos after the last "
             "<image> and appends '\\n' to every text, which misplaces return_assistant_tokens_mask.",
         ),
@@ -231,6 +241,9 @@ FAMILIES: dict[str, Family] = {
             },
             nested_images=True,
             token_type_ids="image",
+            packing_refused="its sliding-window layers' mask (bidirectional image blocks, then the window) does "
+            "not keep packed examples apart in transformers 5.25: measured, a packed example's tokens attend to "
+            "the example before it",
             notes="the processor expands <start_of_image> to '\\n\\n<start_of_image>' + soft tokens + "
             "'<end_of_image>\\n\\n'; the embeddings are tied to the output head.",
         ),
@@ -246,6 +259,8 @@ FAMILIES: dict[str, Family] = {
             nested_images=True,
             cross_attention_images=True,
             text_layout="bos_if_missing",
+            packing_refused="images enter through cross-attention, whose cross_attention_mask is per row and "
+            "image, not per packed example",
             vision_batching=MappingProxyType(
                 {
                     "pixel_values": "sample",

@@ -129,12 +129,15 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         keep_vision_in_step(accelerator, model, family, train_data, padded)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
-        train_collator = build_collator(recipe, padded, pad_token_id)
+        train_collator = build_collator(
+            recipe, padded, pad_token_id, family=family, model_config=accelerator.unwrap_model(model).config
+        )
         if recipe.data.batching != "padded":
-            check_packed_attention(
-                model, train_collator, len(processor), accelerator.device, recipe.data.batching
-            )
-        sampler = build_sampler(recipe, train_data.lengths, accelerator.num_processes)
+            vocab = len(getattr(processor, "tokenizer", processor))  # a VLM's processor holds its tokenizer
+            check_packed_attention(model, train_collator, vocab, accelerator.device, recipe.data.batching)
+        sampler = build_sampler(
+            recipe, train_data.lengths, accelerator.num_processes, image_tokens=train_data.image_tokens()
+        )
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
         scheduler = build_scheduler(optimizer, t, total_steps)
         log.info(

@@ -92,14 +92,17 @@ def test_token_budget_micro_batches_train(tiny_recipe, tmp_path):
     assert len(_records(grouped)) == 3
 
 
-def test_a_vision_language_model_refuses_packing(tiny_recipe, tmp_path):
-    from transformers import LlamaConfig, LlavaConfig
+def test_a_vision_language_model_that_cannot_keep_examples_apart_refuses_packing(tiny_recipe, tmp_path):
+    """The family is detected from the checkpoint (no model.family): PaliGemma's prefix-LM mask spans the row."""
+    from transformers import GemmaConfig, PaliGemmaConfig
 
-    model = tmp_path / "llava"
-    LlavaConfig(text_config=LlamaConfig(hidden_size=64, num_hidden_layers=1)).save_pretrained(model)
+    model = tmp_path / "paligemma"
+    PaliGemmaConfig(text_config=GemmaConfig(hidden_size=64, num_hidden_layers=1)).save_pretrained(model)
     recipe = _run(tiny_recipe, tmp_path, "vlm", {"batching": "packed"})
     recipe["model"]["path"] = str(model)
-    with pytest.raises(RecipeError, match=r"data\.batching: packed is not supported for vision-language"):
+    with pytest.raises(
+        RecipeError, match=r"data\.batching: packed is not supported for paligemma models: its"
+    ):
         run(recipe)
     assert not (tmp_path / "vlm").exists()
 

@@ -78,3 +78,7 @@ def test_mixed_image_and_text_batches_across_two_processes(name, vlm_recipe, vlm
     trained = adapter(out)
     assert any("merger" in k for k in trained)  # the projector is in the adapter, trained
     assert max_diff(trained, adapter(vlm_reference)) < 2e-5
+    # Balanced ranks (data.balance_ranks, the default): one image row and one text row per step, so the image
+    # row's process carries more tokens; the metric says how much.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rank_imbalance"] > 1.0 for r in records), records

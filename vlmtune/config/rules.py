@@ -63,8 +63,8 @@ def family_problems(recipe: Recipe, family: Family | None) -> list[str]:
     if family is None:
         return _text_model_problems(recipe)
     problems = image_size_problems(recipe, family)
-    if recipe.data.batching != "padded":
-        problems.append(vlm_packing_problem(recipe.data.batching, family.name))
+    if problem := vlm_packing_problem(recipe.data.batching, family):
+        problems.append(problem)
     return problems
 
 
@@ -83,11 +83,13 @@ def _text_model_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def vlm_packing_problem(batching: str, family: str) -> str:
-    # Image-text rows carry per-image inputs (pixel values, image grids, multimodal rope positions) that
-    # packing would have to re-align sequence by sequence; no family does that yet.
+def vlm_packing_problem(batching: str, family: Family) -> str | None:
+    """Why `data.batching` (padding_free / packed) cannot be used with this vision-language family; None when it
+    can. The reason lives in the family registry (`Family.packing_refused`)."""
+    if batching == "padded" or not family.packing_refused:
+        return None
     return (
-        f"data.batching: {batching} is not supported for vision-language models ({family}); use "
+        f"data.batching: {batching} is not supported for {family.name} models: {family.packing_refused}; use "
         "data.batching: padded (data.group_by_length and train.micro_batch_tokens also cut padding)"
     )
 

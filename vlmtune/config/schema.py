@@ -192,7 +192,9 @@ class DataConfig(_Section):
         description="How rows form a micro-batch: padded (rows right-padded to the longest), padding_free (the "
         "micro-batch's rows concatenated into one row, no pad tokens), packed (rows best-fit packed into bins "
         "of data.pack_length tokens; a micro-batch is train.micro_batch_size bins). padding_free and packed "
-        "keep sequences apart with position_ids (checked on the loaded model); text models only.",
+        "keep sequences apart with position_ids (checked on the loaded model), and for vision-language models "
+        "batch the images of all a row's examples in order and give Qwen-VL each example's own 3-D rope "
+        "positions; refused for paligemma, gemma3 and mllama, whose masks cannot keep examples apart.",
     )
     pack_length: PositiveInt | None = Field(
         None,
@@ -202,6 +204,13 @@ class DataConfig(_Section):
         False,
         description="With batching: padded, sort rows by length within shuffled windows of 50 micro-batches so "
         "each micro-batch holds rows of similar length (less padding); deterministic per seed and epoch.",
+    )
+    balance_ranks: bool = Field(
+        True,
+        description="With several processes, deal each step's rows (or bins) to processes so that their tokens "
+        "(image tokens counted again, for the vision tower) are balanced, instead of in order; the step trains "
+        "the same rows either way, deterministic per seed and step. Not with group_by_length. The metric "
+        "rank_imbalance is the largest process's tokens over the mean.",
     )
     cache: bool = Field(
         True,

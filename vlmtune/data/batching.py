@@ -23,16 +23,23 @@ from vlmtune.data.packing import (
     best_fit_decreasing,
     budget_chunks,
 )
+from vlmtune.data.positions import RopeIndex
 from vlmtune.data.sampler import StepSampler
 from vlmtune.logging import get_logger
 
 log = get_logger("data")
 
 
-def build_sampler(recipe: Recipe, lengths: list[int], world_size: int) -> StepSampler:
-    """The step sampler for `recipe`'s batching mode over rows of these `lengths`."""
+def build_sampler(
+    recipe: Recipe, lengths: list[int], world_size: int, image_tokens: list[int] | None = None
+) -> StepSampler:
+    """The step sampler for `recipe`'s batching mode over rows of these `lengths` (image tokens included;
+    `image_tokens` per row count again in the work balanced across processes, for the vision tower)."""
     d, t = recipe.data, recipe.train
-    common = {"grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed}
+    costs = None
+    if d.balance_ranks and world_size > 1:
+        costs = [n + (int(image_tokens[i]) if image_tokens is not None else 0) for i, n in enumerate(lengths)]
+    common = {"grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed, "costs": costs}
     if d.batching == "packed":
         capacity = d.pack_length or d.max_length
         bins = best_fit_decreasing(lengths, capacity, seed=t.seed)
@@ -58,15 +65,22 @@ def build_sampler(recipe: Recipe, lengths: list[int], world_size: int) -> StepSa
     )
 
 
-def build_collator(recipe: Recipe, padded_collator, pad_token_id: int):
-    """The training collator: `padded_collator` (the text or VLM one) unless batching packs sequences."""
-    if recipe.data.batching == "padding_free":
-        return PaddingFreeCollator()
-    if recipe.data.batching == "packed":
-        if recipe.model.attn_implementation == "flash_attention_2":
-            return OneRowPackedCollator()
-        return PackedCollator(pad_token_id)
-    return padded_collator
+def build_collator(recipe: Recipe, padded_collator, pad_token_id: int, family=None, model_config=None):
+    """The training collator: `padded_collator` (the text or VLM one) unless batching packs sequences.
+
+    A vision-language `family`'s packed rows batch their vision inputs by `padded_collator`'s rules, and, for a
+    family with multimodal rope, carry each example's 3-D positions computed from `model_config`.
+    """
+    batching = recipe.data.batching
+    if batching == "padded":
+        return padded_collator
+    vision = padded_collator if family is not None else None
+    rope = RopeIndex(family.rope_index, model_config) if family is not None and family.rope_index else None
+    if batching == "padding_free":
+        return PaddingFreeCollator(pad_token_id, vision, rope)
+    if recipe.model.attn_implementation == "flash_attention_2":
+        return OneRowPackedCollator(pad_token_id, vision, rope)
+    return PackedCollator(pad_token_id, vision, rope)
 
 
 def layout(recipe: Recipe) -> str:
@@ -75,5 +89,5 @@ def layout(recipe: Recipe) -> str:
     d, t = recipe.data, recipe.train
     return (
         f"batching={d.batching} pack_length={d.pack_length} group_by_length={d.group_by_length} "
-        f"micro_batch_tokens={t.micro_batch_tokens}"
+        f"micro_batch_tokens={t.micro_batch_tokens} balance_ranks={d.balance_ranks}"
     )

@@ -87,8 +87,15 @@ class Collator:
         for key in sorted(keys & set(self.token_pad)):
             # A text-only row of a vision-language batch has no per-token outputs: it is all "not image".
             batch[key] = _pad_tokens(examples, key, length, self.token_pad[key], missing=self.token_pad[key])
+        batch.update(self.vision_inputs(examples, length))
+        return batch
+
+    def vision_inputs(self, examples: list[dict[str, Any]], length: int) -> dict[str, torch.Tensor]:
+        """The vision inputs of `examples` (rows of `length` tokens) batched by the family's rules; none when no
+        row has an image (a text-only forward)."""
+        batch: dict[str, torch.Tensor] = {}
         if not any(k in e for e in examples for k in self.vision if self.vision[k] != "count"):
-            return batch  # no image in the whole batch: a text-only forward
+            return batch
         for key, how in self.vision.items():
             values = [e.get(key) for e in examples]
             if all(v is None for v in values):

@@ -8,6 +8,13 @@ does this is checked once per run by `check_packed_attention`, not assumed.
 The loss shifts labels by one within a row, so the last token of one sequence would be trained to predict the
 first token of the next. The first label of every sequence is therefore -100; in a padded batch that label is
 never used either (nothing precedes it), so the trained tokens, and the loss, are the same as padded batching.
+
+Image-text rows (a vision-language family's `Collator` given as `vision`): the vision inputs of every example of
+the batch are batched together by the family's rules in the order of their placeholders, which is the order the
+model fills image tokens in; per-token outputs (`mm_token_type_ids`, `token_type_ids`) are laid end to end like
+`input_ids`. Families with multimodal rope (Qwen-VL) get each example's own 3-D positions from `rope`
+(`positions.RopeIndex`), as `(4, rows, tokens)` position ids: the 1-D positions first (the boundaries), then the
+three rope axes. Families whose model cannot keep packed examples apart say why in `Family.packing_refused`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vlmtune.data.collate import Collator, _cat, _pad_to
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.errors import UserError
 
@@ -92,72 +100,137 @@ def _segment(example: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _concat(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    parts = [_segment(e) for e in examples]
-    ids = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
-    positions = torch.cat([torch.arange(len(p[0])) for p in parts])
-    return ids, labels, positions
+def _merge_vision(examples: list[dict], vision: dict[str, str]) -> dict:
+    """The vision inputs of one packed row's examples, merged as if they were one example with all the images,
+    in the order of their placeholders: per-image entries concatenated (`cat`, `count`), per-sample ones
+    (`sample`: (1, images, ...)) joined along the image dim."""
+    merged = {}
+    for key, how in vision.items():
+        values = [e.get(key) for e in examples]
+        present = [v for v in values if v is not None]
+        if how == "count":
+            if present:
+                merged[key] = torch.cat(
+                    [torch.zeros(1, dtype=torch.long) if v is None else v for v in values]
+                )
+        elif not present:
+            continue
+        elif how == "cat":
+            merged[key] = _cat(present)
+        elif how == "sample":
+            trailing = tuple(max(v.shape[d] for v in present) for d in range(2, present[0].dim()))
+            merged[key] = torch.cat([_pad_to(v, (1, v.shape[1], *trailing)) for v in present], dim=1)
+        else:  # refused up front by `Family.packing_refused` (Mllama's cross-attention mask)
+            raise ValueError(f"{key}: {how} vision inputs cannot be packed")
+    return merged
 
 
-class PaddingFreeCollator:
-    """Concatenates a micro-batch's examples into one row: no pad tokens, positions restarting per example."""
+class _Packer:
+    """Lays examples end to end in rows, right-pads the rows, and batches their vision inputs.
+
+    Args:
+        pad_token_id: Written into padding (only packed rows of different lengths, or a row left empty).
+        vision: The padded collator of a vision-language family (its `vision` / `token_pad` rules); None for text.
+        rope: Per-example 3-D rope positions (`positions.RopeIndex`) for families with multimodal rope.
+    """
+
+    def __init__(self, pad_token_id: int | None, vision: Collator | None = None, rope=None) -> None:
+        self.pad_token_id = pad_token_id
+        self.vision = vision
+        self.rope = rope
+
+    def __call__(self, rows: list[list[dict]]) -> dict[str, torch.Tensor]:
+        bad = sum("bad_row" in e for row in rows for e in row)
+        rows = [[e for e in row if "bad_row" not in e] for row in rows]
+        if not all(rows):
+            # Rows whose images could not be decoded (data.on_bad_row: skip) were left out; an empty row still
+            # runs a forward of one token that trains nothing, so every rank keeps in step.
+            empty = {"input_ids": [self.pad_token_id or 0], "labels": [IGNORE_INDEX]}
+            rows = [row or [empty] for row in rows]
+        token_keys = sorted({k for row in rows for e in row for k in e} & set(self._token_pad))
+        parts = [[_segment(e) for e in row] for row in rows]
+        lengths = [sum(len(p[0]) for p in row) for row in parts]
+        length = max(lengths)
+        input_ids = torch.full((len(rows), length), self.pad_token_id or 0, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        # Padding is a sequence of its own (positions from 0): real tokens never attend to it.
+        positions = torch.arange(length).repeat(len(rows), 1)
+        rope = torch.arange(length).repeat(3, len(rows), 1) if self.rope is not None else None
+        tokens = {
+            k: torch.full((len(rows), length), self._token_pad[k], dtype=torch.long) for k in token_keys
+        }
+        for r, (row, part, n) in enumerate(zip(rows, parts, lengths, strict=True)):
+            input_ids[r, :n] = torch.cat([p[0] for p in part])
+            labels[r, :n] = torch.cat([p[1] for p in part])
+            positions[r, :n] = torch.cat([torch.arange(len(p[0])) for p in part])
+            positions[r, n:] = torch.arange(length - n)
+            if rope is not None:
+                rope[:, r, :n] = torch.cat([self.rope(e) for e in row], dim=1)
+                rope[:, r, n:] = torch.arange(length - n)
+            for k in token_keys:
+                pad = self._token_pad[k]
+                tokens[k][r, :n] = torch.cat(
+                    [torch.as_tensor(e[k] if k in e else [pad] * len(e["input_ids"])) for e in row]
+                )
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": positions if rope is None else torch.cat([positions[None], rope]),
+            "labels": labels,
+            "n_tokens": torch.tensor(sum(lengths)),
+            **tokens,
+        }
+        if self.vision is not None:
+            merged = [_merge_vision(row, self.vision.vision) for row in rows]
+            batch.update(self.vision.vision_inputs(merged, length))
+        if bad:
+            batch["bad_rows"] = torch.tensor(bad)
+        return batch
+
+    @property
+    def _token_pad(self) -> dict[str, int]:
+        return self.vision.token_pad if self.vision is not None else {}
+
+
+class PaddingFreeCollator(_Packer):
+    """Concatenates a micro-batch's examples into one row: no pad tokens, positions restarting per example.
+
+    Args as `_Packer`; a text model needs none of them.
+    """
+
+    def __init__(self, pad_token_id: int | None = None, vision: Collator | None = None, rope=None) -> None:
+        super().__init__(pad_token_id, vision, rope)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        ids, labels, positions = _concat(examples)
-        return {
-            "input_ids": ids[None],
-            "position_ids": positions[None],
-            "labels": labels[None],
-            "n_tokens": torch.tensor(len(ids)),
-        }
+        return super().__call__([examples])
 
 
-class PackedCollator:
+class PackedCollator(_Packer):
     """One row per bin (a list of examples); rows right-padded to the longest bin.
 
     Padding forms its own dummy sequence (positions from 0, labels -100): real tokens never attend to it, since
     it comes after them in a causal mask and is a separate sequence anyway.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int | None, vision: Collator | None = None, rope=None) -> None:
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: the tokenizer has no pad token; set one before batching")
-        self.pad_token_id = pad_token_id
+        super().__init__(pad_token_id, vision, rope)
 
     def __call__(self, bins: list[list[dict]]) -> dict[str, torch.Tensor]:
         if not bins or not all(bins):
             raise ValueError("cannot collate an empty batch or an empty bin")
-        rows = [_concat(b) for b in bins]
-        length = max(len(r[0]) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.arange(length).repeat(len(rows), 1)
-        for k, (ids, lab, pos) in enumerate(rows):
-            n = len(ids)
-            input_ids[k, :n], labels[k, :n], positions[k, :n] = ids, lab, pos
-            positions[k, n:] = torch.arange(length - n)
-        n_tokens = sum(len(r[0]) for r in rows)
-        return {
-            "input_ids": input_ids,
-            "position_ids": positions,
-            "labels": labels,
-            "n_tokens": torch.tensor(n_tokens),
-        }
+        return super().__call__(bins)
 
 
-class OneRowPackedCollator:
+class OneRowPackedCollator(PaddingFreeCollator):
     """Packed bins laid end to end in a single row: flash-attention reads sequence boundaries from
     `position_ids` only in a batch of one row (transformers' `_is_packed_sequence`), and with its
     variable-length kernel a long row costs no more than several short ones."""
 
-    def __init__(self) -> None:
-        self._one_row = PaddingFreeCollator()
-
     def __call__(self, bins: list[list[dict]]) -> dict[str, torch.Tensor]:
-        return self._one_row([example for b in bins for example in b])
+        return super().__call__([example for b in bins for example in b])
 
 
 def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:

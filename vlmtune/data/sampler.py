@@ -8,6 +8,12 @@ The items of a global batch do not depend on the world size, so 1 process × 8 r
 
 An item is a row, or, with `units`, a fixed group of rows (a packed bin or a token-budget chunk, see
 `data/packing.py`) formed once before training, so the number of items, and steps per epoch, are known up front.
+
+With several processes and per-row `costs`, a step's items are dealt to ranks by cost (largest first, each to
+the least-loaded rank with room) instead of in order: a rank that draws the long rows makes every other rank wait
+at each collective. The step holds the same items and the loss is normalised over the whole window, so the
+gradient is the same; the assignment is still a pure function of (seed, step). Not with length grouping, whose
+micro-batches are already decided.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class StepSampler:
         units: Each item's rows; a micro-batch is then a list of units (each a list of rows), or with
             `flatten_units`, the concatenation of its units' rows.
         lengths: Each row's length in tokens; with `group_by_length`, micro-batches hold rows of similar length.
+        costs: Each row's work (tokens, image tokens counted again for the vision tower); given, with several
+            processes, each micro-step's items are balanced across ranks by it.
     """
 
     def __init__(
@@ -45,6 +53,7 @@ class StepSampler:
         flatten_units: bool = False,
         lengths: Sequence[int] | None = None,
         group_by_length: bool = False,
+        costs: Sequence[int] | None = None,
     ) -> None:
         self.units = units
         self.flatten_units = flatten_units
@@ -59,6 +68,8 @@ class StepSampler:
         self.world_size = world_size
         self.seed = seed
         self.lengths = list(lengths) if group_by_length else None
+        # Length grouping already decides the micro-batches; balancing would break them up.
+        self.costs = list(costs) if costs is not None and world_size > 1 and not group_by_length else None
         self.global_batch = micro_batch * grad_accum * world_size
         self.steps_per_epoch = math.ceil(n_items / self.global_batch)
         self._cached: tuple[int, list[int]] | None = None
@@ -98,13 +109,8 @@ class StepSampler:
 
         Each is a list of row indices, or with `units` (not flattened) a list of units, each a list of rows.
         """
-        order = self._order(self.epoch_of(step))
-        start = (step % self.steps_per_epoch) * self.global_batch
-        items = order[start : start + self.global_batch]
         out = []
-        for m in range(self.grad_accum):
-            first = (m * self.world_size + rank) * self.micro_batch
-            chosen = items[first : first + self.micro_batch]
+        for chosen in self._assigned(step)[rank]:
             if self.units is None:
                 out.append(chosen)
             elif self.flatten_units:
@@ -112,3 +118,48 @@ class StepSampler:
             else:
                 out.append([list(self.units[u]) for u in chosen])
         return out
+
+    def _assigned(self, step: int) -> list[list[list[int]]]:
+        """Items of step `step` per rank, per micro-batch: dealt in order, or balanced by cost."""
+        order = self._order(self.epoch_of(step))
+        start = (step % self.steps_per_epoch) * self.global_batch
+        items = order[start : start + self.global_batch]
+        mb, ws = self.micro_batch, self.world_size
+        if self.costs is None:
+            return [
+                [items[(m * ws + r) * mb : (m * ws + r + 1) * mb] for m in range(self.grad_accum)]
+                for r in range(ws)
+            ]
+        out = []
+        for dealt in balance(items, [self.item_cost(i) for i in items], ws):
+            # Largest first: each micro-batch holds items of similar cost (less padding), and the ranks' k-th
+            # micro-batches are alike too (ZeRO-3 / FSDP gather at every forward).
+            dealt = sorted(dealt, key=lambda i: -self.item_cost(i))
+            out.append([dealt[m * mb : (m + 1) * mb] for m in range(self.grad_accum)])
+        return out
+
+    def item_cost(self, item: int) -> int:
+        """The cost of an item (a row, or the rows of a unit); 0 without costs."""
+        if self.costs is None:
+            return 0
+        return (
+            sum(self.costs[row] for row in self.units[item]) if self.units is not None else self.costs[item]
+        )
+
+    def rank_loads(self, step: int) -> list[int]:
+        """Each rank's total cost at step `step` (every rank can compute every rank's: no communication)."""
+        return [sum(self.item_cost(i) for mb in micro for i in mb) for micro in self._assigned(step)]
+
+
+def balance(items: Sequence[int], costs: Sequence[int], n_bins: int) -> list[list[int]]:
+    """Deal `items` (a multiple of `n_bins` of them) into `n_bins` lists of equal size with near-equal total cost:
+    longest processing time first, each item to the least-loaded list that has room (ties by position, so the
+    result is a pure function of the inputs). Within a list, items keep their original order."""
+    per_bin = len(items) // n_bins
+    order = sorted(range(len(items)), key=lambda k: (-costs[k], k))
+    loads, bins = [0] * n_bins, [[] for _ in range(n_bins)]
+    for k in order:
+        b = min((b for b in range(n_bins) if len(bins[b]) < per_bin), key=lambda b: (loads[b], b))
+        bins[b].append(k)
+        loads[b] += costs[k]
+    return [[items[k] for k in sorted(b)] for b in bins]

@@ -468,6 +468,11 @@ class Trainer:
             "bad_rows": state.bad_rows,
             "nonfinite_steps": state.nonfinite_steps,
         }
+        if (
+            self.sampler.costs is not None
+        ):  # several processes: the logged step's work per rank, from the sampler
+            loads = self.sampler.rank_loads(state.step - 1)
+            record["rank_imbalance"] = round(max(loads) * len(loads) / max(sum(loads), 1), 4)
         if self._peak_flops:  # a known GPU, or $VLMTUNE_PEAK_TFLOPS
             record["mfu"] = flops / elapsed / (self._peak_flops * self.acc.num_processes)
         return record

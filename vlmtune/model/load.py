@@ -146,7 +146,11 @@ def load_model(
             kwargs["device_map"] = {"": device}
     cls = AutoModelForCausalLM if family is None else family.load_class()
     model = from_pretrained_complete(cls, where, origin="model.path", **kwargs)
-    model.config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
+    # The KV cache is useless in training and breaks gradient checkpointing; a vision-language model's language
+    # model reads its own config's flag, and with a cache its mask ignores packed-sequence boundaries.
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False
     return model
 
 

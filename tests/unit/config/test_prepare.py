@@ -70,11 +70,11 @@ def test_an_unreadable_accelerate_config_is_one_problem_among_the_others(tmp_pat
     ("model_type", "sections", "expected"),
     [
         (
-            "qwen2_vl",
+            "mllama",
             {"data": {"batching": "packed"}},
-            "data.batching: packed is not supported for vision-language",
+            "data.batching: packed is not supported for mllama models",
         ),
-        ("qwen2_vl", {"data": {"batching": "padding_free"}}, "data.batching: padding_free is not supported"),
+        ("paligemma", {"data": {"batching": "padding_free"}}, "data.batching: padding_free is not supported"),
         ("llama", {"vision": {"tower": "lora"}}, "vision: the model is not a vision-language model"),
     ],
 )

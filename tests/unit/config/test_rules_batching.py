@@ -4,6 +4,7 @@ import pytest
 
 from vlmtune.config.rules import cross_field_problems
 from vlmtune.config.schema import Recipe
+from vlmtune.families import FAMILIES
 
 
 def _recipe(data: dict, train: dict | None = None, model: dict | None = None) -> Recipe:
@@ -43,8 +44,8 @@ def _recipe(data: dict, train: dict | None = None, model: dict | None = None) ->
         (
             {"batching": "padding_free"},
             {},
-            {"family": "qwen2_vl"},
-            "not supported for vision-language models",
+            {"family": "mllama"},
+            "not supported for mllama models",
         ),
     ],
 )
@@ -64,3 +65,14 @@ def test_batching_problems(data, train, model, expected):
 )
 def test_valid_batching_combinations(data, train):
     assert cross_field_problems(_recipe(data, train)) == []
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("batching", ["padding_free", "packed"])
+def test_vision_language_packing_is_refused_exactly_where_the_registry_says(family, batching):
+    problems = cross_field_problems(_recipe({"batching": batching}, {}, {"family": family}))
+    reason = FAMILIES[family].packing_refused
+    if reason:
+        assert len(problems) == 1 and f"not supported for {family} models: {reason}" in problems[0]
+    else:
+        assert problems == []

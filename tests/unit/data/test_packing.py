@@ -80,6 +80,18 @@ def test_padding_free_batch_has_no_padding_and_restarts_positions():
     assert batch["labels"][0, 0] == -100 and batch["labels"][0, 5] == -100
 
 
+def test_rows_whose_images_failed_to_decode_are_left_out_and_counted():
+    """data.on_bad_row: skip hands a row whose image failed as {"bad_row": ...}; packed batches drop it like padded
+    ones, and a bin left empty still runs one token that trains nothing."""
+    a, b = _examples([5, 3])
+    bad = {"bad_row": "broken.png: truncated"}
+    batch = PaddingFreeCollator(0)([a, bad, b])
+    assert batch["input_ids"].shape == (1, 8) and int(batch["bad_rows"]) == 1
+    packed = PackedCollator(0)([[a, bad], [bad]])
+    assert packed["input_ids"].shape == (2, 5) and int(packed["bad_rows"]) == 2
+    assert (packed["labels"][1] == -100).all() and int(packed["n_tokens"]) == 6
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_padding_free_loss_equals_the_padded_loss(models, impl):
     model = models[impl]

@@ -76,3 +76,53 @@ def test_units_are_drawn_whole_nested_or_flattened():
     assert sorted(drawn) == sorted(units)
     flat = StepSampler(7, micro_batch=1, grad_accum=2, world_size=1, seed=0, units=units, flatten_units=True)
     assert sorted(tuple(mb) for k in range(2) for mb in flat.micro_batches(k, 0)) == sorted(map(tuple, units))
+
+
+def _skewed_costs(n: int) -> list[int]:
+    """Image-text-like work: mostly short rows, a few with large images."""
+    g = torch.Generator().manual_seed(1)
+    return [int(c) for c in (torch.rand(n, generator=g) ** 4 * 2000 + 50)]
+
+
+def test_balanced_ranks_train_the_same_rows_per_step_with_less_imbalance():
+    costs = _skewed_costs(200)
+    common = {"micro_batch": 2, "grad_accum": 2, "world_size": 4, "seed": 5}
+    dealt = StepSampler(200, **common)
+    balanced = StepSampler(200, **common, costs=costs)
+    again = StepSampler(200, **common, costs=costs)
+    worst = {"dealt": [], "balanced": []}
+    for step in range(dealt.steps_per_epoch):
+        assert sorted(_rows(dealt, step, 4)) == sorted(_rows(balanced, step, 4))
+        assert all(len(mb) == 2 for r in range(4) for mb in balanced.micro_batches(step, r))
+        assert [balanced.micro_batches(step, r) for r in range(4)] == [
+            again.micro_batches(step, r) for r in range(4)
+        ]
+        for name, s in (("dealt", dealt), ("balanced", balanced)):
+            loads = [sum(costs[i] for mb in s.micro_batches(step, r) for i in mb) for r in range(4)]
+            worst[name].append(max(loads) / (sum(loads) / 4))
+        assert balanced.rank_loads(step) == [
+            sum(costs[i] for mb in balanced.micro_batches(step, r) for i in mb) for r in range(4)
+        ]
+    mean = {k: sum(v) / len(v) for k, v in worst.items()}
+    assert mean["balanced"] < 1.2 < 1.5 < mean["dealt"], mean  # measured: 1.11 against 1.61
+
+
+def test_balancing_deals_packed_bins_whole_and_is_off_for_one_process_or_length_grouping():
+    costs = _skewed_costs(60)
+    units = [[i, i + 1, i + 2] for i in range(0, 60, 3)]
+    s = StepSampler(60, micro_batch=2, grad_accum=1, world_size=2, seed=0, units=units, costs=costs)
+    for step in range(s.steps_per_epoch):
+        for r in range(2):
+            assert all(u in units for mb in s.micro_batches(step, r) for u in mb)
+    assert StepSampler(60, micro_batch=2, grad_accum=1, world_size=1, seed=0, costs=costs).costs is None
+    grouped = StepSampler(
+        60,
+        micro_batch=2,
+        grad_accum=1,
+        world_size=2,
+        seed=0,
+        costs=costs,
+        lengths=costs,
+        group_by_length=True,
+    )
+    assert grouped.costs is None
