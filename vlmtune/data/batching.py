@@ -37,9 +37,12 @@ def build_sampler(
     `image_tokens` per row count again in the work balanced across processes, for the vision tower)."""
     d, t = recipe.data, recipe.train
     costs = None
-    if d.balance_ranks and world_size > 1:
+    if world_size > 1:  # balanced by, with data.balance_ranks; reported as rank_imbalance in any case
         costs = [n + (int(image_tokens[i]) if image_tokens is not None else 0) for i, n in enumerate(lengths)]
-    common = {"grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed, "costs": costs}
+    common = {
+        "grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed, "costs": costs,
+        "balanced": d.balance_ranks,
+    }  # fmt: skip
     if d.batching == "packed":
         capacity = d.pack_length or d.max_length
         bins = best_fit_decreasing(lengths, capacity, seed=t.seed)

@@ -37,8 +37,9 @@ class StepSampler:
         units: Each item's rows; a micro-batch is then a list of units (each a list of rows), or with
             `flatten_units`, the concatenation of its units' rows.
         lengths: Each row's length in tokens; with `group_by_length`, micro-batches hold rows of similar length.
-        costs: Each row's work (tokens, image tokens counted again for the vision tower); given, with several
-            processes, each micro-step's items are balanced across ranks by it.
+        costs: Each row's work (tokens, image tokens counted again for the vision tower); with several processes,
+            `rank_loads` reports each rank's share of a step from it.
+        balanced: With `costs` and several processes, deal each step's items to ranks by cost instead of in order.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class StepSampler:
         lengths: Sequence[int] | None = None,
         group_by_length: bool = False,
         costs: Sequence[int] | None = None,
+        balanced: bool = False,
     ) -> None:
         self.units = units
         self.flatten_units = flatten_units
@@ -68,8 +70,9 @@ class StepSampler:
         self.world_size = world_size
         self.seed = seed
         self.lengths = list(lengths) if group_by_length else None
+        self.costs = list(costs) if costs is not None and world_size > 1 else None
         # Length grouping already decides the micro-batches; balancing would break them up.
-        self.costs = list(costs) if costs is not None and world_size > 1 and not group_by_length else None
+        self.balanced = balanced and self.costs is not None and not group_by_length
         self.global_batch = micro_batch * grad_accum * world_size
         self.steps_per_epoch = math.ceil(n_items / self.global_batch)
         self._cached: tuple[int, list[int]] | None = None
@@ -125,7 +128,7 @@ class StepSampler:
         start = (step % self.steps_per_epoch) * self.global_batch
         items = order[start : start + self.global_batch]
         mb, ws = self.micro_batch, self.world_size
-        if self.costs is None:
+        if not self.balanced:
             return [
                 [items[(m * ws + r) * mb : (m * ws + r + 1) * mb] for m in range(self.grad_accum)]
                 for r in range(ws)
