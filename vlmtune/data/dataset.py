@@ -288,7 +288,7 @@ class _Builder:
             part = cache.load(key) if key else None
             if part is None:
                 loaded = load_source(spec, base_dir=base_dir)
-                part = self._encode(loaded, spec, _image_root(spec, loaded, base_dir), key)
+                part = self._encode(loaded, spec, source_image_root(spec, loaded, base_dir), key)
             else:
                 logger.info("%s: encoded rows taken from the cache (%s)", label, cache.cache_root() / key)
         self.stats.rows_read += part.rows_read
@@ -296,7 +296,7 @@ class _Builder:
             self._apply(entry)
         if self.encoder.vision and loaded is None and int(np.max(part.images, initial=0)):
             loaded = load_source(spec, base_dir=base_dir)  # image rows read their images back from it
-        root = _image_root(spec, loaded, base_dir) if loaded is not None else None
+        root = source_image_root(spec, loaded, base_dir) if loaded is not None else None
         return part, _Source(spec, loaded, root)
 
     def _cache_key(self, spec: DataSource, base_dir: Path | None) -> str | None:
@@ -485,7 +485,7 @@ def _run_chunk(bounds: tuple[int, int]) -> _Chunk:
     return _WORK.run(bounds)
 
 
-def _image_root(spec: DataSource, loaded: LoadedSource, base_dir: Path | None) -> Path | None:
+def source_image_root(spec: DataSource, loaded: LoadedSource, base_dir: Path | None) -> Path | None:
     """Where relative image paths start: `image_root`, else the data file's folder (a dataset repository
     folder itself; nothing for a hub dataset: the working directory)."""
     if spec.image_root:

@@ -26,6 +26,7 @@ from vlmtune.plan.memory import (
     micro_batch_shape,
     parameters,
 )
+from vlmtune.plan.vision import ImageTokens, VisionPlan, vision_plan
 
 _MAX_MICRO_BATCH = 4096
 
@@ -49,6 +50,9 @@ class Plan:
     batch_key: str = "train.micro_batch_size"
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    images: ImageTokens | None = None  # image tokens per row (vision-language models)
+    image_tokens: int = 0  # image tokens of the fullest micro-batch
+    patches: int = 0  # patches the vision tower sees in it
 
     @property
     def total_gpu(self) -> int:
@@ -75,12 +79,28 @@ class Estimate:
     total_params: int
     trainable_params: int
     activations: dict[str, int]  # with and without gradient checkpointing, at the recipe's micro-batch
+    image_tokens: int = 0
+    patches: int = 0
+
+
+def _with_vision(lm: int, recipe: Recipe, sharding: Sharding, vision: VisionPlan | None, ckpt: bool) -> int:
+    """The language model's activations plus the vision tower's: what it keeps for backward, and a frozen
+    tower's transient forward peak where it exceeds what the language model holds later."""
+    if vision is None:
+        return lm
+    tower = vision.activations(recipe, sharding, checkpointing=ckpt)[1]
+    return tower.stored + max(lm + tower.recompute, tower.transient)
 
 
 def estimate(
-    meta: MetaModel, recipe: Recipe, sharding: Sharding, shape: LayerShape | None = None
+    meta: MetaModel,
+    recipe: Recipe,
+    sharding: Sharding,
+    shape: LayerShape | None = None,
+    vision: VisionPlan | None = None,
 ) -> Estimate:
-    """The per-GPU items for `recipe` under `sharding` (`shape`: `layer_shape(meta)` when already known)."""
+    """The per-GPU items for `recipe` under `sharding` (`shape`: `layer_shape(meta)` when already known;
+    `vision`: the image side of a vision-language model, whose tower's activations are counted)."""
     t, n = recipe.train, sharding.world
     p = parameters(meta, recipe, sharding)
     model_bytes = dtype_bytes(recipe, sharding)[0]
@@ -88,10 +108,22 @@ def estimate(
     described = micro_batch_shape(recipe)[2]
     act = batch_activations(shape, recipe, sharding)
     alt = batch_activations(shape, recipe, sharding, checkpointing=not t.gradient_checkpointing)
+    ckpt = t.gradient_checkpointing
     both = {
-        t.gradient_checkpointing: act.stored + act.recompute,
-        not t.gradient_checkpointing: alt.stored + alt.recompute,
+        ckpt: _with_vision(act.stored + act.recompute, recipe, sharding, vision, ckpt),
+        not ckpt: _with_vision(alt.stored + alt.recompute, recipe, sharding, vision, not ckpt),
     }
+    image_tokens = patches = 0
+    vision_note = ""
+    if vision is not None:
+        image_tokens, tower = vision.activations(recipe, sharding)
+        patches = tower.patches
+        kept = "tower + projector" if recipe.vision.tower != "frozen" else "projector"
+        vision_note = f"; {image_tokens:,} image tokens → {patches:,} tower patches: " + (
+            f"{kept} keep {tower.stored / GIB:.2f} GiB"
+            if tower.stored
+            else f"frozen tower, forward peak {tower.transient / GIB:.2f} GiB"
+        )
 
     def split(nbytes: int, sharded: bool, offloaded: bool) -> tuple[int, int]:
         part = nbytes // n if sharded else nbytes
@@ -137,14 +169,15 @@ def estimate(
     items += [
         Item(
             "activations",
-            act.stored + act.recompute,
+            both[ckpt],
             0,
             f"{described}, "
             + (
                 f"checkpointed: layer inputs + one recomputed layer (without: {both[False] / GIB:.1f} GiB)"
                 if t.gradient_checkpointing
                 else f"no checkpointing (with: {both[True] / GIB:.1f} GiB)"
-            ),
+            )
+            + vision_note,
         ),
         Item("logits + loss", act.logits_peak, 0, "full-vocab logits, fp32 log-probs and their gradient"),
         Item(
@@ -155,22 +188,30 @@ def estimate(
         ),
     ]
     activations = {"checkpointed": both[True], "not_checkpointed": both[False]}
-    return Estimate(items, p.total, p.trainable, activations)
+    return Estimate(items, p.total, p.trainable, activations, image_tokens, patches)
 
 
 def plan_recipe(
-    recipe: Recipe, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, meta: MetaModel | None = None
+    recipe: Recipe,
+    *,
+    gpus: int | None = None,
+    gpu_mem_gib: float = 80.0,
+    meta: MetaModel | None = None,
+    vision: VisionPlan | None = None,
 ) -> Plan:
     """The memory plan of `recipe` on GPUs of `gpu_mem_gib` GiB; `gpus` overrides the accelerate config's count.
 
     `meta`: the recipe's meta model when already built (several plans of one model and LoRA; notebooks).
+    `vision`: the image side when already sampled (`vlmtune.plan.vision.vision_plan`).
     """
     sharding = Sharding.from_spec(load_launch_spec(recipe), gpus)
     meta = meta or build_meta_model(recipe)
+    if vision is None:
+        vision = vision_plan(recipe, meta, recipe._base_dir)
     budget = int(gpu_mem_gib * GIB)
-    est = estimate(meta, recipe, sharding)
+    est = estimate(meta, recipe, sharding, vision=vision)
     t = recipe.train
-    largest = _largest_batch(meta, recipe, sharding, budget, est)
+    largest = _largest_batch(meta, recipe, sharding, budget, est, vision)
     plan = Plan(
         model=recipe.model.path,
         family=meta.family.name if meta.family else None,
@@ -185,9 +226,12 @@ def plan_recipe(
         budget=budget,
         largest_micro_batch=int(largest),
         batch_key=_batch_key(recipe),
+        images=vision.images if vision else None,
+        image_tokens=est.image_tokens,
+        patches=est.patches,
     )
-    plan.suggestions = _suggestions(meta, recipe, plan)
-    plan.notes = _notes(recipe, plan)
+    plan.suggestions = _suggestions(meta, recipe, plan, vision)
+    plan.notes = _notes(recipe, plan) + (vision.notes if vision else [])
     return plan
 
 
@@ -200,7 +244,9 @@ def _with_batch(recipe: Recipe, value: int) -> Recipe:
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={key: value})})
 
 
-def _largest_batch(meta: MetaModel, recipe: Recipe, sharding: Sharding, budget: int, est: Estimate) -> int:
+def _largest_batch(
+    meta: MetaModel, recipe: Recipe, sharding: Sharding, budget: int, est: Estimate, vision: VisionPlan | None
+) -> int:
     """The largest micro-batch (rows, or a token budget in steps of data.max_length) that fits; 0 if none.
 
     Only activations and logits depend on the micro-batch, so the rest of `est` is computed once.
@@ -210,8 +256,13 @@ def _largest_batch(meta: MetaModel, recipe: Recipe, sharding: Sharding, budget: 
     fixed = sum(i.gpu for i in est.items if i.name not in ("activations", "logits + loss"))
 
     def fits(n: int) -> bool:
-        act = batch_activations(shape, _with_batch(recipe, n * step), sharding)
-        return fixed + act.stored + act.recompute + act.logits_peak <= budget
+        r = _with_batch(recipe, n * step)
+        act = batch_activations(shape, r, sharding)
+        ckpt = r.train.gradient_checkpointing
+        return (
+            fixed + _with_vision(act.stored + act.recompute, r, sharding, vision, ckpt) + act.logits_peak
+            <= budget
+        )
 
     if not fits(1):
         return 0
@@ -224,11 +275,11 @@ def _largest_batch(meta: MetaModel, recipe: Recipe, sharding: Sharding, budget: 
     return lo * step
 
 
-def _total(meta: MetaModel, recipe: Recipe, sharding: Sharding) -> int:
-    return sum(i.gpu for i in estimate(meta, recipe, sharding).items)
+def _total(meta: MetaModel, recipe: Recipe, sharding: Sharding, vision: VisionPlan | None = None) -> int:
+    return sum(i.gpu for i in estimate(meta, recipe, sharding, vision=vision).items)
 
 
-def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
+def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan, vision: VisionPlan | None = None) -> list[str]:
     """Single changes that make the recipe fit (when it does not), each with its new total; or speed-ups."""
     t, s = recipe.train, plan.sharding
 
@@ -236,7 +287,10 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
         return recipe.model_copy(update={"train": t.model_copy(update=update)})
 
     if plan.fits:
-        if t.gradient_checkpointing and _total(meta, train(gradient_checkpointing=False), s) <= plan.budget:
+        if (
+            t.gradient_checkpointing
+            and _total(meta, train(gradient_checkpointing=False), s, vision) <= plan.budget
+        ):
             return [
                 "it also fits without gradient checkpointing (train.gradient_checkpointing=false: faster)"
             ]
@@ -275,7 +329,7 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan) -> list[str]:
         options.append((label, recipe, offload))
     out = []
     for label, r, sh in options:
-        total = _total(meta, r, sh)
+        total = _total(meta, r, sh, vision)
         if total <= plan.budget:
             out.append(f"{label}: {total / GIB:.1f} GiB")
     if not out:
@@ -297,8 +351,13 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
             f"train.loss=chunked would avoid most of the {logits / GIB:.1f} GiB of logits + loss (same loss, "
             "computed a chunk of tokens at a time)"
         )
-    if plan.family and (recipe.vision.tower != "frozen" or recipe.vision.projector != "frozen"):
-        notes.append("the vision tower's / projector's own activations are not included (they train here)")
+    if plan.images is not None:
+        im = plan.images
+        notes.append(
+            f"image tokens per row: median {im.median:,}, p95 {im.p95:,}, max {im.max:,} "
+            f"({im.source}{'' if im.exact else '; estimated from patch sizes'}); the micro-batch holds up to "
+            f"{plan.image_tokens:,} image tokens ({plan.patches:,} tower patches)"
+        )
     if recipe.train.optimizer == "paged_adamw_8bit":
         notes.append("paged optimizer states can move to CPU RAM under memory pressure (counted on the GPU)")
     if plan.sharding.offload_params or plan.sharding.offload_optimizer:
@@ -330,6 +389,17 @@ def plan_json(plan: Plan) -> dict:
         "batch_key": plan.batch_key,
         "suggestions": plan.suggestions,
         "notes": plan.notes,
+        "images": None
+        if plan.images is None
+        else {
+            "rows_sampled": len(plan.images.per_row),
+            "images_sampled": plan.images.images,
+            "tokens_per_row": {"median": plan.images.median, "p95": plan.images.p95, "max": plan.images.max},
+            "exact": plan.images.exact,
+            "source": plan.images.source,
+            "micro_batch_image_tokens": plan.image_tokens,
+            "micro_batch_patches": plan.patches,
+        },
     }
 
 

@@ -199,8 +199,8 @@ def tiny_llava(tiny_vlm_root):
 def test_vlm_counts_weights_and_activations_match(tiny_llava, tmp_path, one_thread):
     """A LLaVA with a LoRA on its vision tower and a fully trained projector: exact trainable and frozen counts
     (the meta build reuses the `vision` target selection); the language model's activations with 16 image
-    tokens in the sequence (a tower trained by LoRA keeps activations too: the formula leaves them out, so
-    they are excluded from the measurement by running the tower frozen for the activation check)."""
+    tokens in the sequence (a tower trained by LoRA keeps activations too: the language model's formula leaves them
+    out, `vlmtune.plan.vision` counts them and test_vision.py checks that, so the tower runs frozen here)."""
     family = get_family("llava")
     recipe = _recipe(tiny_llava, tmp_path, vision={"tower": "lora", "projector": "full"})
     meta = build_meta_model(recipe)
