@@ -216,14 +216,22 @@ def _quant_note(q, quantized: int, kept: int, kept_dtype: str, vlm: bool) -> str
 
 def decoder_layers(meta: MetaModel) -> list[torch.nn.Module]:
     """The language model's decoder layers: the `layers` ModuleList with the most parameters."""
+    part = "language" if meta.family is not None else None
+    return largest_blocks(meta, part, suffixes=("layers", "layer", ".h"))
+
+
+def largest_blocks(
+    meta: MetaModel, part: str | None, suffixes: tuple[str, ...] = ()
+) -> list[torch.nn.Module]:
+    """The `ModuleList` with the most parameters (in a VLM's `part`, named with one of `suffixes` if given)."""
     best: list[torch.nn.Module] = []
     best_size = -1
     for name, module in meta.model.named_modules():
-        if not isinstance(module, torch.nn.ModuleList) or not name.endswith(("layers", "layer", ".h")):
+        if not isinstance(module, torch.nn.ModuleList) or (suffixes and not name.endswith(suffixes)):
             continue
-        if meta.family is not None:
+        if part is not None:
             try:
-                if part_of(name, meta.family) != "language":
+                if part_of(name, meta.family) != part:
                     continue
             except ValueError:
                 continue

@@ -30,8 +30,7 @@ import torch
 
 from vlmtune.config.schema import Recipe
 from vlmtune.model.meta import MetaModel
-from vlmtune.model.parts import part_of
-from vlmtune.plan.memory import Sharding, dtype_bytes, micro_batch_shape
+from vlmtune.plan.memory import Sharding, dtype_bytes, largest_blocks, micro_batch_shape
 
 SAMPLE_ROWS = 256  # image rows sampled
 READ_ROWS = 16 * SAMPLE_ROWS  # rows read at most per source to find them
@@ -101,7 +100,7 @@ def tower_shape(meta: MetaModel) -> TowerShape | None:
     heads = getattr(vc, "num_heads", None) or vc.num_attention_heads
     intermediate = getattr(vc, "intermediate_size", None) or int(hidden * getattr(vc, "mlp_ratio", 4))
     merge = getattr(vc, "spatial_merge_size", None) or getattr(meta.config, "scale_factor", None) or 1
-    blocks = _tower_blocks(meta)
+    blocks = largest_blocks(meta, "vision")  # the tower's blocks
     first = blocks[0] if blocks else torch.nn.Module()
     names = [n for n, m in first.named_modules() if isinstance(m, torch.nn.Linear)]
     lora = []
@@ -125,24 +124,6 @@ def tower_shape(meta: MetaModel) -> TowerShape | None:
         out_hidden=meta.config.get_text_config().hidden_size,
         lora=lora,
     )
-
-
-def _tower_blocks(meta: MetaModel) -> list[torch.nn.Module]:
-    """The vision tower's blocks: its `ModuleList` with the most parameters."""
-    best: list[torch.nn.Module] = []
-    best_size = -1
-    for name, module in meta.model.named_modules():
-        if not isinstance(module, torch.nn.ModuleList):
-            continue
-        try:
-            if part_of(name, meta.family) != "vision":
-                continue
-        except ValueError:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if size > best_size:
-            best, best_size = list(module), size
-    return best
 
 
 @dataclass(frozen=True)
