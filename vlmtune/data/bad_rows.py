@@ -49,6 +49,13 @@ class BadRow(Exception):
         super().__init__(problem)
 
 
+def bad_row_error(bad: BadRow, where: str) -> DataError:
+    """What `data.on_bad_row: raise` stops with: the row, its problem, and how to skip such rows instead."""
+    return DataError(
+        f"{where}: {bad.problem}\n(set data.on_bad_row: skip to skip such rows and count them instead)"
+    )
+
+
 class BadRowTracker:
     """Applies `data.on_bad_row` and `data.max_bad_fraction` across every source of one dataset.
 
@@ -73,11 +80,9 @@ class BadRowTracker:
         Raises:
             DataError: under `on_bad_row: raise`.
         """
-        message = f"{where}: {bad.problem}"
         if self.policy == "raise":
-            raise DataError(
-                f"{message}\n(set data.on_bad_row: skip to skip such rows and count them instead)"
-            )
+            raise bad_row_error(bad, where)
+        message = f"{where}: {bad.problem}"
         self.counts[bad.kind] += 1
         if len(self.examples) < _LOGGED_EXAMPLES:
             self.examples.append(message)

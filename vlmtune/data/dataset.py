@@ -17,6 +17,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from vlmtune.config.schema import DataConfig, DataSource
 from vlmtune.data import cache
-from vlmtune.data.bad_rows import BadRow, BadRowTracker
+from vlmtune.data.bad_rows import BadRow, BadRowTracker, bad_row_error
 from vlmtune.data.encode import IGNORE_INDEX, EncodedRow, Encoder
 from vlmtune.data.formats import normalise
 from vlmtune.data.mixing import weighted_take
@@ -143,9 +144,7 @@ class IndexedDataset(torch.utils.data.Dataset):
             )
         except BadRow as bad:
             if self._on_bad_row == "raise":
-                raise DataError(
-                    f"{where}: {bad.problem}\n(set data.on_bad_row: skip to skip such rows and count them instead)"
-                ) from None
+                raise bad_row_error(bad, where) from None
             return {"bad_row": {"where": where, "kind": bad.kind, "problem": bad.problem}}
 
     def image_examples(self) -> list[int]:
@@ -282,12 +281,15 @@ class _Builder:
     def encode_source(self, spec: DataSource, base_dir: Path | None) -> tuple[cache.Part, _Source]:
         """The source's encoded part (built, or read from the cache) and how to read its rows back."""
         label = source_label(spec)
-        loaded: LoadedSource | None = None
-        key = self._cache_key(spec, base_dir)
+        path = locate(spec, base_dir)
+        # A hub dataset is loaded to key the cache by its `datasets` fingerprint (its data files' versions).
+        loaded = load_source(spec, base_dir=base_dir) if path is None and self._fingerprint else None
+        key = self._cache_key(spec, path or loaded.rows._fingerprint) if self._fingerprint else None
         with cache.building(key):
             part = cache.load(key) if key else None
             if part is None:
-                loaded = load_source(spec, base_dir=base_dir)
+                if loaded is None:
+                    loaded = load_source(spec, base_dir=base_dir)
                 part = self._encode(loaded, spec, source_image_root(spec, loaded, base_dir), key)
             else:
                 logger.info("%s: encoded rows taken from the cache (%s)", label, cache.cache_root() / key)
@@ -299,14 +301,7 @@ class _Builder:
         root = source_image_root(spec, loaded, base_dir) if loaded is not None else None
         return part, _Source(spec, loaded, root)
 
-    def _cache_key(self, spec: DataSource, base_dir: Path | None) -> str | None:
-        if self._fingerprint is None:
-            return None
-        path = locate(spec, base_dir)
-        if path is None:  # a hub dataset: its `datasets` fingerprint covers the data files' versions
-            data: Path | str = load_source(spec, base_dir=base_dir).rows._fingerprint
-        else:
-            data = path
+    def _cache_key(self, spec: DataSource, data: Path | str) -> str:
         cfg = self.cfg
         description = [
             source_label(spec), spec.format, spec.image_key, spec.image_root, spec.columns, spec.revision,
@@ -367,34 +362,25 @@ class _Builder:
             self.problems.append({"where": where, "kind": kind, "problem": problem, "tokens": tokens})
 
 
+@dataclass
 class _Chunk:
     """Encoded rows of one range of a source, as the parallel encoder returns them."""
 
-    def __init__(self) -> None:
-        self.rows: list[int] = []
-        self.encoded: list[EncodedRow] = []
-        self.journal: list[list] = []
-        self.rows_read = 0
+    rows: list[int] = field(default_factory=list)
+    encoded: list[EncodedRow] = field(default_factory=list)
+    journal: list[list] = field(default_factory=list)
+    rows_read: int = 0
 
 
+@dataclass
 class _Work:
     """What encoding a source needs, shared with forked workers (set before the pool starts)."""
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        loaded: LoadedSource,
-        spec: DataSource,
-        image_root: Path | None,
-        cfg: DataConfig,
-    ) -> None:
-        self.encoder, self.loaded, self.spec, self.image_root, self.cfg = (
-            encoder,
-            loaded,
-            spec,
-            image_root,
-            cfg,
-        )
+    encoder: Encoder
+    loaded: LoadedSource
+    spec: DataSource
+    image_root: Path | None
+    cfg: DataConfig
 
     def run(self, bounds: tuple[int, int]) -> _Chunk:
         """Encode rows `bounds[0]..bounds[1]-1`; problems become journal entries, never exceptions (a worker's

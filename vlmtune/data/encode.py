@@ -105,10 +105,9 @@ class Encoder:
                 zip(family.image_tokens, family.image_token_ids(encoder), strict=True)
             )
             self._image_ids = np.asarray(list(self._image_token_ids.values()), dtype=np.int64)
-            self._never = set(self._image_ids.tolist())
             pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-            if pad is not None and pad != eos:
-                self._never.add(pad)  # where pad is eos, that token ends every reply and is trained
+            # Never trained: image tokens, and pad (where pad is eos, that token ends every reply and is trained).
+            self._never = np.append(self._image_ids, [pad] if pad is not None and pad != eos else [])
 
     @property
     def vision(self) -> bool:
@@ -173,7 +172,7 @@ class Encoder:
         self._check_placeholders(text, len(sizes))
         expanded, replacements = self._expand(text, sizes)
         ids, offsets = self._tokenize(expanded, replacements)
-        never = np.isin(ids, np.fromiter(self._never, dtype=np.int64))
+        never = np.isin(ids, self._never)
         if self.train_on_prompt:
             trained = ~never
         else:
@@ -203,13 +202,9 @@ class Encoder:
 
     def _expand(self, text: str, sizes: list[tuple[int, int]]) -> tuple[str, list[dict]]:
         try:
-            expanded, replacements = expand_text(self.processor, self.family, text, sizes)
+            return expand_text(self.processor, self.family, text, sizes)
         except UnsupportedImageSize as exc:
             raise BadRow("bad_image", str(exc)) from None
-        # One list of replacements per text (a processor with nothing to replace may give an empty one).
-        if replacements and isinstance(replacements[0], list):
-            replacements = replacements[0]
-        return expanded, list(replacements or [])
 
     def _tokenize(self, text: str, replacements: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and character offsets (`(tokens, 2)`) of the expanded text.
