@@ -21,15 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from vlmtune.data.encode import IGNORE_INDEX
-from vlmtune.logging import get_logger
 
 if TYPE_CHECKING:
     from vlmtune.families import Family
-
-log = get_logger("data")
-
-NOT_MODEL_INPUTS = ("labels", "bad_rows")  # batch keys the model's forward does not take
-_TEXT_ONLY_PAD = {"token_type_ids": 0, "mm_token_type_ids": 0}
 
 
 class Collator:
@@ -52,7 +46,7 @@ class Collator:
         self.family = family
         self.pad_to_multiple_of = pad_to_multiple_of
         self.vision = dict(family.vision_batching) if family is not None else {}
-        self.token_pad = dict(family.token_pad) if family is not None else _TEXT_ONLY_PAD
+        self.token_pad = dict(family.token_pad) if family is not None else {}
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Batch `examples`; vision keys only when some row has images; `bad_rows` counts rows left out."""
