@@ -1,6 +1,6 @@
 """The package's module dependencies, folded to its layers, with the arrows that run upward.
 
-Data flows one way (docs: STYLE): recipe → config → model → data → engine → checkpoint → the entry points. A
+Data flows one way (docs: STYLE): recipe → config → model → data → engine → methods → checkpoint → the entry points. A
 module may import from its own layer or a lower one; an import from a higher layer is an upward arrow. Every
 import that runs counts, function-local ones included; imports under `if TYPE_CHECKING:` do not run and do not
 count. The package root (`vlmtune/__init__.py`: the lazy public API) is an entry point.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Lowest first. Modules not listed under a package are the entry points (train, cli, launch, ...).
-LAYERS = ["base", "config", "model", "data", "engine", "checkpoint", "plan", "entry", "testing"]
+LAYERS = ["base", "config", "model", "data", "engine", "methods", "checkpoint", "plan", "entry", "testing"]
 BASE = {"errors", "logging", "layout", "exit_report", "families"}
 
 

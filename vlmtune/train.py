@@ -79,6 +79,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from vlmtune.engine.metrics import MetricsWriter
     from vlmtune.engine.optim import build_optimizer, build_scheduler
     from vlmtune.engine.vision_sync import keep_vision_in_step
+    from vlmtune.methods import MethodContext, build_method
     from vlmtune.model.load import load_model, load_processor, load_tokenizer, model_family
     from vlmtune.model.lora import apply_lora
 
@@ -146,14 +147,19 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             t.micro_batch_size, t.grad_accum, accelerator.num_processes,
         )  # fmt: skip
 
-        checkpoints = CheckpointManager(out, accelerator, keep_last=recipe.checkpoint.keep_last)
+        method = build_method(
+            MethodContext(recipe, accelerator, model, processor, family=family, output_dir=out)
+        )
+        checkpoints = CheckpointManager(
+            out, accelerator, keep_last=recipe.checkpoint.keep_last, method=method
+        )
         resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
 
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
             train_collator=train_collator, eval_collator=padded, family=family, output_dir=out,
-            checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator),
+            checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator), method=method,
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
         if resume_from is not None:

@@ -43,10 +43,13 @@ log = get_logger(__name__)
 
 
 class CheckpointManager:
-    def __init__(self, output_dir: Path, accelerator, *, keep_last: int) -> None:
+    def __init__(self, output_dir: Path, accelerator, *, keep_last: int, method=None) -> None:
         self.root = output_dir / CHECKPOINTS_DIR
         self.accelerator = accelerator
         self.keep_last = keep_last
+        # The training method (`engine.method.Method`): its per-rank state (e.g. GRPO's rollouts not yet
+        # trained on) is saved beside the RNGs, so a resumed run continues exactly.
+        self.method = method
 
     # --- discovery -----------------------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ class CheckpointManager:
             _write_json(partial / "trainer_state.json", state.state_dict())
         _save_optimizer(kind, acc, model, optimizer, partial)
         _save_torch(rng_state(), partial / "rng" / f"rank-{acc.process_index}.pt")
+        if self.method is not None and (extra := self.method.state_dict()):
+            _save_torch(extra, partial / "rng" / f"method-rank-{acc.process_index}.pt")
         acc.wait_for_everyone()
 
         if acc.is_main_process:
@@ -175,6 +180,9 @@ class CheckpointManager:
             )
             rng_file = path / "rng" / "rank-0.pt"
         set_rng_state(_load_torch(rng_file))
+        method_file = path / "rng" / f"method-rank-{acc.process_index}.pt"
+        if self.method is not None and method_file.is_file():
+            self.method.load_state_dict(_load_torch(method_file))
 
     def _load_adapter(self, model, path: Path, mismatch: str) -> None:
         weights = load_file(str(path / ADAPTER_DIR / ADAPTER_WEIGHTS))

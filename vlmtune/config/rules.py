@@ -53,8 +53,36 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if t.eval_every > 0 and not recipe.data.eval:
         problems.append("train.eval_every: evaluation is scheduled but data.eval lists no source")
     family = FAMILIES.get(recipe.model.family) if recipe.model.family else None
-    problems += batching_problems(recipe) + vision_problems(recipe)
+    problems += method_problems(recipe) + batching_problems(recipe) + vision_problems(recipe)
     return problems + (family_problems(recipe, family) if family is not None else [])
+
+
+# The data format each method reads; sft and distill read conversations.
+METHOD_FORMATS = {"dpo": ("preference",), "grpo": ("prompt",)}
+CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca", "llava")
+
+
+def method_problems(recipe: Recipe) -> list[str]:
+    """`method:` and its section agree, and every data source is in a format the method reads."""
+    problems = []
+    for other in ("dpo", "grpo", "distill"):
+        if getattr(recipe, other) is not None and other != recipe.method:
+            problems.append(
+                f"{other}: this section configures method {other}, but the recipe's method is {recipe.method}; "
+                f"set method: {other}, or remove the {other}: section"
+            )
+    if recipe.method in ("grpo", "distill") and getattr(recipe, recipe.method) is None:
+        needs = "at least its rewards" if recipe.method == "grpo" else "at least its teacher"
+        problems.append(f"{recipe.method}: method {recipe.method} needs a {recipe.method}: section ({needs})")
+    formats = METHOD_FORMATS.get(recipe.method, CONVERSATION_FORMATS)
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(recipe.data, split)):
+            if source.format not in formats:
+                problems.append(
+                    f"data.{split}.{i}.format: {source.format} rows cannot train method {recipe.method}; "
+                    f"it reads {' or '.join(formats)}"
+                )
+    return problems
 
 
 def family_problems(recipe: Recipe, family: Family | None) -> list[str]:

@@ -9,7 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -131,10 +140,12 @@ class DataSource(_Section):
         description=".jsonl, .json, .parquet, a directory written by datasets' save_to_disk, a dataset "
         "repository folder (its data files under it), or a Hugging Face hub dataset id (org/name)."
     )
-    format: Literal["messages", "sharegpt", "alpaca", "llava"] = Field(
+    format: Literal["messages", "sharegpt", "alpaca", "llava", "preference", "prompt"] = Field(
         "messages",
         description="Row layout: messages (role/content), sharegpt (from/value), alpaca (instruction/input/output), "
-        "llava (LLaVA JSON: image + conversations with <image>; vision-language models only).",
+        "llava (LLaVA JSON: image + conversations with <image>; vision-language models only), preference "
+        "(prompt / chosen / rejected, for method: dpo), prompt (a prompt and the fields its rewards read, for "
+        "method: grpo).",
     )
     weight: PositiveFloat = Field(
         1.0,
@@ -332,6 +343,102 @@ class CheckpointConfig(_Section):
     )
 
 
+class DpoConfig(_Section):
+    """Direct preference optimisation: the policy against the adapter-disabled base as reference."""
+
+    beta: PositiveFloat = Field(0.1, description="Strength of the implicit KL to the reference (DPO's beta).")
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid",
+        description="sigmoid (DPO), ipo (IPO's squared loss), simpo (SimPO: length-normalised, reference-free, "
+        "with margin gamma).",
+    )
+    gamma: float = Field(0.5, ge=0.0, description="With loss: simpo, the target reward margin over beta.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (conservative DPO)."
+    )
+
+
+class RewardSpec(_Section):
+    """One reward: a built-in by `name`, or the user's `function` (path/to/file.py:func)."""
+
+    name: Literal["format", "accuracy", "iou"] | None = Field(
+        None, description="Built-in reward: format, accuracy or iou."
+    )
+    function: str | None = Field(
+        None,
+        description="The user's reward, `path/to/file.py:func` (relative to the recipe), called as "
+        "func(prompts, completions, **columns) -> list[float | None].",
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the total.")
+    pattern: str | None = Field(
+        None,
+        description="With name: format, the regex a completion must match (default <think>…</think><answer>…</answer>).",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RewardSpec:
+        if (self.name is None) == (self.function is None):
+            raise ValueError("give exactly one of `name` (a built-in) or `function` (path/to/file.py:func)")
+        if self.pattern is not None and self.name != "format":
+            raise ValueError("`pattern` applies to the built-in format reward only")
+        return self
+
+
+class GrpoConfig(_Section):
+    """Group relative policy optimisation with rewards computed from the completions (verifiable rewards)."""
+
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (a group).")
+    max_completion_length: PositiveInt = Field(256, description="Longest completion, in tokens.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(
+        0.0,
+        ge=0.0,
+        description="KL to the reference (the adapter-disabled base); 0 skips the reference pass.",
+    )
+    epsilon: PositiveFloat = Field(0.2, description="Lower clipping range of the importance ratio.")
+    epsilon_high: PositiveFloat | None = Field(
+        None, description="Upper clipping range (default epsilon; larger is DAPO's clip-higher)."
+    )
+    loss: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo",
+        description="Token-loss normalisation: grpo (mean per completion, then over completions), dapo (over all "
+        "completion tokens of the step), dr_grpo (over completions × max_completion_length).",
+    )
+    scale_rewards: bool = Field(
+        True, description="Divide advantages by the group's reward standard deviation (off: Dr. GRPO)."
+    )
+    steps_per_generation: PositiveInt = Field(
+        1,
+        description="Optimizer steps that share one generation of rollouts (later steps use importance ratios "
+        "against the generating policy).",
+    )
+    rewards: list[RewardSpec] = Field(
+        min_length=1, description="Reward functions, summed with their weights."
+    )
+    log_rollouts: int = Field(
+        0, ge=0, description="Write <output_dir>/rollouts/step-N.jsonl every N steps (0: never)."
+    )
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation from a frozen teacher sharing the student's vocabulary."""
+
+    teacher: str = Field(description="Teacher model: hub id or local directory.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Teacher weights dtype.")
+    quant: QuantConfig | None = Field(None, description="Load the teacher quantised (bitsandbytes).")
+    temperature: PositiveFloat = Field(1.0, description="Softmax temperature of both distributions.")
+    alpha: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the distillation term against the labels' cross-entropy (1: teacher only).",
+    )
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="Divergence between teacher and student: forward_kl, reverse_kl or jsd."
+    )
+
+
 class LaunchConfig(_Section):
     accelerate_config: str | None = Field(
         None,
@@ -340,6 +447,14 @@ class LaunchConfig(_Section):
 
 
 class Recipe(_Section):
+    method: Literal["sft", "dpo", "grpo", "distill"] = Field(
+        "sft",
+        description="Training method: sft (supervised), dpo (preference pairs), grpo (RL with verifiable "
+        "rewards), distill (from a teacher). Its section (dpo:, grpo:, distill:) configures it.",
+    )
+    dpo: DpoConfig | None = None
+    grpo: GrpoConfig | None = None
+    distill: DistillConfig | None = None
     model: ModelConfig
     quant: QuantConfig | None = None
     lora: LoraConfig = Field(default_factory=LoraConfig)

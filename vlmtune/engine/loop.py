@@ -25,6 +25,7 @@ from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.distributed import params_without_grad, strategy, unused_parameters_error
 from vlmtune.engine.flops import flop_counter, peak_flops, sequence_lengths
 from vlmtune.engine.loss import LeanLoss, unwrap
+from vlmtune.engine.method import Batch, Method
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
 from vlmtune.engine.offload import OffloadActivations
 from vlmtune.engine.signals import StopWatcher
@@ -154,6 +155,36 @@ class Components:
     eval_collator: Collate | None = None  # padded, for evaluation (default: `train_collator`)
     # The VLM family (None for a text model): the FLOP count leaves out its vision tower and projector.
     family: Family | None = None
+    method: Method | None = None  # the recipe's training method (default: supervised, `Supervised` below)
+
+
+class Supervised:
+    """method: sft, next-token cross-entropy normalised by the window's trained tokens (`Method`)."""
+
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def prepare(self, step: int, micro_batches: list[Batch], *, training: bool) -> list[Batch]:
+        return micro_batches
+
+    def weight(self, batch: Batch) -> int:
+        return trained_tokens(batch["labels"])
+
+    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trainer.loss_sum(batch), torch.zeros(0)
+
+    def summarise(
+        self, loss: float, sums: dict[str, float], weight: float, *, eval: bool
+    ) -> dict[str, float]:
+        return {"ppl": math.exp(min(loss, 50.0))} if eval else {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class Trainer:
@@ -186,6 +217,7 @@ class Trainer:
         # The stop requests of this rank (set while `fit` runs), and whether any rank asked in the last step.
         self._stop: StopWatcher | None = None
         self._stop_agreed = False
+        self.method: Method = c.method or Supervised(self)
 
     def _batch(self, data, rows: list[int], collator=None) -> dict[str, torch.Tensor]:
         batch = collate(collator or self.c.train_collator, data, rows)
@@ -221,26 +253,31 @@ class Trainer:
             raise err from None
 
     def _train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
-        acc, model = self.acc, self.c.model
-        # Counted from the collated batches while they are still on the host: no device→host copy.
+        acc, model, method = self.acc, self.c.model, self.method
+        micro_batches = method.prepare(self.state.step, micro_batches, training=True)
+        # Counted from the collated batches while they are still on the host: no device→host copy (for sft; a
+        # method that generates has its batches on the device already).
+        local_weight = sum(method.weight(mb) for mb in micro_batches)
         local_tokens = sum(trained_tokens(mb["labels"]) for mb in micro_batches)
         lengths = [n for mb in micro_batches for n in sequence_lengths(mb)]
         local_inputs = sum(input_tokens(mb) for mb in micro_batches)
         micro_batches = [{k: v.to(acc.device) for k, v in mb.items()} for mb in micro_batches]
-        # The window's token count stays on the device: the loss scale needs it, no host decision does.
-        window_tokens = acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum")
+        # The window's normaliser stays on the device: the loss scale needs it, no host decision does.
+        window = acc.reduce(torch.tensor([local_weight, local_tokens], device=acc.device), "sum")
         # In float64, then float32 like the loss: the same factor as computing it on the host.
-        n_tokens = window_tokens.to(torch.float64).clamp(min=1)
-        scale = (acc.num_processes * acc.gradient_accumulation_steps / n_tokens).float()
+        n_weight = window[0].to(torch.float64).clamp(min=1)
+        scale = (acc.num_processes * acc.gradient_accumulation_steps / n_weight).float()
         loss_sum = torch.zeros((), device=acc.device)
+        sums = torch.zeros(len(method.metric_names), device=acc.device)
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             acc.sync_gradients = last  # all-reduce gradients and step only at the end of the window
             with nullcontext() if last else acc.no_sync(model):
                 with self._offload():  # saved tensors go to the CPU during the forward, come back in backward
-                    loss = self.loss_sum(mb)
+                    loss, extra = method.loss_sum(mb)
                 acc.backward(loss * scale)
             loss_sum += loss.detach()
+            sums += extra.to(acc.device)
 
         if self.strategy == "ddp" and self.state.step == 0:
             self._no_grad = params_without_grad(model)
@@ -249,11 +286,11 @@ class Trainer:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # One reduction for the summed loss and every rank's stop request, then the step's one device→host
         # copy: the skip decision needs the loss and the (already global) gradient norm on the host.
-        stop = torch.tensor(float(self._stop is not None and self._stop.requested()), device=acc.device)
-        reduced = acc.reduce(torch.stack([loss_sum.float(), stop]), "sum")
-        total_loss, grad_norm, tokens, stops = self._to_host(
-            torch.stack([reduced[0].double(), torch.as_tensor(grad_norm, device=acc.device).double(),
-                         window_tokens.double(), reduced[1].double()])
+        stop = torch.tensor([float(self._stop is not None and self._stop.requested())], device=acc.device)
+        reduced = acc.reduce(torch.cat([loss_sum.float()[None], stop, sums.float()]), "sum")
+        total_loss, grad_norm, weight, tokens, stops, *method_sums = self._to_host(
+            torch.cat([reduced[:1].double(), torch.as_tensor(grad_norm, device=acc.device).double()[None],
+                       window.double(), reduced[1:].double()])
         )  # fmt: skip
         self._stop_agreed = stops > 0
         # Both values are global (summed loss, all-reduced gradients), so every rank takes the same decision.
@@ -268,7 +305,9 @@ class Trainer:
         self.c.optimizer.zero_grad(set_to_none=True)
         return {
             "loss_sum": total_loss,
+            "weight": weight,
             "tokens": int(tokens),
+            "method_sums": method_sums,
             # This rank's counts only: summed over ranks when a record is written (`_record`).
             "local_input_tokens": local_inputs,
             "local_flops": self._flops.step(lengths),
@@ -314,27 +353,33 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Token-weighted loss and perplexity over the eval set, sharded across ranks."""
-        data, acc, model = self.c.eval_data, self.acc, self.c.model
+        """The method's loss (for sft token-weighted, with perplexity) and metrics over the eval set, by rank."""
+        data, acc, model, method = self.c.eval_data, self.acc, self.c.model, self.method
         mb = self.c.recipe.train.micro_batch_size
         n_batches = math.ceil(len(data) / mb)
         per_rank = math.ceil(n_batches / acc.num_processes)
         model.eval()
-        loss_sum = torch.zeros((), device=acc.device)
-        tokens = torch.zeros((), device=acc.device)
+        # [loss, weight, *metric sums], on the device: no copy per batch.
+        totals = torch.zeros(2 + len(method.metric_names), device=acc.device, dtype=torch.float64)
         for k in range(per_rank):
             b = k * acc.num_processes + acc.process_index
             # Ranks past the end still run a forward (weight 0) so sharded models gather parameters in step.
             real = b < n_batches
             rows = list(range(b * mb, min((b + 1) * mb, len(data)))) if real else [0]
-            batch = self._batch(data, rows, self.c.eval_collator)
-            loss = self.loss_sum(batch)
+            batch = collate(self.c.eval_collator or self.c.train_collator, data, rows)
+            batch = method.prepare(self.state.step, [batch], training=False)[0]
+            weight = method.weight(batch)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            loss, extra = method.loss_sum(batch)
             if real:
-                loss_sum += loss
-                tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # on the device: no copy per batch
+                totals += torch.cat(
+                    [loss.detach().double()[None], totals.new_tensor([weight]), extra.to(totals)]
+                )
         model.train()
-        loss = float(acc.reduce(loss_sum, "sum")) / max(float(acc.reduce(tokens, "sum")), 1.0)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        loss_sum, weight, *sums = self._to_host(acc.reduce(totals, "sum"))
+        loss = loss_sum / max(weight, 1.0)
+        summary = method.summarise(loss, dict(zip(method.metric_names, sums, strict=True)), weight, eval=True)
+        return {"eval_loss": loss, **{f"eval_{k}": v for k, v in summary.items()}}
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -385,8 +430,10 @@ class Trainer:
                 self._handle_nonfinite(out, rows)
                 state.trained_tokens += out["tokens"]
                 state.skipped_steps += int(out["skipped"])
-                for key in ("loss_sum", "tokens", "local_input_tokens", "local_flops"):
+                for key in ("loss_sum", "weight", "tokens", "local_input_tokens", "local_flops"):
                     window[key] += out[key]
+                sums = zip(window["method_sums"], out["method_sums"], strict=True)
+                window["method_sums"] = [a + b for a, b in sums]
                 bar.update(1)
 
                 record = None
@@ -438,11 +485,10 @@ class Trainer:
             pin_memory=self.acc.device.type == "cuda",
         )
 
-    @staticmethod
-    def _new_window() -> dict:
+    def _new_window(self) -> dict:
         return {
-            "loss_sum": 0.0, "tokens": 0, "local_input_tokens": 0, "local_flops": 0.0, "data_wait": 0.0,
-            "start": time.perf_counter(),
+            "loss_sum": 0.0, "weight": 0.0, "tokens": 0, "local_input_tokens": 0, "local_flops": 0.0,
+            "data_wait": 0.0, "method_sums": [0.0] * len(self.method.metric_names), "start": time.perf_counter(),
         }  # fmt: skip
 
     def _record(self, out: dict, window: dict) -> dict:
@@ -455,7 +501,7 @@ class Trainer:
         record = {
             "step": state.step,
             "epoch": round(state.step / self.sampler.steps_per_epoch, 4),
-            "loss": window["loss_sum"] / max(window["tokens"], 1),
+            "loss": (loss := window["loss_sum"] / max(window["weight"], 1)),
             "lr": self.c.scheduler.get_last_lr()[0],
             "grad_norm": out["grad_norm"],
             "trained_tokens": state.trained_tokens,
@@ -468,6 +514,8 @@ class Trainer:
             "bad_rows": state.bad_rows,
             "nonfinite_steps": state.nonfinite_steps,
         }
+        sums = dict(zip(self.method.metric_names, window["method_sums"], strict=True))
+        record.update(self.method.summarise(loss, sums, window["weight"], eval=False))
         if (
             self.sampler.costs is not None
         ):  # several processes: the logged step's work per rank, from the sampler

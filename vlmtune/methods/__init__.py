@@ -1,0 +1,34 @@
+"""Training methods beyond supervised fine-tuning, each behind the loop's `engine.method.Method` seam.
+
+`method: sft` is the loop's own `Supervised`; dpo, grpo and distill live here, one module each, and share the
+loop, checkpoints and metrics with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtune.config.schema import Recipe
+from vlmtune.engine.method import Method
+
+
+@dataclass
+class MethodContext:
+    """What a method is built from: the prepared (wrapped) model and the run's pieces."""
+
+    recipe: Recipe
+    accelerator: Any
+    model: Any  # wrapped by accelerator.prepare (DDP / DeepSpeed engine / FSDP)
+    processor: Any  # a text model's tokenizer, or a VLM's processor
+    family: Any  # vlmtune.families.Family, None for a text model
+    output_dir: Path
+
+
+def build_method(ctx: MethodContext) -> Method | None:
+    """The recipe's method; None for sft (the loop's default)."""
+    name = ctx.recipe.method
+    if name == "sft":
+        return None
+    raise NotImplementedError(f"method {name}")
