@@ -31,4 +31,8 @@ def build_method(ctx: MethodContext) -> Method | None:
     name = ctx.recipe.method
     if name == "sft":
         return None
+    if name == "distill":
+        from vlmtune.methods.distill import build
+
+        return build(ctx)
     raise NotImplementedError(f"method {name}")
