@@ -26,6 +26,7 @@ from vlmtune.plan.memory import (
     micro_batch_shape,
     parameters,
 )
+from vlmtune.plan.teacher import teacher_items
 from vlmtune.plan.vision import ImageTokens, VisionPlan, vision_plan
 
 _MAX_MICRO_BATCH = 4096
@@ -180,6 +181,7 @@ def estimate(
             + vision_note,
         ),
         Item("logits + loss", act.logits_peak, 0, "full-vocab logits, fp32 log-probs and their gradient"),
+        *teacher_items(recipe, sharding),  # method: distill
         Item(
             "CUDA context" + (" + NCCL" if n > 1 else ""),
             CUDA_OVERHEAD + (NCCL_OVERHEAD if n > 1 else 0),

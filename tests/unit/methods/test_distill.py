@@ -194,3 +194,38 @@ def test_the_teacher_is_frozen_and_in_eval_mode(teacher_dir):
     teacher = prepare_teacher(CPU, model)
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_plan_counts_the_teachers_weights_sharded_like_the_students(tmp_path):
+    """A teacher of the student's own shape (a small Qwen2, config only, on the meta device): its weights as the
+    student's frozen base, a quarter per GPU under ZeRO-3 on 4 GPUs (plus two gathered layers), and a forward
+    without gradients plus one KD chunk."""
+    from tests.unit.plan.test_fit import QWEN2_5_7B, REPO
+    from vlmtune.config.load import load_recipe
+    from vlmtune.model.meta import build_meta_model
+    from vlmtune.plan import plan_recipe
+    from vlmtune.plan.memory import GIB, Sharding
+    from vlmtune.plan.teacher import teacher_items
+
+    small = {**QWEN2_5_7B, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4}
+    small.update(num_attention_heads=8, num_key_value_heads=2, vocab_size=32000)
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen/config.json").write_text(__import__("json").dumps(small))
+    common = [f"model.path={tmp_path / 'qwen'}", "method=distill", f"distill.teacher={tmp_path / 'qwen'}"]
+    recipe = load_recipe(REPO / "recipes/7b_lora.yaml", common)
+    meta = build_meta_model(recipe)
+    sft = plan_recipe(load_recipe(REPO / "recipes/7b_lora.yaml", common[:1]), meta=meta)
+    plan = plan_recipe(recipe, meta=meta)
+    items = {i.name: i.gpu for i in plan.items}
+    assert items["teacher weights"] == items["weights (frozen base)"] > 0  # bf16 both
+    # 4 rows × 4,096 tokens: one layer's forward (residual in and out, three intermediates), the kept hidden
+    # states, and one KD chunk (1,024 trained tokens × 32,000) in 8 fp32 tensors.
+    tokens = 4 * 4096
+    expected = tokens * (2 * 512 + 3 * 1536) * 2 + tokens * 512 * 2 + 8 * 1024 * 32000 * 4
+    assert items["teacher forward + KD"] == expected
+    assert plan.total_gpu == sft.total_gpu + items["teacher weights"] + items["teacher forward + KD"]
+    [weights, _] = teacher_items(recipe, Sharding("deepspeed", 4, zero_stage=3))
+    assert items["teacher weights"] // 4 < weights.gpu < items["teacher weights"] // 4 + GIB // 4
+    nowhere = load_recipe(REPO / "recipes/7b_lora.yaml", [*common, "distill.teacher=/nowhere"])
+    [line] = teacher_items(nowhere, Sharding())  # an unreadable teacher config is a note, not a failed plan
+    assert line.gpu == 0 and "not counted" in line.note
