@@ -116,15 +116,17 @@ def one_process(two_process_recipe) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp", "zero3"])
+@pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp2"])
 def test_two_processes_train_like_one(name, two_process_recipe, one_process, tmp_path):
-    """Under ZeRO-3 the teacher is partitioned like the student and every rank runs its forward (and gathers
-    both heads) in step, whatever its token count; the losses and adapter are those of one process, and resume
+    """Under ZeRO-3 / FSDP2 the teacher is sharded like the student and every rank runs its forward (and
+    gathers both heads) in step, whatever its token count; the losses and adapter are those of one process, and resume
     is exact."""
     two = tmp_path / "two"
     args = (f"train.output_dir={two}", f"launch.accelerate_config={cpu_config(name, tmp_path)}")
     proc = launch(two_process_recipe, *args, procs=2)
-    assert f"{'deepspeed' if name == 'zero3' else 'ddp'} over 2 process(es)" in proc.stderr
+    assert {"ddp": "ddp", "zero3": "deepspeed", "fsdp2": "fsdp2"}[name] + " over 2 process(es)" in proc.stderr
+    copies = "a whole copy per process" if name == "ddp" else "sharded like the student"
+    assert f"float32, {copies})" in proc.stderr
     for key in ("loss", "kd_loss", "ce_loss"):
         got, want = [r[key] for r in _records(two)], [r[key] for r in _records(one_process)]
         assert got == pytest.approx(want, abs=1e-5), key

@@ -422,9 +422,12 @@ def build(ctx) -> Distill:
         teacher_model, cfg.quant, device=ctx.accelerator.device, base_dir=base, family=family
     )
     teacher = prepare_teacher(ctx.accelerator, teacher)
+    sharded = any(_is_sharded(p) for p in teacher.parameters())
     log.info(
-        "distill: teacher %s (%s, %s), loss %s at temperature %g, alpha %g",
-        where, type(unwrap(teacher)).__name__, DTYPES[cfg.dtype], cfg.loss, cfg.temperature, cfg.alpha,
+        "distill: teacher %s (%s, %s, %s), loss %s at temperature %g, alpha %g",
+        where, type(unwrap(teacher)).__name__, DTYPES[cfg.dtype],
+        "sharded like the student" if sharded else "a whole copy per process",
+        cfg.loss, cfg.temperature, cfg.alpha,
     )  # fmt: skip
     return Distill(
         ctx.accelerator, ctx.model, teacher, cfg, chunk=recipe.train.loss_chunk_tokens, vocab=len(tokenizer)
