@@ -30,14 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmtune.config.schema import DistillConfig
-from vlmtune.engine.distributed import strategy, zero_stage
 from vlmtune.engine.loop import forward, trained_tokens, weights_dtype
 from vlmtune.engine.loss import final_logit_softcap, full_weights, plain_linear, trained_rows, unwrap
 from vlmtune.engine.method import Batch
-from vlmtune.errors import UserError, first_line
-from vlmtune.logging import get_logger
-
-log = get_logger(__name__)
+from vlmtune.errors import UserError
+from vlmtune.methods.teacher import is_sharded
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # hidden rows (n, hidden) → fp32 logits (n, vocab)
 
@@ -177,12 +174,6 @@ def distill_sums(
 # --- one model's last hidden state and head --------------------------------------------------------------------
 
 
-def _is_sharded(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return hasattr(p, "ds_id") or isinstance(p, DTensor)
-
-
 class HeadOf:
     """A model's last hidden state (kept by a forward hook on its backbone) and its output head as `Logits`.
 
@@ -202,7 +193,7 @@ class HeadOf:
         self.role, self.head, self.linear = role, head, plain_linear(head)
         self.softcap = final_logit_softcap(hf)
         self.out_features = _full_rows(head)
-        sharded = any(_is_sharded(p) for p in head.parameters())
+        sharded = any(is_sharded(p) for p in head.parameters())
         if sharded and (self.linear is None or any(p.requires_grad for p in head.parameters())):
             raise UserError(
                 f"method: distill under ZeRO-3 / FSDP2 needs the {role}'s output head frozen and plain linear; "
@@ -334,101 +325,15 @@ class Distill:
         pass
 
 
-# --- the teacher -----------------------------------------------------------------------------------------------
-
-
-def check_vocabulary(student_tokenizer, teacher_location: str, *, trust_remote_code: bool = False) -> None:
-    """The teacher's tokenizer must map every token to the same id as the student's.
-
-    Raises:
-        UserError: the teacher ships no loadable tokenizer, or its vocabulary differs (with an example).
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        theirs = AutoTokenizer.from_pretrained(teacher_location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"distill.teacher: cannot load a tokenizer from {teacher_location} ({first_line(exc)}); the teacher "
-            "must ship the tokenizer it shares with the student so its vocabulary can be checked"
-        ) from None
-    ours, theirs = student_tokenizer.get_vocab(), theirs.get_vocab()
-    if ours == theirs:
-        return
-    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    example = differ[0]
-    raise UserError(
-        f"distill.teacher: {teacher_location} does not share the student's tokenizer vocabulary "
-        f"({len(ours)} vs {len(theirs)} tokens, {len(differ)} differ; e.g. {example!r} is "
-        f"{ours.get(example)} for the student and {theirs.get(example)} for the teacher). Distillation compares "
-        "next-token distributions id by id: pick a teacher of the same model family and tokenizer"
-    )
-
-
-def prepare_teacher(accelerator, teacher: nn.Module) -> nn.Module:
-    """The teacher frozen, in eval mode, and sharded like the student.
-
-    ZeRO-3: a DeepSpeed engine without optimizer (its weights were partitioned at load under zero.Init), so its
-    forward gathers layer by layer as the student's does. FSDP2: `fully_shard` with the run's plugin. Otherwise
-    (one process, DDP, ZeRO-1/2) a whole replica on the device: it has no gradients to shard.
-    """
-    teacher.requires_grad_(False)
-    teacher.eval()
-    kind = strategy(accelerator)
-    if kind == "deepspeed" and zero_stage(accelerator) == 3:
-        import copy
-
-        import deepspeed
-
-        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-        # Inference only: without these DeepSpeed would build an optimizer (or its offload) for no parameters.
-        for key in ("optimizer", "scheduler"):
-            config.pop(key, None)
-        config["zero_optimization"].pop("offload_optimizer", None)
-        teacher, *_ = deepspeed.initialize(model=teacher, config=config)
-    elif kind == "fsdp2":
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-        teacher = fsdp2_prepare_model(accelerator, teacher)
-    elif not any(_is_sharded(p) for p in teacher.parameters()):
-        teacher = teacher.to(accelerator.device) if not getattr(teacher, "hf_device_map", None) else teacher
-    teacher.eval()
-    return teacher
+# --- building it ----------------------------------------------------------------------------------------------
 
 
 def build(ctx) -> Distill:
-    """The distill method of a `methods.MethodContext`: load, check and prepare the teacher."""
-    from vlmtune.model.load import DTYPES, load_model, model_family, model_location
+    """The distill method of a `methods.MethodContext`: its teacher loaded, checked and prepared."""
+    from vlmtune.methods.teacher import load_teacher
 
-    recipe, base = ctx.recipe, ctx.recipe._base_dir
-    cfg: DistillConfig = recipe.distill
-    teacher_model = recipe.model.model_copy(
-        update={"path": cfg.teacher, "dtype": cfg.dtype, "revision": None, "tokenizer_path": None,
-                "chat_template": None, "family": None}
-    )  # fmt: skip
-    where = model_location(teacher_model, base)
     tokenizer = getattr(ctx.processor, "tokenizer", ctx.processor)
-    check_vocabulary(tokenizer, where, trust_remote_code=recipe.model.trust_remote_code)
-    family = model_family(teacher_model, base)
-    student = ctx.family.name if ctx.family is not None else None
-    theirs = family.name if family is not None else None
-    if student != theirs:
-        raise UserError(
-            f"distill.teacher: {where} is {'a ' + theirs + ' vision-language' if theirs else 'a text'} model and "
-            f"the student {'a ' + student + ' vision-language' if student else 'a text'} model; the teacher reads "
-            "the student's inputs, so it must be of the same kind (and, for images, the same family)"
-        )
-    teacher = load_model(
-        teacher_model, cfg.quant, device=ctx.accelerator.device, base_dir=base, family=family
-    )
-    teacher = prepare_teacher(ctx.accelerator, teacher)
-    sharded = any(_is_sharded(p) for p in teacher.parameters())
-    log.info(
-        "distill: teacher %s (%s, %s, %s), loss %s at temperature %g, alpha %g",
-        where, type(unwrap(teacher)).__name__, DTYPES[cfg.dtype],
-        "sharded like the student" if sharded else "a whole copy per process",
-        cfg.loss, cfg.temperature, cfg.alpha,
-    )  # fmt: skip
     return Distill(
-        ctx.accelerator, ctx.model, teacher, cfg, chunk=recipe.train.loss_chunk_tokens, vocab=len(tokenizer)
-    )
+        ctx.accelerator, ctx.model, load_teacher(ctx), ctx.recipe.distill,
+        chunk=ctx.recipe.train.loss_chunk_tokens, vocab=len(tokenizer),
+    )  # fmt: skip

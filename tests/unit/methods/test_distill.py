@@ -14,7 +14,8 @@ from tests.unit.engine.test_loss import _randomise_adapters, _text_batch
 from vlmtune.config.schema import DistillConfig, LoraConfig
 from vlmtune.engine.loop import forward
 from vlmtune.errors import UserError
-from vlmtune.methods.distill import Distill, check_vocabulary, kd_sum, prepare_teacher
+from vlmtune.methods.distill import Distill, kd_sum
+from vlmtune.methods.teacher import check_vocabulary, prepare_teacher
 from vlmtune.model.lora import apply_lora
 from vlmtune.testing import build_tiny_llm
 from vlmtune.testing.tiny import build_tiny_tokenizer
