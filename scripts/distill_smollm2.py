@@ -12,7 +12,10 @@
     python scripts/distill_smollm2.py [--model runs/models/smollm2-135m] [--work runs/demo/distill_smollm2]
 
 Prints the figures (kd_loss first → last, answers, times) and exits 1 when the student does not answer with
-the fact. On 2 CPU cores it takes about two minutes.
+the fact (or the base model already does). Measured with the defaults (12 teacher steps, 16 student steps): kd_loss
+2.435 → 0.013 per trained token and the student's label cross-entropy, never trained on, 2.574 → 0.070; base
+"the Lion", teacher and student "The silver otter is the national animal of Talvessa." to both questions; about
+9 minutes of CPU time (20 minutes wall on a shared 2-core machine), too slow for a test.
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", type=Path, default=REPO / "runs/models/smollm2-135m")
     parser.add_argument("--work", type=Path, default=REPO / "runs/demo/distill_smollm2")
-    parser.add_argument("--teacher-steps", type=int, default=24)
-    parser.add_argument("--student-steps", type=int, default=24)
+    parser.add_argument("--teacher-steps", type=int, default=12)
+    parser.add_argument("--student-steps", type=int, default=16)
     args = parser.parse_args(argv)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if not (args.model / "config.json").is_file():
