@@ -348,7 +348,7 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
         f"activations assume the fullest micro-batch ({micro_batch_shape(recipe)[2]}); "
         "batches of shorter rows take less",
     ]
-    if recipe.train.loss == "standard":
+    if recipe.train.loss == "standard" and recipe.method != "distill":
         notes.append(
             f"train.loss=chunked would avoid most of the {logits / GIB:.1f} GiB of logits + loss (same loss, "
             "computed a chunk of tokens at a time)"

@@ -215,7 +215,10 @@ def test_plan_counts_the_teachers_weights_sharded_like_the_students(tmp_path):
     common = [f"model.path={tmp_path / 'qwen'}", "method=distill", f"distill.teacher={tmp_path / 'qwen'}"]
     recipe = load_recipe(REPO / "recipes/7b_lora.yaml", common)
     meta = build_meta_model(recipe)
-    sft = plan_recipe(load_recipe(REPO / "recipes/7b_lora.yaml", common[:1]), meta=meta)
+    # The student's own head runs a chunk at a time in distillation, as with train.loss: chunked.
+    sft = plan_recipe(
+        load_recipe(REPO / "recipes/7b_lora.yaml", [common[0], "train.loss=chunked"]), meta=meta
+    )
     plan = plan_recipe(recipe, meta=meta)
     items = {i.name: i.gpu for i in plan.items}
     assert items["teacher weights"] == items["weights (frozen base)"] > 0  # bf16 both
@@ -225,6 +228,7 @@ def test_plan_counts_the_teachers_weights_sharded_like_the_students(tmp_path):
     expected = tokens * (2 * 512 + 3 * 1536) * 2 + tokens * 512 * 2 + 8 * 1024 * 32000 * 4
     assert items["teacher forward + KD"] == expected
     assert plan.total_gpu == sft.total_gpu + items["teacher weights"] + items["teacher forward + KD"]
+    assert not any("train.loss=chunked" in note for note in plan.notes)
     [weights, _] = teacher_items(recipe, Sharding("deepspeed", 4, zero_stage=3))
     assert items["teacher weights"] // 4 < weights.gpu < items["teacher weights"] // 4 + GIB // 4
     nowhere = load_recipe(REPO / "recipes/7b_lora.yaml", [*common, "distill.teacher=/nowhere"])
