@@ -222,3 +222,27 @@ def test_iou_converts_relative_1000_boxes(qwen_processors: dict) -> None:
     columns = {"solution": [[100, 50, 300, 150]], "image_sizes": [[(400, 200)]]}
     _, per = score(rewards, [""], ["<answer>[250, 250, 750, 750]</answer>"], columns)
     assert per["iou"].item() == pytest.approx(1.0)
+
+
+def test_validate_reports_a_missing_reward_file(user_file: Path, tmp_path: Path) -> None:
+    from vlmtune.config.environment import environment_problems
+    from vlmtune.config.load import load_recipe
+
+    recipe_file = user_file.parent / "grpo.yaml"
+    recipe_file.write_text(
+        "method: grpo\n"
+        "grpo:\n"
+        "  rewards:\n"
+        "    - {function: my_rewards.py:length_reward}\n"
+        "    - {function: gone.py:f}\n"
+        "    - {function: my_rewards:f}\n"
+        f"model: {{path: {tmp_path / 'no-model'}}}\n"
+        "data: {train: [{path: data.jsonl, format: prompt}]}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}}}\n",
+        encoding="utf-8",
+    )
+    problems = [p for p in environment_problems(load_recipe(recipe_file)) if p.startswith("grpo.rewards")]
+    assert problems == [
+        f"grpo.rewards.1.function: file not found: gone.py (looked in {Path.cwd()} and the recipe's folder)",
+        "grpo.rewards.2.function: 'my_rewards:f' is not path/to/file.py:func",
+    ]
