@@ -246,3 +246,31 @@ def test_validate_reports_a_missing_reward_file(user_file: Path, tmp_path: Path)
         f"grpo.rewards.1.function: file not found: gone.py (looked in {Path.cwd()} and the recipe's folder)",
         "grpo.rewards.2.function: 'my_rewards:f' is not path/to/file.py:func",
     ]
+
+
+def test_iou_on_the_referring_box_set_through_the_data_pipeline(
+    qwen_processors: dict, tmp_path: Path
+) -> None:
+    """The generated box set read by the data pipeline (`image_sizes` as the files are), answered as Qwen2.5-VL
+    would: in the pixels of the patch grid the model is actually given (`image_grid_thw` of each example)."""
+    from vlmtune.config.schema import DataConfig, DataSource
+    from vlmtune.data import build_dataset
+    from vlmtune.testing.rl_data import write_box_set
+
+    processor, family = qwen_processors["qwen2_5_vl"], get_family("qwen2_5_vl")
+    source = DataSource(path=str(write_box_set(tmp_path / "boxes", 3, seed=1)), format="prompt")
+    dataset = build_dataset(
+        [source], DataConfig(train=[source], cache=False), processor, family=family, seed=0
+    )
+    rewards = _load([{"name": "iou"}, {"name": "format"}], family=family, processor=processor)
+    patch = processor.image_processor.patch_size
+    for i in range(3):
+        example = dataset[i]
+        columns = {key: [value] for key, value in example["columns"].items()}
+        (width, height), truth = example["columns"]["image_sizes"][0], example["columns"]["solution"]
+        _, grid_h, grid_w = example["image_grid_thw"][0].tolist()
+        sx, sy = grid_w * patch / width, grid_h * patch / height
+        seen = [round(v, 2) for v in (truth[0] * sx, truth[1] * sy, truth[2] * sx, truth[3] * sy)]
+        completion = [{"role": "assistant", "content": f"<think>found it</think>\n<answer>{seen}</answer>"}]
+        total, per = score(rewards, [example["prompt"]], [completion], columns)
+        assert per["iou"].item() > 0.99 and per["format"].item() == 1.0 and total.item() > 1.99
