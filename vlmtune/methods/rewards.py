@@ -21,6 +21,7 @@ import importlib.util
 import math
 import re
 import string
+import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,9 +184,12 @@ def _user_function(reference: str, base_dir: Path | None) -> RewardFn:
     if spec is None or spec.loader is None:
         raise UserError(f"grpo.rewards: cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
+    # Registered before running, as an import would be: dataclasses and pickling look their module up there.
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[spec.name]
         raise UserError(
             f"grpo.rewards: importing {path} raised {type(exc).__name__}: {first_line(exc)}"
         ) from exc

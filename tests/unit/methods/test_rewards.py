@@ -24,6 +24,10 @@ from vlmtune.methods.rewards import (
 )
 
 USER_REWARDS = '''
+from __future__ import annotations
+
+import dataclasses
+
 def length_reward(prompts, completions, solution, **kwargs):
     """TRL-style: one float (or None) per completion; `solution` is a column."""
     return [None if s is None else float(len(c) == len(s)) for c, s in zip(completions, solution)]
@@ -41,6 +45,17 @@ def nothing(prompts, completions, **kwargs):
     return None
 
 NOT_A_FUNCTION = 3
+
+
+@dataclasses.dataclass
+class Scorer:  # a dataclass needs its module registered, as an import would
+    bonus: float
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [self.bonus for _ in completions]
+
+
+bonus = Scorer(0.5)
 '''
 
 
@@ -67,6 +82,12 @@ def test_user_function_from_the_recipe_folder_gets_trl_arguments(user_file: Path
     torch.testing.assert_close(total, torch.tensor([2.0, 0.0, 0.0]))
 
 
+def test_a_callable_object_with_a_dataclass_module(user_file: Path) -> None:
+    rewards = _load([{"function": "my_rewards.py:bonus"}], base_dir=user_file.parent)
+    assert rewards[0].name == "bonus"  # an object without __name__ is named as the recipe names it
+    assert score(rewards, ["p"], ["c"], {})[0].tolist() == [0.5]
+
+
 def test_total_is_the_weighted_nansum() -> None:
     def first(prompts, completions, **kwargs):
         return [1.0, None, 0.5, None]
@@ -84,7 +105,7 @@ def test_bad_functions_name_the_reward_and_what_to_fix(user_file: Path) -> None:
     base = user_file.parent
     cases = {
         "missing.py:length_reward": "missing.py not found",
-        "my_rewards.py:lenght_reward": "has no 'lenght_reward'; it defines: length_reward, nothing, raising",
+        "my_rewards.py:lenght_reward": "has no 'lenght_reward'; it defines: Scorer, bonus, length_reward, nothing",
         "my_rewards.py:NOT_A_FUNCTION": "NOT_A_FUNCTION is a int, not a function",
         "os.path:join": "not `path/to/file.py:func`",
         "my_rewards.py": "not `path/to/file.py:func`",
@@ -274,3 +295,18 @@ def test_iou_on_the_referring_box_set_through_the_data_pipeline(
         completion = [{"role": "assistant", "content": f"<think>found it</think>\n<answer>{seen}</answer>"}]
         total, per = score(rewards, [example["prompt"]], [completion], columns)
         assert per["iou"].item() > 0.99 and per["format"].item() == 1.0 and total.item() > 1.99
+
+
+def test_accuracy_asks_math_verify_first_when_installed(monkeypatch) -> None:
+    """A stand-in for math_verify: it parses LaTeX fractions only and says \\frac{1}{2} equals "one half"; a
+    solution it cannot parse falls back to the plain comparison."""
+    import sys
+    import types
+
+    fake = types.ModuleType("math_verify")
+    fake.parse = lambda text: [text] if text.startswith("\\frac") or text == "one half" else []
+    fake.verify = lambda gold, answer: gold == ["\\frac{1}{2}"] and answer == ["one half"]
+    monkeypatch.setitem(sys.modules, "math_verify", fake)
+    completions = ["<answer>one half</answer>", "<answer>\\frac{1}{2}</answer>", "<answer>12</answer>"]
+    solutions = ["\\frac{1}{2}", "\\frac{1}{3}", "12"]
+    assert accuracy_reward([""] * 3, completions, solution=solutions) == [1.0, 0.0, 1.0]
