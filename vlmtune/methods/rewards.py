@@ -127,7 +127,9 @@ def score(
     per_reward: dict[str, torch.Tensor] = {}
     for reward in rewards:
         try:
-            values = reward.fn(prompts=list(prompts), completions=list(completions), **columns)
+            # Fresh lists for each function: one that edits its arguments cannot change what the next one sees.
+            fresh = {key: list(values) for key, values in columns.items()}
+            values = reward.fn(prompts=list(prompts), completions=list(completions), **fresh)
         except UserError as exc:
             raise UserError(f"reward {reward.name!r} ({reward.source}): {exc}") from exc
         except Exception as exc:  # the user's code: say whose, keep the cause for --debug
@@ -135,9 +137,11 @@ def score(
                 f"reward {reward.name!r} ({reward.source}) raised {type(exc).__name__}: {first_line(exc)}"
             ) from exc
         per_reward[reward.name] = _as_tensor(reward, values, n)
-    total = torch.zeros(n, dtype=torch.float32)
-    for reward in rewards:
-        total += torch.nan_to_num(per_reward[reward.name] * reward.weight, nan=0.0)
+    if not rewards:
+        return torch.zeros(n, dtype=torch.float32), per_reward
+    weights = torch.tensor([reward.weight for reward in rewards], dtype=torch.float32)
+    # As TRL: NaN (None) adds nothing; an infinite reward stays infinite for the non-finite policy to see.
+    total = torch.nansum(torch.stack(list(per_reward.values())) * weights[:, None], dim=0)
     return total, per_reward
 
 

@@ -101,6 +101,27 @@ def test_total_is_the_weighted_nansum() -> None:
     assert per["first"].dtype == torch.float32 and torch.isnan(per["second"][2:]).all()
 
 
+def test_rewards_see_their_own_arguments_and_infinity_stays() -> None:
+    def greedy(prompts, completions, solution, **kwargs):
+        solution.clear()  # edits its arguments: the next function must not notice
+        return [math.inf, None]
+
+    def counts(prompts, completions, solution, **kwargs):
+        return [float(len(solution))] * len(completions)
+
+    total, per = score(
+        [Reward("greedy", 1.0, greedy), Reward("counts", 1.0, counts)],
+        ["p", "q"],
+        ["a", "b"],
+        {"solution": ["1", "2"]},
+    )
+    assert per["counts"].tolist() == [2.0, 2.0]
+    assert total.tolist() == [
+        math.inf,
+        2.0,
+    ]  # an infinite reward is not made finite: the non-finite policy sees it
+
+
 def test_bad_functions_name_the_reward_and_what_to_fix(user_file: Path) -> None:
     base = user_file.parent
     cases = {
