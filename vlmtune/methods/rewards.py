@@ -128,7 +128,7 @@ def score(
     for reward in rewards:
         try:
             # Fresh lists for each function: one that edits its arguments cannot change what the next one sees.
-            fresh = {key: list(values) for key, values in columns.items()}
+            fresh = {key: list(column) for key, column in columns.items()}
             values = reward.fn(prompts=list(prompts), completions=list(completions), **fresh)
         except UserError as exc:
             raise UserError(f"reward {reward.name!r} ({reward.source}): {exc}") from exc
