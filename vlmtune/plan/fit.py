@@ -171,7 +171,7 @@ def estimate(
                 "reshard_after_forward false: all stay gathered",
             )
         items.append(Item("gathered layers", gathered, 0, note))
-    if (teacher := teacher_item(recipe)) is not None:
+    if (teacher := teacher_item(recipe, sharding)) is not None:
         items.append(teacher)
     items += [
         Item(
@@ -338,7 +338,7 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan, vision: VisionPlan
         qlora = recipe.model_copy(update={"quant": QuantConfig(bits=4, storage_dtype=recipe.model.dtype)})
         label = f"quant.bits=4 quant.storage_dtype={recipe.model.dtype} (QLoRA)"
         options.append((label, qlora, s))
-    if t.loss == "standard" and recipe.method in ("sft", "distill"):  # dpo / grpo score with methods.logps
+    if t.loss == "standard" and recipe.method == "sft":  # dpo, grpo and distill compute their own losses
         options.append(("train.loss=chunked", train(loss="chunked"), s))
     if t.optimizer == "adamw":
         options.append(("train.optimizer=adamw_8bit", train(optimizer="adamw_8bit"), s))
@@ -368,7 +368,7 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
         "batches of shorter rows take less",
     ]
     notes += method_notes(recipe, plan.items)
-    if recipe.train.loss == "standard" and recipe.method in ("sft", "distill"):
+    if recipe.train.loss == "standard" and recipe.method == "sft":
         notes.append(
             f"train.loss=chunked would avoid most of the {logits / GIB:.1f} GiB of logits + loss (same loss, "
             "computed a chunk of tokens at a time)"

@@ -4,6 +4,7 @@ reference and old-policy passes, the teacher, and the step's phases (held + the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ LLAMA_1B = {
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
     "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
 }  # fmt: skip
+REPO = Path(__file__).resolve().parents[3]
 FORMATS = {"sft": "messages", "dpo": "preference", "grpo": "prompt", "distill": "messages"}
 
 
@@ -56,6 +58,12 @@ def _grpo(model, tmp_path, **grpo):
 @pytest.fixture(scope="module")
 def meta(llama_1b, tmp_path_factory):
     return build_meta_model(_recipe(llama_1b, tmp_path_factory.mktemp("run")))
+
+
+def one_launch(config: Path):
+    from vlmtune.config.schema import LaunchConfig
+
+    return LaunchConfig(accelerate_config=str(config))
 
 
 def _item(plan, name):
@@ -120,15 +128,24 @@ def test_dpo_counts_the_pair_and_the_reference_forward(llama_1b, tmp_path, meta)
 
 
 def test_distill_counts_the_teacher(llama_1b, tmp_path, meta):
-    plan = plan_recipe(
-        _recipe(llama_1b, tmp_path, "distill", {"teacher": str(llama_1b), "dtype": "float32"}), meta=meta
-    )
-    frozen = _item(plan, "weights (frozen base)").gpu  # the same model in bf16, its adapted layers' bases too
-    assert _item(plan, "teacher weights").gpu == 2 * frozen
-    assert (
-        _item(plan, "teacher logits").gpu == 4 * 4 * 512 * 32000
-        and _item(plan, "teacher logits").phase == "train"
-    )
+    def plan(**overrides):
+        recipe = _recipe(llama_1b, tmp_path, "distill", {"teacher": str(llama_1b), "dtype": "float32"})
+        recipe = recipe.model_copy(update=overrides)
+        return plan_recipe(recipe, meta=meta, gpus=4 if overrides else None)
+
+    one = plan()
+    frozen = _item(one, "weights (frozen base)").gpu  # the same model in bf16, its adapted layers' bases too
+    assert _item(one, "teacher weights").gpu == 2 * frozen
+    # Its last hidden states (fp32 here) and one chunk of its float32 logits, through the student's step.
+    hidden = _item(one, "teacher hidden states")
+    assert hidden.gpu == 4 * 4 * 512 * 2048 + 4 * 1024 * 32000 and hidden.phase == "train"  # 1,024-row chunks
+    # Both heads run a chunk of rows at a time, whatever train.loss says: no full-vocabulary logits.
+    sft = plan_recipe(_recipe(llama_1b, tmp_path, loss="chunked"), meta=meta)
+    assert _item(one, "logits + loss").gpu == _item(sft, "logits + loss").gpu
+    assert not any("train.loss=chunked" in line for line in one.notes + one.suggestions)
+    # Sharded like the student under ZeRO-3.
+    zero3 = plan(launch=one_launch(REPO / "accelerate_configs/zero3.yaml"))
+    assert _item(zero3, "teacher weights").gpu == 2 * frozen // 4
 
 
 def test_the_kv_cache_formula_matches_a_real_generate(tiny_model_dir, tmp_path, one_thread):
