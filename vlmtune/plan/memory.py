@@ -462,10 +462,7 @@ def batch_activations(
         attention=attention,
         # DeepSpeed runs the whole module, adapters included, in the half type.
         adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
-        # distill applies both heads a chunk of trained rows at a time, whatever train.loss says.
-        loss_chunk=None
-        if recipe.train.loss == "standard" and recipe.method != "distill"
-        else recipe.train.loss_chunk_tokens,
+        loss_chunk=None if recipe.train.loss == "standard" else recipe.train.loss_chunk_tokens,
     )
     if method_rows(recipe) is None:
         return act

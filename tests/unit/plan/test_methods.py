@@ -1,10 +1,9 @@
-"""`vlmtune plan` for dpo, grpo and distill: the pair, the rollouts' KV cache (against a real `generate`), the
-reference and old-policy passes, the teacher, and the step's phases (held + the largest phase)."""
+"""`vlmtune plan` for dpo and grpo: the pair, the rollouts' KV cache (against a real `generate`), the
+reference and old-policy passes, and the step's phases (held + the largest phase)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ LLAMA_1B = {
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
     "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
 }  # fmt: skip
-REPO = Path(__file__).resolve().parents[3]
-FORMATS = {"sft": "messages", "dpo": "preference", "grpo": "prompt", "distill": "messages"}
+FORMATS = {"sft": "messages", "dpo": "preference", "grpo": "prompt"}
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +56,6 @@ def _grpo(model, tmp_path, **grpo):
 @pytest.fixture(scope="module")
 def meta(llama_1b, tmp_path_factory):
     return build_meta_model(_recipe(llama_1b, tmp_path_factory.mktemp("run")))
-
-
-def one_launch(config: Path):
-    from vlmtune.config.schema import LaunchConfig
-
-    return LaunchConfig(accelerate_config=str(config))
 
 
 def _item(plan, name):
@@ -125,27 +117,6 @@ def test_dpo_counts_the_pair_and_the_reference_forward(llama_1b, tmp_path, meta)
     data = plan_json(dpo)
     assert data["method"] == "dpo" and data["total_gpu_bytes"] == peak_gpu(dpo.items)
     assert "method dpo, micro-batch 2 pairs = 4 rows × 512 tokens" in format_plan(dpo)
-
-
-def test_distill_counts_the_teacher(llama_1b, tmp_path, meta):
-    def plan(**overrides):
-        recipe = _recipe(llama_1b, tmp_path, "distill", {"teacher": str(llama_1b), "dtype": "float32"})
-        recipe = recipe.model_copy(update=overrides)
-        return plan_recipe(recipe, meta=meta, gpus=4 if overrides else None)
-
-    one = plan()
-    frozen = _item(one, "weights (frozen base)").gpu  # the same model in bf16, its adapted layers' bases too
-    assert _item(one, "teacher weights").gpu == 2 * frozen
-    # Its last hidden states (fp32 here) and one chunk of its float32 logits, through the student's step.
-    hidden = _item(one, "teacher hidden states")
-    assert hidden.gpu == 4 * 4 * 512 * 2048 + 4 * 1024 * 32000 and hidden.phase == "train"  # 1,024-row chunks
-    # Both heads run a chunk of rows at a time, whatever train.loss says: no full-vocabulary logits.
-    sft = plan_recipe(_recipe(llama_1b, tmp_path, loss="chunked"), meta=meta)
-    assert _item(one, "logits + loss").gpu == _item(sft, "logits + loss").gpu
-    assert not any("train.loss=chunked" in line for line in one.notes + one.suggestions)
-    # Sharded like the student under ZeRO-3.
-    zero3 = plan(launch=one_launch(REPO / "accelerate_configs/zero3.yaml"))
-    assert _item(zero3, "teacher weights").gpu == 2 * frozen // 4
 
 
 def test_the_kv_cache_formula_matches_a_real_generate(tiny_model_dir, tmp_path, one_thread):
