@@ -123,7 +123,9 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             from vlmtune.model.compile import compile_blocks
 
             compile_blocks(model)
-        optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
+        optimizer = build_optimizer(
+            model, t, family=family, vision=recipe.vision, plus_lr_ratio=recipe.lora.plus_lr_ratio
+        )
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
         check_sharding(accelerator, model, launch)
