@@ -353,9 +353,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """The method's loss (for sft token-weighted, with perplexity) and metrics over the eval set, by rank."""
+        """The method's loss (for sft token-weighted, with perplexity) and metrics over the eval set, by rank.
+
+        In the model's eval mode (no dropout) and without autograd (no graph, no gradients kept), with
+        `train.eval_micro_batch_size` rows per forward (default: the training micro-batch).
+        """
         data, acc, model, method = self.c.eval_data, self.acc, self.c.model, self.method
-        mb = self.c.recipe.train.micro_batch_size
+        t = self.c.recipe.train
+        mb = t.eval_micro_batch_size or t.micro_batch_size
         n_batches = math.ceil(len(data) / mb)
         per_rank = math.ceil(n_batches / acc.num_processes)
         model.eval()
