@@ -67,7 +67,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    from vlmtune.checkpoint.export import export_adapter
+    from vlmtune.checkpoint.export import export_adapter, export_checkpoint_adapter
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
     from vlmtune.config.rules import family_problems
     from vlmtune.data import Collator
@@ -153,7 +153,11 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             MethodContext(recipe, accelerator, model, processor, family=family, output_dir=out)
         )
         checkpoints = CheckpointManager(
-            out, accelerator, keep_last=recipe.checkpoint.keep_last, method=method
+            out,
+            accelerator,
+            keep_last=recipe.checkpoint.keep_last,
+            method=method,
+            keep_best=recipe.checkpoint.keep_best,
         )
         resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
 
@@ -170,7 +174,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         # folder as it was.
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            check_free_space(out, model, recipe.checkpoint.keep_last)
+            check_free_space(out, model, recipe.checkpoint.keep_last + int(recipe.checkpoint.keep_best))
             dump_recipe(recipe, out / RECIPE_FILE)
         accelerator.wait_for_everyone()
         if t.report_to:
@@ -178,8 +182,13 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         final = trainer.fit()
 
         adapter_dir = out / ADAPTER_DIR
-        export_adapter(accelerator, model, processor, adapter_dir)
-        log.info("adapter written to %s", adapter_dir)
+        best = checkpoints.best(trainer.state) if recipe.checkpoint.export == "best" else None
+        if best is not None:
+            export_checkpoint_adapter(accelerator, best, processor, adapter_dir)
+            log.info("adapter of the best checkpoint, %s, written to %s", best.name, adapter_dir)
+        else:
+            export_adapter(accelerator, model, processor, adapter_dir)
+            log.info("adapter written to %s", adapter_dir)
         return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:
         accelerator.end_training()

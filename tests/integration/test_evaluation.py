@@ -1,0 +1,102 @@
+"""Evaluation users act on: its batch size and mode, early stopping with the best checkpoint, sample answers."""
+
+import json
+from pathlib import Path
+
+import torch
+
+import vlmtune.engine.loop as loop
+from vlmtune.train import run
+
+EVAL = str(Path(__file__).parents[2] / "data/demo/eval.jsonl")  # 40 rows
+
+
+def test_eval_runs_in_eval_mode_without_gradients_at_its_own_micro_batch(
+    tiny_recipe, monkeypatch, one_thread
+):
+    calls, evaluations = [], []
+    real_forward, real_evaluate = loop.forward, loop.Trainer.evaluate
+
+    def forward(model, batch, *args, **kwargs):
+        dropout = [m.training for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+        calls.append(
+            (bool(evaluations), model.training, set(dropout), torch.is_grad_enabled(), len(batch["labels"]))
+        )
+        return real_forward(model, batch, *args, **kwargs)
+
+    def evaluate(self):
+        evaluations.append(True)
+        first, again = real_evaluate(self), real_evaluate(self)
+        evaluations.clear()
+        # No autograd graph was built, so no gradient is left on any parameter.
+        assert all(p.grad is None for p in self.c.model.parameters())
+        # Dropout (0.5 here) is off: two passes over the eval set give the same loss to the last bit.
+        assert first == again
+        return first
+
+    monkeypatch.setattr(loop, "forward", forward)
+    monkeypatch.setattr(loop.Trainer, "evaluate", evaluate)
+    result = run(
+        tiny_recipe(
+            lora={"dropout": 0.5},
+            data={"eval": [{"path": EVAL}]},
+            train={"max_steps": 2, "eval_every": 1, "eval_micro_batch_size": 16},
+        )
+    )
+    train_calls = [c for c in calls if not c[0]]
+    eval_calls = [c for c in calls if c[0]]
+    assert [c[1:] for c in train_calls] == [(True, {True}, True, 4)] * 2  # 2 steps, micro-batch 4, dropout on
+    # 2 evaluations, each twice, of 40 rows in batches of 16: 16, 16, 8; dropout modules off, no autograd.
+    assert [c[1:] for c in eval_calls] == [(False, {False}, False, n) for n in (16, 16, 8)] * 4
+    assert [r["step"] for r in result.history if "eval_loss" in r] == [1, 2]
+
+
+def test_early_stopping_keeps_and_exports_the_best_checkpoint_and_stays_stopped(
+    tiny_recipe, tiny_model_dir, tmp_path, monkeypatch, one_thread
+):
+    """Eval losses scripted by step (the weights train for real): best at step 2, then 2 evals without a gain."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from vlmtune.train import main
+
+    scripted = {1: 5.0, 2: 4.0, 3: 3.95, 4: 4.5}  # 3.95 is better, but not by more than min_delta 0.1
+    monkeypatch.setattr(loop.Trainer, "evaluate", lambda self: {"eval_loss": scripted[self.state.step]})
+    recipe = tiny_recipe(
+        data={"eval": [{"path": EVAL}]},
+        train={"max_steps": 10, "eval_every": 1, "early_stopping": {"patience": 2, "min_delta": 0.1}},
+        checkpoint={"every": 1, "keep_last": 1, "keep_best": True, "export": "best"},
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main([str(path)]) == 0
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # stopped after 2 evals without a gain
+    last = records[-1]
+    assert (last["early_stopped"], last["best_step"], last["best_eval_loss"]) == (True, 2, 4.0)
+    assert "for 2 evaluation(s)" in last["stop_reason"] and "4 at step 2" in last["stop_reason"]
+    # keep_last 1 keeps the last checkpoint; keep_best keeps step 2 beside it.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    state = json.loads((out / "checkpoints/step-4/trainer_state.json").read_text())
+    assert (state["best_step"], state["stopped_early"] != "") == (2, True)
+
+    # adapter/ is the best checkpoint's adapter: plain peft gives that checkpoint's logits, not the last one's.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    x = torch.tensor([[1, 40, 41, 42, 43, 2]])
+
+    def logits(adapter: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, adapter).eval()(x).logits
+
+    exported = logits(out / "adapter")
+    torch.testing.assert_close(exported, logits(out / "checkpoints/step-2/adapter"), rtol=0, atol=0)
+    assert not torch.allclose(exported, logits(out / "checkpoints/step-4/adapter"), atol=1e-4)
+    assert (out / "adapter/tokenizer_config.json").is_file()
+
+    # Run again: the stopped run resumes at step 4 and stays stopped; the best checkpoint is still the export.
+    (out / "adapter").rename(out / "first-adapter")
+    assert main([str(path)]) == 0
+    assert (out / "metrics.jsonl").read_text().count("\n") == len(records)
+    torch.testing.assert_close(logits(out / "adapter"), exported, rtol=0, atol=0)
