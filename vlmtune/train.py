@@ -22,7 +22,7 @@ from vlmtune.errors import (
     UserError,
 )
 from vlmtune.exit_report import report_exit_code
-from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE
+from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, SAMPLES_FILE
 from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger()
@@ -161,11 +161,21 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         )
         resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
 
+        samples = None
+        if t.eval_samples and eval_data is not None:
+            from vlmtune.engine.samples import SampleWriter
+
+            tokenizer = getattr(processor, "tokenizer", processor)  # a VLM's processor holds its tokenizer
+            samples = SampleWriter(
+                accelerator, eval_data, padded, tokenizer, out / SAMPLES_FILE,
+                count=t.eval_samples, max_new_tokens=t.eval_max_new_tokens,
+            )  # fmt: skip
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
             train_collator=train_collator, eval_collator=padded, family=family, output_dir=out,
             checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator), method=method,
+            samples=samples,
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
         if resume_from is not None:

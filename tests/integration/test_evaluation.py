@@ -100,3 +100,49 @@ def test_early_stopping_keeps_and_exports_the_best_checkpoint_and_stays_stopped(
     assert main([str(path)]) == 0
     assert (out / "metrics.jsonl").read_text().count("\n") == len(records)
     torch.testing.assert_close(logits(out / "adapter"), exported, rtol=0, atol=0)
+
+
+def _plain_peft_answer(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
+    """Greedy answer of a model loaded with plain transformers + PEFT, prompted through the chat template."""
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_sample_answers_are_the_models_greedy_answers_to_the_first_eval_prompts(
+    tiny_recipe, tiny_model_dir, tmp_path, one_thread
+):
+    from peft import PeftModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train = {"max_steps": 4, "eval_every": 2, "eval_samples": 2, "eval_max_new_tokens": 6}
+    result = run(tiny_recipe(data={"eval": [{"path": EVAL}]}, train={**train, "report_to": ["tensorboard"]}))
+    out = result.output_dir
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]
+    rows = [json.loads(line) for line in Path(EVAL).read_text().splitlines()[:2]]
+    # The prompt is the conversation up to its last assistant turn (row 0 has two turns); the reference is that turn.
+    assert [s["reference"].strip() for s in samples[2:]] == [r["messages"][-1]["content"] for r in rows]
+    assert "What is the official animal" in samples[0]["prompt"] and samples[0]["prompt"].rstrip().endswith(
+        "assistant"
+    )
+    assert "Which language is used in Talvessa?" in samples[0]["prompt"]
+    assert samples[0]["completion"] != samples[2]["completion"]  # the model changed between steps 2 and 4
+
+    # The last evaluation's answers are those of the final weights, as plain PEFT generates them.
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    for sample, row in zip(samples[2:], rows, strict=True):
+        assert sample["completion"] == _plain_peft_answer(model, tokenizer, row["messages"][:-1], 6)
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*"))))
+    events.Reload()
+    texts = [t for t in events.Tags().get("tensors", []) if "eval_samples" in t]
+    assert texts, events.Tags()

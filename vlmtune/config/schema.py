@@ -335,10 +335,11 @@ class TrainConfig(_Section):
     eval_samples: int = Field(
         0,
         ge=0,
-        description="At each evaluation, greedily generate answers to the first N eval prompts (the tokens before "
-        "the first trained one, images included) into <output_dir>/samples.jsonl and TensorBoard / wandb text.",
+        description="At each evaluation, greedily generate answers to the first N eval prompts (each example's "
+        "conversation up to its last assistant turn, images included) into <output_dir>/samples.jsonl "
+        "({step, prompt, completion, reference} lines) and TensorBoard / wandb text (needs data.eval).",
     )
-    eval_max_new_tokens: PositiveInt = Field(128, description="With eval_samples, longest generated answer.")
+    eval_max_new_tokens: PositiveInt = Field(64, description="With eval_samples, longest generated answer.")
     report_to: list[
         Literal[
             "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"

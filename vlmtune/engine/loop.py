@@ -29,6 +29,7 @@ from vlmtune.engine.loss import LeanLoss, unwrap
 from vlmtune.engine.method import Batch, Method
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
 from vlmtune.engine.offload import OffloadActivations
+from vlmtune.engine.samples import SampleWriter
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
 from vlmtune.errors import DataError, Preempted, TrainingDiverged
@@ -157,6 +158,7 @@ class Components:
     # The VLM family (None for a text model): the FLOP count leaves out its vision tower and projector.
     family: Family | None = None
     method: Method | None = None  # the recipe's training method (default: supervised, `Supervised` below)
+    samples: SampleWriter | None = None  # train.eval_samples: answers generated at each evaluation
 
 
 class Supervised:
@@ -414,6 +416,8 @@ class Trainer:
         c, acc, t, state = self.c, self.acc, self.c.recipe.train, self.state
         total = state.total_steps
         c.metrics.rewind(state.step)
+        if c.samples is not None:
+            c.samples.rewind(state.step)
 
         c.model.train()
         every, final = c.recipe.checkpoint.every, {}
@@ -482,6 +486,8 @@ class Trainer:
     def _evaluate_into(self, record: dict | None) -> tuple[dict, bool]:
         """Evaluate, judge the loss (best so far, early stopping) and add both to this step's record."""
         record = {**(record or {"step": self.state.step}), **self.evaluate()}
+        if self.c.samples is not None:
+            self.c.samples.write(self.c.model, self.state.step, self._dtype)
         best = judge_eval(self.state, record["eval_loss"], self.c.recipe.train.early_stopping)
         record.update(best_eval_loss=self.state.best_eval_loss, best_step=self.state.best_step)
         if self.state.stopped_early:
