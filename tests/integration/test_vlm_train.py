@@ -336,7 +336,9 @@ def test_sample_answers_of_a_vlm_see_the_image(name, tiny_vlm_root, vlm_data, tm
     base = family.load_class().from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
     for sample, row in zip(samples, rows, strict=True):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
+        ]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         image = Image.open(vlm_data / row["image"]).convert("RGB")
         inputs = processor(text=[text], images=[image], return_tensors="pt")

@@ -76,3 +76,19 @@ def test_one_step_moves_b_ratio_times_as_far_and_a_the_same():
         assert delta.abs().max() > 0, name
         expected = ratio * delta if "lora_B" in name else delta
         torch.testing.assert_close(plus[name], expected, rtol=1e-4, atol=1e-9)
+
+
+def test_the_recipe_key_reaches_the_optimizer(tiny_recipe, monkeypatch, one_thread):
+    import vlmtune.engine.optim as optim
+    from vlmtune.train import run
+
+    built, real = [], optim.build_optimizer
+
+    def build(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(optim, "build_optimizer", build)
+    run(tiny_recipe(lora={"plus_lr_ratio": 4.0}, train={"max_steps": 1, "lr": 1e-3}))
+    (opt,) = built
+    assert [g["initial_lr"] for g in opt.param_groups] == [1e-3, pytest.approx(4e-3)]
