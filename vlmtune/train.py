@@ -194,7 +194,9 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         adapter_dir = out / ADAPTER_DIR
         best = checkpoints.best(trainer.state) if recipe.checkpoint.export == "best" else None
         if recipe.checkpoint.export == "best" and best is None:
-            log.warning("checkpoint.export: best, but no checkpoint of a best eval loss exists; exporting the last")
+            log.warning(
+                "checkpoint.export: best, but no checkpoint of a best eval loss exists; exporting the last"
+            )
         if best is not None:
             export_checkpoint_adapter(accelerator, best, processor, adapter_dir)
             log.info("adapter of the best checkpoint, %s, written to %s", best.name, adapter_dir)
