@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import vlmtune.engine.loop as loop
@@ -146,3 +147,60 @@ def test_sample_answers_are_the_models_greedy_answers_to_the_first_eval_prompts(
     events.Reload()
     texts = [t for t in events.Tags().get("tensors", []) if "eval_samples" in t]
     assert texts, events.Tags()
+
+
+def test_a_real_eval_loss_that_stops_improving_stops_the_run_and_the_best_weights_are_exported(
+    tiny_recipe, tiny_model_dir, one_thread
+):
+    """No script: a high constant lr makes the tiny model's eval loss bounce. The run stops at the first evaluation
+    that is the `patience`-th without a new best, and adapter/ has the best eval loss, recomputed here."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlmtune.config.schema import DataConfig, DataSource
+    from vlmtune.data import Collator, build_dataset
+
+    patience = 2
+    result = run(
+        tiny_recipe(
+            data={"eval": [{"path": EVAL}]},
+            train={
+                "max_steps": 12,
+                "lr": 0.1,
+                "scheduler": "constant",
+                "eval_every": 1,
+                "eval_micro_batch_size": 40,
+                "early_stopping": {"patience": patience},
+            },
+            checkpoint={"every": 0, "keep_last": 1, "keep_best": True, "export": "best"},
+        )
+    )
+    evals = [r for r in result.history if "eval_loss" in r]
+    losses = [r["eval_loss"] for r in evals]
+    # The stop, recomputed from the losses the run measured: patience evaluations after the last new best.
+    best, since, stop = 0, 0, None
+    for i, loss in enumerate(losses):
+        if i == 0 or loss < losses[best]:
+            best, since = i, 0
+        else:
+            since += 1
+        if since == patience:
+            stop = i
+            break
+    assert stop is not None and stop < 11, losses  # it did stop early
+    assert result.steps == len(losses) == stop + 1 and evals[-1]["early_stopped"] is True
+    assert evals[-1]["best_step"] == best + 1 and evals[-1]["best_eval_loss"] == losses[best]
+
+    tokenizer = AutoTokenizer.from_pretrained(result.adapter_dir)
+    data = build_dataset(
+        [DataSource(path=EVAL)], DataConfig(train=[DataSource(path=EVAL)], max_length=256), tokenizer, seed=0
+    )
+    batch = Collator(tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    with torch.no_grad():
+        loss = loop.token_loss_sum(loop.forward(model, batch), batch["labels"]) / loop.trained_tokens(
+            batch["labels"]
+        )
+    assert loss.item() == pytest.approx(losses[best], rel=1e-5)
+    assert all(abs(loss.item() - other) > 1e-4 for i, other in enumerate(losses) if i != best)
