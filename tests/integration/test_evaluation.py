@@ -84,10 +84,11 @@ def test_early_stopping_keeps_and_exports_the_best_checkpoint_and_stays_stopped(
     assert (state["best_step"], state["stopped_early"] != "") == (2, True)
 
     # adapter/ is the best checkpoint's adapter: plain peft gives that checkpoint's logits, not the last one's.
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     x = torch.tensor([[1, 40, 41, 42, 43, 2]])
 
     def logits(adapter: Path) -> torch.Tensor:
+        # A fresh base each time: PEFT adds its layers to the model it is given.
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         with torch.no_grad():
             return PeftModel.from_pretrained(base, adapter).eval()(x).logits
 
