@@ -115,6 +115,7 @@ class SampleWriter:
                         **inputs,
                         max_new_tokens=self.max_new_tokens,
                         do_sample=False,
+                        use_cache=True,  # training turned it off in the model's config (see model/load.py)
                         synced_gpus=synced,
                         pad_token_id=pad,
                     )
