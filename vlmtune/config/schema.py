@@ -247,6 +247,8 @@ class DataConfig(_Section):
 
 
 class EarlyStopping(_Section):
+    """`train.early_stopping`: stop once the eval loss has stopped improving (see docs/evaluation.md)."""
+
     patience: PositiveInt = Field(
         description="Stop after this many evaluations in a row without improvement of the eval loss."
     )
