@@ -22,7 +22,7 @@ from vlmtune.errors import (
     UserError,
 )
 from vlmtune.exit_report import report_exit_code
-from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE
+from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, SAMPLES_FILE
 from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger()
@@ -67,7 +67,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    from vlmtune.checkpoint.export import export_adapter
+    from vlmtune.checkpoint.export import export_adapter, export_checkpoint_adapter
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
     from vlmtune.config.rules import family_problems
     from vlmtune.data.batching import build_collator, build_sampler, method_collator
@@ -123,7 +123,9 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             from vlmtune.model.compile import compile_blocks
 
             compile_blocks(model)
-        optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
+        optimizer = build_optimizer(
+            model, t, family=family, vision=recipe.vision, plus_lr_ratio=recipe.lora.plus_lr_ratio
+        )
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
         check_sharding(accelerator, model, launch)
@@ -151,15 +153,29 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             MethodContext(recipe, accelerator, model, processor, family=family, output_dir=out)
         )
         checkpoints = CheckpointManager(
-            out, accelerator, keep_last=recipe.checkpoint.keep_last, method=method
+            out,
+            accelerator,
+            keep_last=recipe.checkpoint.keep_last,
+            method=method,
+            keep_best=recipe.checkpoint.keep_best,
         )
         resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
 
+        samples = None
+        if t.eval_samples and eval_data is not None:
+            from vlmtune.engine.samples import SampleWriter
+
+            tokenizer = getattr(processor, "tokenizer", processor)  # a VLM's processor holds its tokenizer
+            samples = SampleWriter(
+                accelerator, eval_data, padded, tokenizer, out / SAMPLES_FILE,
+                count=t.eval_samples, max_new_tokens=t.eval_max_new_tokens,
+            )  # fmt: skip
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
             train_collator=train_collator, eval_collator=padded, family=family, output_dir=out,
             checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator), method=method,
+            samples=samples,
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
         if resume_from is not None:
@@ -168,7 +184,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         # folder as it was.
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            check_free_space(out, model, recipe.checkpoint.keep_last)
+            check_free_space(out, model, recipe.checkpoint.keep_last + int(recipe.checkpoint.keep_best))
             dump_recipe(recipe, out / RECIPE_FILE)
         accelerator.wait_for_everyone()
         if t.report_to:
@@ -176,8 +192,17 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         final = trainer.fit()
 
         adapter_dir = out / ADAPTER_DIR
-        export_adapter(accelerator, model, processor, adapter_dir)
-        log.info("adapter written to %s", adapter_dir)
+        best = checkpoints.best(trainer.state) if recipe.checkpoint.export == "best" else None
+        if recipe.checkpoint.export == "best" and best is None:
+            log.warning(
+                "checkpoint.export: best, but no checkpoint of a best eval loss exists; exporting the last"
+            )
+        if best is not None:
+            export_checkpoint_adapter(accelerator, best, processor, adapter_dir)
+            log.info("adapter of the best checkpoint, %s, written to %s", best.name, adapter_dir)
+        else:
+            export_adapter(accelerator, model, processor, adapter_dir)
+            log.info("adapter written to %s", adapter_dir)
         return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:
         accelerator.end_training()

@@ -54,6 +54,7 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
         problems.append("train.eval_every: evaluation is scheduled but data.eval lists no source")
     family = FAMILIES.get(recipe.model.family) if recipe.model.family else None
     problems += method_problems(recipe) + batching_problems(recipe) + vision_problems(recipe)
+    problems += evaluation_problems(recipe)
     return problems + (family_problems(recipe, family) if family is not None else [])
 
 
@@ -82,6 +83,42 @@ def method_problems(recipe: Recipe) -> list[str]:
                     f"data.{split}.{i}.format: {source.format} rows cannot train method {recipe.method}; "
                     f"it reads {' or '.join(formats)}"
                 )
+    return problems
+
+
+def evaluation_problems(recipe: Recipe) -> list[str]:
+    """Early stopping, the best checkpoint and sample answers all read evaluations: data.eval must exist."""
+    t, ck, problems = recipe.train, recipe.checkpoint, []
+    no_eval = not recipe.data.eval
+    if t.early_stopping is not None and (no_eval or t.eval_every == 0):
+        problems.append(
+            "train.early_stopping: it watches the eval loss, which "
+            + (
+                "needs eval data: add data.eval"
+                if no_eval
+                else "train.eval_every: 0 measures only at the end"
+            )
+            + "; set data.eval and train.eval_every (e.g. 100), or remove train.early_stopping"
+        )
+    if ck.keep_best and no_eval:
+        problems.append(
+            "checkpoint.keep_best: the best checkpoint is the one with the lowest eval loss, and data.eval lists "
+            "no source; add data.eval, or remove checkpoint.keep_best"
+        )
+    if ck.export == "best" and not ck.keep_best:
+        problems.append(
+            "checkpoint.export: best exports the best checkpoint's adapter, which only checkpoint.keep_best: true "
+            "keeps; set checkpoint.keep_best: true, or checkpoint.export: last"
+        )
+    if t.eval_samples and no_eval:
+        problems.append(
+            "train.eval_samples: answers are generated for eval prompts, and data.eval lists none"
+        )
+    if t.eval_samples and recipe.method not in ("sft", "distill"):
+        problems.append(
+            f"train.eval_samples: sample answers are generated from conversations (methods sft and distill), not "
+            f"for method {recipe.method}; remove train.eval_samples"
+        )
     return problems
 
 

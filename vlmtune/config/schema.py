@@ -126,6 +126,11 @@ class LoraConfig(_Section):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved.")
+    plus_lr_ratio: PositiveFloat | None = Field(
+        None,
+        description="LoRA+: the B matrices' learning rate as a multiple of A's (the group's lr: train.lr, or the "
+        "vision tower / projector lr); e.g. 16. Default: the same rate.",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -241,6 +246,19 @@ class DataConfig(_Section):
     )
 
 
+class EarlyStopping(_Section):
+    """`train.early_stopping`: stop once the eval loss has stopped improving (see docs/evaluation.md)."""
+
+    patience: PositiveInt = Field(
+        description="Stop after this many evaluations in a row without improvement of the eval loss."
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0.0,
+        description="An improvement is an eval loss lower than the best so far by more than this.",
+    )
+
+
 class TrainConfig(_Section):
     output_dir: str = Field(description="Run folder: recipe.yaml, metrics.jsonl, checkpoints/, adapter/.")
     seed: int = Field(42, description="Seeds LoRA init, dropout and the data order.")
@@ -310,6 +328,20 @@ class TrainConfig(_Section):
     )
     log_every: PositiveInt = Field(10, description="Steps between metrics.jsonl / TensorBoard records.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end, if eval data).")
+    eval_micro_batch_size: PositiveInt | None = Field(
+        None, description="Eval rows per forward pass per process (default micro_batch_size)."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop when the eval loss stops improving (needs data.eval and eval_every)."
+    )
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        description="At each evaluation, greedily generate answers to the first N eval prompts (each example's "
+        "conversation up to its last assistant turn, images included) into <output_dir>/samples.jsonl "
+        "({step, prompt, completion, reference} lines) and TensorBoard / wandb text (needs data.eval).",
+    )
+    eval_max_new_tokens: PositiveInt = Field(64, description="With eval_samples, longest generated answer.")
     report_to: list[
         Literal[
             "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
@@ -340,6 +372,16 @@ class CheckpointConfig(_Section):
     )
     resume: str = Field(
         "auto", description="`auto` (newest complete checkpoint), `never`, or a checkpoint path."
+    )
+    keep_best: bool = Field(
+        False,
+        description="Save a checkpoint at each evaluation that lowers the best eval loss, and keep the best one "
+        "beyond keep_last (needs data.eval).",
+    )
+    export: Literal["last", "best"] = Field(
+        "last",
+        description="What adapter/ holds at the end: the last weights, or the best checkpoint's (lowest eval "
+        "loss; needs keep_best).",
     )
 
 
