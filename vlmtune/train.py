@@ -123,6 +123,11 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             from vlmtune.model.compile import compile_blocks
 
             compile_blocks(model)
+        train_collator = build_collator(
+            recipe, padded, pad_token_id, family=family, model_config=model.config
+        )
+        recipe = _batch_sizes(recipe, launch, accelerator, model, train_data, train_collator)
+        t = recipe.train
         optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -130,9 +135,6 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         keep_vision_in_step(accelerator, model, family, train_data, padded)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
-        train_collator = build_collator(
-            recipe, padded, pad_token_id, family=family, model_config=accelerator.unwrap_model(model).config
-        )
         if recipe.data.batching != "padded":
             vocab = len(getattr(processor, "tokenizer", processor))  # a VLM's processor holds its tokenizer
             check_packed_attention(model, train_collator, vocab, accelerator.device, recipe.data.batching)
@@ -181,6 +183,32 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:
         accelerator.end_training()
+
+
+def _batch_sizes(recipe, launch, accelerator, model, train_data, collator):
+    """The recipe with the batch sizes this run trains with (`train.micro_batch_size: auto` sized for the device,
+    `train.global_batch_size` met), logged and handed to the accelerator before `prepare`."""
+    from vlmtune.engine.accelerator import set_batch_sizes
+    from vlmtune.plan.autobatch import device_memory, resolve_batch
+
+    t, device, probe, agree = recipe.train, accelerator.device, None, None
+    # The probe measures the unwrapped model: right for one process and DDP, not for sharded weights.
+    if t.micro_batch_size == "auto" and device.type == "cuda" and not (launch.deepspeed or launch.fsdp):
+        from vlmtune.plan.probe import cuda_probe, min_over_ranks
+
+        probe = cuda_probe(recipe, model, train_data, collator, accelerator.autocast, device)
+        agree = min_over_ranks(device)
+    recipe, choice = resolve_batch(
+        recipe, world=accelerator.num_processes, rows=len(train_data), memory=device_memory(device),
+        probe=probe, **({"agree": agree} if agree else {}),
+    )  # fmt: skip
+    if t.micro_batch_size == "auto" or t.global_batch_size is not None:
+        log.info(
+            "batch sizes: train.micro_batch_size=%d train.grad_accum=%d (%s)",
+            choice.micro_batch_size, choice.grad_accum, choice.how,
+        )  # fmt: skip
+    set_batch_sizes(accelerator, choice.micro_batch_size, choice.grad_accum)
+    return recipe
 
 
 def _build_data(recipe, processor, family, *, show_progress: bool):
