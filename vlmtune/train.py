@@ -46,8 +46,11 @@ class RunResult:
         return read_metrics(self.metrics_file)
 
 
-def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
+def run(recipe, overrides: list[str] | dict | None = None, *, on_trainer=None) -> RunResult:
     """Train the recipe (a path, a mapping or a `Recipe`) and return the run's paths and final metrics.
+
+    `on_trainer(trainer)`, when given, is called with the built `Trainer` just before training (`vlmtune profile`
+    instruments its steps there).
 
     Raises:
         UserError: for problems in the recipe, data or environment (the message says what and where).
@@ -175,6 +178,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         accelerator.wait_for_everyone()
         if t.report_to:
             accelerator.init_trackers(t.tracker_project, config=_flat(recipe.model_dump(mode="json")))
+        if on_trainer is not None:
+            on_trainer(trainer)
         final = trainer.fit()
 
         adapter_dir = out / ADAPTER_DIR
