@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import torch
 
 from vlmtune.engine.memtrack import HEAD, OPTIMIZER, OTHER, LiveBytes, Meter, StepMeter
-from vlmtune.logging import get_logger
+from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger(__name__)
 
@@ -43,6 +43,7 @@ class Profile:
     shape: tuple[int, int]  # rows × tokens of the micro-batch whose activations were largest
     units: dict[str, dict]  # unit → forward_s, backward_s, forward_peak_added, backward_peak_added (bytes)
     measured: dict[str, int]  # the step's peak split by plan item (bytes); "total" is the peak
+    outside_plan: int = 0  # allocated outside the plan's items (a GPU's cuBLAS workspaces): not in "total"
     estimate: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -168,6 +169,9 @@ class _Instrument:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             sm.begin_step()
+            # Allocated before the step but no tensor of the model or optimizer (cuBLAS workspaces, on a GPU):
+            # outside what the plan counts per item (its CUDA context item holds it).
+            outside = max(meter.allocated() - base, 0) if cuda else 0
             if live is not None:
                 with live:
                     out = self._step(micro_batches)
@@ -192,15 +196,19 @@ class _Instrument:
                     p.grad.untyped_storage().nbytes() for p in trainable if p.grad is not None
                 )
                 grads["at_peak"] = grads["at_peak"] or grads["now"]
-            self._split(sm, step_peak, grads["at_peak"], forward_start, trainable, states)
+            self._split(sm, step_peak, grads["at_peak"], forward_start, trainable, states, outside)
         return out
 
-    def _split(self, sm: StepMeter, peak: int, grads: int, fwd: dict, trainable, states) -> None:
+    def _split(
+        self, sm: StepMeter, peak: int, grads: int, fwd: dict, trainable, states, outside: int
+    ) -> None:
+        """The step's peak by plan item; `total` is their sum, the peak less what was `outside` them."""
         frozen = _unique_bytes([p for p in self.model.parameters() if not p.requires_grad])
         lora = _unique_bytes(trainable)
         optim = _unique_bytes(states)
         buffers = _unique_bytes(list(self.model.buffers()))
         activations = max(fwd["act"], 0)
+        peak -= outside
         rest = peak - frozen - lora - optim - grads - buffers
         logits = max(rest - activations, 0)
         activations = rest - logits
@@ -217,7 +225,7 @@ class _Instrument:
         acc = self.trainer.acc
         self.profile = Profile(
             device=str(self.device), world=acc.num_processes, rank=acc.process_index,
-            shape=tuple(fwd["shape"]), units=units,
+            shape=tuple(fwd["shape"]), units=units, outside_plan=outside,
             measured={
                 "weights (frozen base)": frozen + buffers, "trainable weights (LoRA)": lora, "gradients": grads,
                 "optimizer states": optim, "activations": activations, "logits + loss": logits, "total": peak,
@@ -267,7 +275,7 @@ def compare(measured: dict[str, int], estimate: dict[str, int]) -> list[tuple[st
         if abs(diff) <= max(OFF * got, NOISE * measured.get("total", 0)):
             verdict = "ok"
         else:
-            pct = f"{100 * abs(diff) / got:.0f}%" if got else "∞"
+            pct = f"{100 * abs(diff) / got:.0f}%" if got else "none measured"
             verdict = f"estimate {'high' if diff > 0 else 'low'} by {abs(diff) / MIB:.1f} MiB ({pct})"
         rows.append((name, est, got, verdict))
     return rows
@@ -324,7 +332,8 @@ def profile_recipe(recipe, overrides: list[str] | dict | None = None, *, steps: 
     try:
         run(scratch_recipe, on_trainer=instrument)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if is_main_process():  # the scratch run's files are rank 0's: the other ranks may finish first
+            shutil.rmtree(scratch, ignore_errors=True)
     profile = instrument.profile
     resolved = instrument.trainer.c.recipe
     profile.estimate = estimate_at(resolved, profile.shape, profile.world)
