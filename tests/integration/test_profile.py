@@ -144,3 +144,36 @@ def test_profile_of_smollm2_agrees_with_the_plan(tmp_path):
     profile = profile_recipe(recipe, steps=2)
     assert _agree(profile) <= TOLERANCE, (profile.estimate, profile.measured)
     assert len([u for u in profile.units if u.startswith("decoder block")]) == 30
+
+
+@pytest.mark.slow
+def test_profile_under_ddp_profiles_each_rank(tiny_model_dir, tmp_path):
+    """Two gloo DDP processes on the CPU, launched as `vlmtune launch` would but running `vlmtune.profile`:
+    each rank writes its own profile, and each agrees with the plan for 2 processes."""
+    import subprocess
+
+    from tests.integration.helpers import free_port, tiny_recipe_for_processes
+    from vlmtune.launch import plan_launch
+
+    recipe = tiny_recipe_for_processes(
+        tiny_model_dir, tmp_path / "run", grad_accum=2, max_steps=2, checkpoint={"every": 0, "keep_last": 1}
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    plan = plan_launch(str(path), [], procs_per_node=2, main_port=free_port())
+    command = [("vlmtune.profile" if part == "vlmtune.train" else part) for part in plan.command]
+    env = {**os.environ, **plan.env, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*command, "--steps", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 of 2" in proc.stdout
+    for folder in ("profile", "profile/rank-1"):
+        report = json.loads((tmp_path / "run" / folder / "profile.json").read_text())
+        assert report["world"] == 2 and report["rank"] == (1 if "rank-1" in folder else 0)
+        measured, estimate = report["measured"], report["estimate"]
+        assert abs(estimate["total"] - measured["total"]) <= TOLERANCE * measured["total"], (
+            estimate,
+            measured,
+        )
+    assert not (tmp_path / "run" / "profile" / "scratch-run").exists()
