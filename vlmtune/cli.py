@@ -42,9 +42,9 @@ def _validate(args: argparse.Namespace) -> int:
     print(
         f"  data       {len(recipe.data.train)} train source(s), {len(recipe.data.eval)} eval, max_length {recipe.data.max_length}"
     )
-    print(
-        f"  batch      {t.micro_batch_size} micro × {t.grad_accum} accum per process, lr {t.lr} ({t.scheduler})"
-    )
+    accum = f"global {t.global_batch_size}" if t.global_batch_size else f"{t.grad_accum} accum per process"
+    micro = "auto (sized at start-up)" if t.micro_batch_size == "auto" else t.micro_batch_size
+    print(f"  batch      {micro} micro × {accum}, lr {t.lr} ({t.scheduler})")
     print(f"  launch     {recipe.launch.accelerate_config or 'defaults'} ({launch.distributed_type})")
     print(f"  output     {t.output_dir}")
     return 0

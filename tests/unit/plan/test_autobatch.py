@@ -147,3 +147,32 @@ def test_schema_and_rules():
     assert any(p.startswith("train.micro_batch_size: auto sizes a row count") for p in problems)
     assert any(p.startswith("train.global_batch_size: counts rows") for p in problems)
     assert cross_field_problems(_recipe(micro_batch_size="auto", global_batch_size=8)) == []
+
+
+def test_chosen_sizes_reach_the_accelerator_and_deepspeed_before_prepare():
+    from types import SimpleNamespace
+
+    from vlmtune.engine.accelerator import set_batch_sizes
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 4,
+        "train_batch_size": "auto",
+    }
+    accelerator = SimpleNamespace(
+        gradient_accumulation_steps=4,
+        num_processes=2,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)),
+    )
+    set_batch_sizes(accelerator, 6, 3)
+    assert accelerator.gradient_accumulation_steps == 3
+    assert config == {
+        "train_micro_batch_size_per_gpu": 6,
+        "gradient_accumulation_steps": 3,
+        "train_batch_size": 36,
+    }
+    plain = SimpleNamespace(
+        gradient_accumulation_steps=4, num_processes=1, state=SimpleNamespace(deepspeed_plugin=None)
+    )
+    set_batch_sizes(plain, 2, 5)
+    assert plain.gradient_accumulation_steps == 5
