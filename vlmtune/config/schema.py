@@ -16,6 +16,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     PrivateAttr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -343,6 +344,15 @@ class TrainConfig(_Section):
     @classmethod
     def _unquoted_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+    @field_validator("micro_batch_size", mode="wrap")
+    @classmethod
+    def _count_or_auto(cls, value, handler):
+        # One message for a bad value, not one per member of the union.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"expected a positive integer or auto (got {value!r})") from None
 
 
 class CheckpointConfig(_Section):

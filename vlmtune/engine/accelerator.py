@@ -82,7 +82,9 @@ def set_batch_sizes(accelerator: Accelerator, micro_batch_size: int, grad_accum:
         cfg = plugin.deepspeed_config
         cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
         cfg["gradient_accumulation_steps"] = grad_accum
-        cfg["train_batch_size"] = micro_batch_size * grad_accum * accelerator.num_processes  # as accelerate would
+        cfg["train_batch_size"] = (
+            micro_batch_size * grad_accum * accelerator.num_processes
+        )  # as accelerate would
 
 
 def check_launch(spec: LaunchSpec) -> None:
