@@ -195,17 +195,15 @@ def _batch_sizes(recipe, launch, accelerator, model, train_data, collator):
     `train.global_batch_size` met), logged and handed to the accelerator before `prepare`."""
     from vlmtune.engine.accelerator import set_batch_sizes
     from vlmtune.plan.autobatch import device_memory, resolve_batch
+    from vlmtune.plan.probe import cuda_probe, min_over_ranks
 
-    t, device, probe, agree = recipe.train, accelerator.device, None, None
+    t, device, probe = recipe.train, accelerator.device, None
     # The probe measures the unwrapped model: right for one process and DDP, not for sharded weights.
     if t.micro_batch_size == "auto" and device.type == "cuda" and not (launch.deepspeed or launch.fsdp):
-        from vlmtune.plan.probe import cuda_probe, min_over_ranks
-
         probe = cuda_probe(recipe, model, train_data, collator, accelerator.autocast, device)
-        agree = min_over_ranks(device)
     recipe, choice = resolve_batch(
         recipe, world=accelerator.num_processes, rows=len(train_data), memory=device_memory(device),
-        probe=probe, **({"agree": agree} if agree else {}),
+        probe=probe, agree=min_over_ranks(device),
     )  # fmt: skip
     if t.micro_batch_size == "auto" or t.global_batch_size is not None:
         log.info(

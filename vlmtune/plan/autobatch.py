@@ -214,7 +214,8 @@ def resolve_batch(
             ]
         )
     if probe is None:
-        micro, how = sizes[-1], f"planner: largest that fits {where} is {fitted}"
+        # Processes may see different free memory (CPU RAM read at different moments): all take the smallest.
+        micro, how = agree(sizes[-1]), f"planner: largest that fits {where} is {fitted}"
     else:
         found, tries = largest_fitting(sizes, probe)
         micro = agree(found or 0)

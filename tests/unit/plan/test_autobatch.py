@@ -77,6 +77,9 @@ def test_processes_agree_on_the_smallest_size():
         recipe, world=2, rows=1000, memory=GIB, probe=lambda n: True, agree=lambda n: 2, planner=_planner(16)
     )
     assert (choice.micro_batch_size, choice.grad_accum) == (2, 6)
+    # The planner alone (CPU): processes reading different free memory still agree.
+    _, choice = resolve_batch(recipe, world=2, rows=1000, memory=GIB, agree=lambda n: 3, planner=_planner(16))
+    assert (choice.micro_batch_size, choice.grad_accum) == (3, 4)
 
 
 def test_cpu_uses_the_planner_alone_capped_by_the_rows_a_step_can_use():
