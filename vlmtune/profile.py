@@ -191,11 +191,8 @@ class _Instrument:
             self.timed = {k: asdict(v) for k, v in sm.stats.items()}
         if memory:
             step_peak = sm.step_peak
-            if cuda:
-                grads["at_peak"] = sum(
-                    p.grad.untyped_storage().nbytes() for p in trainable if p.grad is not None
-                )
-                grads["at_peak"] = grads["at_peak"] or grads["now"]
+            if cuda:  # the allocator cannot say which tensors were alive at its peak: count all gradients
+                grads["at_peak"] = grads["now"]
             self._split(sm, step_peak, grads["at_peak"], forward_start, trainable, states, outside)
         return out
 
