@@ -46,8 +46,11 @@ class RunResult:
         return read_metrics(self.metrics_file)
 
 
-def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
+def run(recipe, overrides: list[str] | dict | None = None, *, on_trainer=None) -> RunResult:
     """Train the recipe (a path, a mapping or a `Recipe`) and return the run's paths and final metrics.
+
+    `on_trainer(trainer)`, when given, is called with the built `Trainer` just before training (`vlmtune profile`
+    instruments its steps there).
 
     Raises:
         UserError: for problems in the recipe, data or environment (the message says what and where).
@@ -123,6 +126,11 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             from vlmtune.model.compile import compile_blocks
 
             compile_blocks(model)
+        train_collator = build_collator(
+            recipe, padded, pad_token_id, family=family, model_config=model.config
+        )
+        recipe = _batch_sizes(recipe, launch, accelerator, model, train_data, train_collator)
+        t = recipe.train
         optimizer = build_optimizer(
             model, t, family=family, vision=recipe.vision, plus_lr_ratio=recipe.lora.plus_lr_ratio
         )
@@ -132,9 +140,6 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         keep_vision_in_step(accelerator, model, family, train_data, padded)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
-        train_collator = build_collator(
-            recipe, padded, pad_token_id, family=family, model_config=accelerator.unwrap_model(model).config
-        )
         if recipe.data.batching != "padded":
             vocab = len(getattr(processor, "tokenizer", processor))  # a VLM's processor holds its tokenizer
             check_packed_attention(model, train_collator, vocab, accelerator.device, recipe.data.batching)
@@ -189,6 +194,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         accelerator.wait_for_everyone()
         if t.report_to:
             accelerator.init_trackers(t.tracker_project, config=_flat(recipe.model_dump(mode="json")))
+        if on_trainer is not None:
+            on_trainer(trainer)
         final = trainer.fit()
 
         adapter_dir = out / ADAPTER_DIR
@@ -206,6 +213,30 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:
         accelerator.end_training()
+
+
+def _batch_sizes(recipe, launch, accelerator, model, train_data, collator):
+    """The recipe with the batch sizes this run trains with (`train.micro_batch_size: auto` sized for the device,
+    `train.global_batch_size` met), logged and handed to the accelerator before `prepare`."""
+    from vlmtune.engine.accelerator import set_batch_sizes
+    from vlmtune.plan.autobatch import device_memory, resolve_batch
+    from vlmtune.plan.probe import cuda_probe, min_over_ranks
+
+    t, device, probe = recipe.train, accelerator.device, None
+    # The probe measures the unwrapped model: right for one process and DDP, not for sharded weights.
+    if t.micro_batch_size == "auto" and device.type == "cuda" and not (launch.deepspeed or launch.fsdp):
+        probe = cuda_probe(recipe, model, train_data, collator, accelerator.autocast, device)
+    recipe, choice = resolve_batch(
+        recipe, world=accelerator.num_processes, rows=len(train_data), memory=device_memory(device),
+        probe=probe, agree=min_over_ranks(device),
+    )  # fmt: skip
+    if t.micro_batch_size == "auto" or t.global_batch_size is not None:
+        log.info(
+            "batch sizes: train.micro_batch_size=%d train.grad_accum=%d (%s)",
+            choice.micro_batch_size, choice.grad_accum, choice.how,
+        )  # fmt: skip
+    set_batch_sizes(accelerator, choice.micro_batch_size, choice.grad_accum)
+    return recipe
 
 
 def _build_data(recipe, processor, family, *, show_progress: bool):

@@ -160,7 +160,8 @@ def vlm_packing_problem(batching: str, family: Family) -> str | None:
 
 
 def batching_problems(recipe: Recipe) -> list[str]:
-    """Rules of `data.batching`, `data.pack_length`, `data.group_by_length` and `train.micro_batch_tokens`."""
+    """Rules of `data.batching`, `data.pack_length`, `data.group_by_length`, `train.micro_batch_tokens` and the
+    batch sizes."""
     d, t, problems = recipe.data, recipe.train, []
     if d.pack_length is not None and d.batching != "packed":
         problems.append(
@@ -177,6 +178,16 @@ def batching_problems(recipe: Recipe) -> list[str]:
             "remove group_by_length"
         )
     if t.micro_batch_tokens is not None:
+        if t.micro_batch_size == "auto":
+            problems.append(
+                "train.micro_batch_size: auto sizes a row count, and train.micro_batch_tokens replaces the row "
+                "count with a token budget; remove one of them"
+            )
+        if t.global_batch_size is not None:
+            problems.append(
+                "train.global_batch_size: counts rows, and train.micro_batch_tokens micro-batches hold a varying "
+                "number of rows; set train.grad_accum instead"
+            )
         if d.batching == "packed":
             problems.append(
                 "train.micro_batch_tokens: with data.batching: packed a micro-batch is train.micro_batch_size "

@@ -16,6 +16,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     PrivateAttr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -264,8 +265,18 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seeds LoRA init, dropout and the data order.")
     epochs: PositiveFloat = Field(1, description="Passes over the data; ignored when max_steps is set.")
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides epochs.")
-    micro_batch_size: PositiveInt = Field(
-        4, description="Rows (bins with data.batching: packed) per forward pass per process."
+    micro_batch_size: PositiveInt | Literal["auto"] = Field(
+        4,
+        description="Rows (bins with data.batching: packed) per forward pass per process. auto: the largest "
+        "that fits, chosen at start-up by the memory planner for this device (on a GPU confirmed by a few "
+        "forward/backward passes at the data's longest rows, stepping down on out-of-memory), at most the rows "
+        "one step can use; the choice is logged, written to the run's recipe.yaml and kept on resume.",
+    )
+    global_batch_size: PositiveInt | None = Field(
+        None,
+        description="Rows (bins) per optimizer step over all processes. When set, grad_accum is derived: "
+        "global_batch_size / (micro_batch_size × processes), which must divide exactly (with micro_batch_size "
+        "auto, the largest micro-batch that divides it is chosen). Null: grad_accum as set.",
     )
     micro_batch_tokens: PositiveInt | None = Field(
         None,
@@ -275,7 +286,9 @@ class TrainConfig(_Section):
         "the loss stays normalised by the window's trained tokens. At least data.max_length; not with packed.",
     )
     grad_accum: PositiveInt = Field(
-        4, description="Micro-batches per optimizer step; the loss is normalised over the whole window."
+        4,
+        description="Micro-batches per optimizer step; the loss is normalised over the whole window. Derived "
+        "from global_batch_size when that is set.",
     )
     lr: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
@@ -363,6 +376,15 @@ class TrainConfig(_Section):
     @classmethod
     def _unquoted_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+    @field_validator("micro_batch_size", mode="wrap")
+    @classmethod
+    def _count_or_auto(cls, value, handler):
+        # One message for a bad value, not one per member of the union.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"expected a positive integer or auto (got {value!r})") from None
 
 
 class CheckpointConfig(_Section):

@@ -221,6 +221,8 @@ def plan_recipe(
     meta = meta or build_meta_model(recipe)
     if vision is None:
         vision = vision_plan(recipe, meta, recipe._base_dir)
+    if recipe.train.micro_batch_size == "auto":
+        return _auto_plan(recipe, gpus=gpus, gpu_mem_gib=gpu_mem_gib, meta=meta, vision=vision)
     budget = int(gpu_mem_gib * GIB)
     est = estimate(meta, recipe, sharding, vision=vision)
     t = recipe.train
@@ -247,6 +249,20 @@ def plan_recipe(
     )
     plan.suggestions = _suggestions(meta, recipe, plan, vision)
     plan.notes = _notes(recipe, plan) + (vision.notes if vision else [])
+    return plan
+
+
+def _auto_plan(recipe: Recipe, **kwargs) -> Plan:
+    """The plan at the micro-batch `train.micro_batch_size: auto` would choose: the largest that fits (1 if none)."""
+    from vlmtune.plan.autobatch import with_batch
+
+    largest = plan_recipe(with_batch(recipe, 1, recipe.train.grad_accum), **kwargs).largest_micro_batch
+    plan = plan_recipe(with_batch(recipe, max(largest, 1), recipe.train.grad_accum), **kwargs)
+    plan.notes.insert(
+        0,
+        f"train.micro_batch_size auto: planned at {max(largest, 1)}, the largest that fits; at start-up training "
+        "sizes it for its device (on a GPU confirmed by a probe) and caps it at the rows one step can use",
+    )
     return plan
 
 

@@ -372,10 +372,12 @@ def activation_bytes(
     `adapter_bytes` overrides the adapters' dtype read from the model (DeepSpeed casts them to bf16/fp16).
 
     With checkpointing, the forward keeps only each layer's input (er·T·h) and backward recomputes one layer at
-    a time, so `recompute` = one layer. Logits: the model's logits (e·T·V), the loss's fp32 log-probabilities
-    (4·T·V, kept for backward), and in the loss's backward their fp32 gradient and the gradient of the fp32
-    copy (2 × 4·T·V): peak (e + 12)·T·V. A chunked loss (`loss_chunk` tokens at a time, recomputed in backward)
-    keeps none of them for backward and peaks at one chunk's worth: (e + 12)·min(chunk, T)·V.
+    a time, so `recompute` = one layer. Logits: the loss keeps its fp32 log-probabilities (4·T·V) for backward,
+    and in its backward their fp32 gradient and the gradient of the loss's input (2 × 4·T·V) join them: peak
+    12·T·V. The model's logits (e·T·V) are a temporary the loss consumes, freed before backward (measured by
+    `vlmtune profile` on CPU, fp32 and bf16 autocast). A chunked loss (`loss_chunk` tokens at a time,
+    recomputed in backward) keeps none of them for backward and peaks at one chunk's worth, its logits
+    included: (e + 12)·min(chunk, T)·V.
     """
     s = shape
     T = batch * seq
@@ -415,7 +417,7 @@ def activation_bytes(
         stored=stored,
         recompute=recompute,
         logits_saved=0 if loss_chunk else 4 * batch * (seq - 1) * s.vocab,
-        logits_peak=(e + 12) * min(loss_chunk or T, T) * s.vocab,
+        logits_peak=(e + 12) * min(loss_chunk, T) * s.vocab if loss_chunk else 12 * T * s.vocab,
     )
 
 
