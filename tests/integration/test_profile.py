@@ -123,16 +123,9 @@ def test_profile_of_a_vision_language_model(tiny_vlm_root, tmp_path):
     assert _agree(profile) <= TOLERANCE, (profile.estimate, profile.measured)
 
 
-SMOLLM2 = Path(os.environ.get("VLMTUNE_SMOLLM2_DIR", REPO / "runs/models/smollm2-135m"))
-
-
-@pytest.mark.skipif(
-    not (SMOLLM2 / "config.json").is_file(),
-    reason="SmolLM2-135M not prepared: python scripts/prepare_smollm2.py runs/models/smollm2-135m (~1 min on CPU)",
-)
-def test_profile_of_smollm2_agrees_with_the_plan(tmp_path):
+def test_profile_of_smollm2_agrees_with_the_plan(smollm2_dir, tmp_path):
     recipe = {
-        "model": {"path": str(SMOLLM2), "dtype": "float32"},
+        "model": {"path": str(smollm2_dir), "dtype": "float32"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "data": {"train": [{"path": str(REPO / "data/demo/train.jsonl")}], "max_length": 512},
         "train": {
