@@ -38,7 +38,8 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 def _pair_logps(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     """(pairs, 2) summed log-probabilities of each row's chosen and rejected answers given its prompt.
 
-    Plain transformers: the chat template for prompt and answer, one right-padded forward of all sequences.
+    Plain transformers: the chat template for prompt and answer, one right-padded forward of all sequences. The
+    answer's tokens run to its end-of-turn token (what training scores; the template's newline after it is not).
     """
     sequences, starts = [], []
     for row in rows:
@@ -50,7 +51,8 @@ def _pair_logps(model, tokenizer, rows: list[dict]) -> torch.Tensor:
             turns = [*prompt, {"role": "assistant", "content": answer}]
             ids = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
             assert ids[: len(head["input_ids"])] == head["input_ids"]
-            sequences.append(ids)
+            end = len(ids) - ids[::-1].index(tokenizer.eos_token_id)
+            sequences.append(ids[:end])
             starts.append(len(head["input_ids"]))
     width = max(map(len, sequences))
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -188,8 +190,7 @@ def vlm_dpo_recipe(tiny_vlm_root, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_vision_language_dpo_under_two_processes_and_zero3(vlm_dpo_recipe, tmp_path):
     """2 processes × 1 pair under ZeRO-3 give the losses, rewards and adapter of 1 process × 2 pairs."""
-    single = tmp_path / "single"
-    launch(vlm_dpo_recipe, f"train.output_dir={single}", "train.grad_accum=2", procs=1)
+    single = run(vlm_dpo_recipe, [f"train.output_dir={tmp_path / 'single'}", "train.grad_accum=2"]).output_dir
     out = tmp_path / "zero3"
     config = cpu_config("zero3", tmp_path)
     proc = launch(vlm_dpo_recipe, f"train.output_dir={out}", f"launch.accelerate_config={config}", procs=2)
