@@ -187,22 +187,33 @@ def vlm_dpo_recipe(tiny_vlm_root, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def vlm_dpo_single(vlm_dpo_recipe) -> Path:
+    """One process, 1 pair × accumulation 2: the same pairs per step as 2 processes × 1 pair."""
+    return run(
+        vlm_dpo_recipe, [f"train.output_dir={vlm_dpo_recipe.parent / 'single'}", "train.grad_accum=2"]
+    ).output_dir
+
+
+STRATEGIES = {"zero3": "deepspeed over 2 process(es), ZeRO-3", "ddp": "ddp over 2 process(es)"}
+
+
 @pytest.mark.slow
-def test_vision_language_dpo_under_two_processes_and_zero3(vlm_dpo_recipe, tmp_path):
-    """2 processes × 1 pair under ZeRO-3 give the losses, rewards and adapter of 1 process × 2 pairs."""
-    single = run(vlm_dpo_recipe, [f"train.output_dir={tmp_path / 'single'}", "train.grad_accum=2"]).output_dir
-    out = tmp_path / "zero3"
-    config = cpu_config("zero3", tmp_path)
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_vision_language_dpo_under_two_processes(name, vlm_dpo_recipe, vlm_dpo_single, tmp_path):
+    """2 processes × 1 image pair give the losses, rewards and adapter of 1 process × 2 pairs."""
+    out = tmp_path / name
+    config = cpu_config(name, tmp_path)
     proc = launch(vlm_dpo_recipe, f"train.output_dir={out}", f"launch.accelerate_config={config}", procs=2)
-    assert "deepspeed over 2 process(es), ZeRO-3" in proc.stderr
-    want, got = _records(single), _records(out)
+    assert STRATEGIES[name] in proc.stderr
+    want, got = _records(vlm_dpo_single), _records(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert got[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the untrained adapter is the reference
     for a, b in zip(want, got, strict=True):
         for key in ("loss", *REWARDS):
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
     assert got[-1]["loss"] < got[0]["loss"]
-    assert max_diff(_adapter(out), _adapter(single)) < 2e-5
+    assert max_diff(_adapter(out), _adapter(vlm_dpo_single)) < 2e-5
 
 
 # --- the real SmolLM2-135M-Instruct --------------------------------------------------------------------------
