@@ -167,13 +167,19 @@ def vlm_dpo_recipe(tiny_vlm_root, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("vlm_dpo")
     model = build_tiny_vlm("qwen2_vl", tiny_vlm_root / "qwen2_vl")
     pairs = write_shape_pairs(tmp, 8, seed=0, min_side=56, max_side=112)
+    # 3 held-out pairs, 1 per micro-batch: with 2 processes the second runs an empty third batch (weight 0).
+    held_out = write_shape_pairs(tmp / "eval", 3, seed=1, min_side=56, max_side=112)
     recipe = {
         "method": "dpo",
         "dpo": {"beta": 0.1},
         "model": {"path": str(model), "dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "vision": {"tower": "frozen", "projector": "frozen"},
-        "data": {"train": [{"path": str(pairs), "format": "preference"}], "max_length": 512},
+        "data": {
+            "train": [{"path": str(pairs), "format": "preference"}],
+            "eval": [{"path": str(held_out), "format": "preference"}],
+            "max_length": 512,
+        },
         "train": {
             "output_dir": str(tmp / "unused"), "micro_batch_size": 1, "grad_accum": 1, "lr": 5.0e-3,
             "max_steps": 4, "warmup_ratio": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
@@ -214,6 +220,9 @@ def test_vision_language_dpo_under_two_processes(name, vlm_dpo_recipe, vlm_dpo_s
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
     assert got[-1]["loss"] < got[0]["loss"]
     assert max_diff(_adapter(out), _adapter(vlm_dpo_single)) < 2e-5
+    # Evaluation at the last step: the held-out pairs split over the processes, scored as by one.
+    for key in ("eval_loss", *(f"eval_{k}" for k in REWARDS)):
+        assert got[-1][key] == pytest.approx(want[-1][key], abs=1e-5), key
 
 
 # --- the real SmolLM2-135M-Instruct --------------------------------------------------------------------------
