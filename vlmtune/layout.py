@@ -12,6 +12,7 @@ from pathlib import Path
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # train.eval_samples: {step, prompt, completion, reference} per line
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 # Written last (and fsynced) into a checkpoint folder: without it the folder is an interrupted save.

@@ -22,7 +22,7 @@ from vlmtune.errors import (
     UserError,
 )
 from vlmtune.exit_report import report_exit_code
-from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE
+from vlmtune.layout import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, SAMPLES_FILE
 from vlmtune.logging import get_logger, is_main_process
 
 log = get_logger()
@@ -46,8 +46,11 @@ class RunResult:
         return read_metrics(self.metrics_file)
 
 
-def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
+def run(recipe, overrides: list[str] | dict | None = None, *, on_trainer=None) -> RunResult:
     """Train the recipe (a path, a mapping or a `Recipe`) and return the run's paths and final metrics.
+
+    `on_trainer(trainer)`, when given, is called with the built `Trainer` just before training (`vlmtune profile`
+    instruments its steps there).
 
     Raises:
         UserError: for problems in the recipe, data or environment (the message says what and where).
@@ -67,11 +70,10 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
-    from vlmtune.checkpoint.export import export_adapter
+    from vlmtune.checkpoint.export import export_adapter, export_checkpoint_adapter
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
     from vlmtune.config.rules import family_problems
-    from vlmtune.data import Collator
-    from vlmtune.data.batching import build_collator, build_sampler
+    from vlmtune.data.batching import build_collator, build_sampler, method_collator
     from vlmtune.data.packing import check_packed_attention
     from vlmtune.engine.accelerator import STEP_TIMEOUT, build_accelerator
     from vlmtune.engine.distributed import check_sharding, configure_ddp, set_collective_timeout
@@ -103,7 +105,8 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             log.info("vision-language model family %s", family.name)
             processor = load_processor(recipe.model, family, recipe.vision, base)
             pad_token_id = processor.tokenizer.pad_token_id
-        padded = Collator(pad_token_id=pad_token_id, family=family)
+        # The method's padded collator (pairs for dpo, left-padded prompts for grpo): it also batches eval.
+        padded = method_collator(recipe, pad_token_id, family)
         train_data, eval_data = _build_data(
             recipe, processor, family, show_progress=accelerator.is_main_process
         )
@@ -123,16 +126,20 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             from vlmtune.model.compile import compile_blocks
 
             compile_blocks(model)
-        optimizer = build_optimizer(model, t, family=family, vision=recipe.vision)
+        train_collator = build_collator(
+            recipe, padded, pad_token_id, family=family, model_config=model.config
+        )
+        recipe = _batch_sizes(recipe, launch, accelerator, model, train_data, train_collator)
+        t = recipe.train
+        optimizer = build_optimizer(
+            model, t, family=family, vision=recipe.vision, plus_lr_ratio=recipe.lora.plus_lr_ratio
+        )
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
         check_sharding(accelerator, model, launch)
         keep_vision_in_step(accelerator, model, family, train_data, padded)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
-        train_collator = build_collator(
-            recipe, padded, pad_token_id, family=family, model_config=accelerator.unwrap_model(model).config
-        )
         if recipe.data.batching != "padded":
             vocab = len(getattr(processor, "tokenizer", processor))  # a VLM's processor holds its tokenizer
             check_packed_attention(model, train_collator, vocab, accelerator.device, recipe.data.batching)
@@ -151,15 +158,29 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             MethodContext(recipe, accelerator, model, processor, family=family, output_dir=out)
         )
         checkpoints = CheckpointManager(
-            out, accelerator, keep_last=recipe.checkpoint.keep_last, method=method
+            out,
+            accelerator,
+            keep_last=recipe.checkpoint.keep_last,
+            method=method,
+            keep_best=recipe.checkpoint.keep_best,
         )
         resume_from = checkpoints.resume_point(recipe.checkpoint.resume, base)
 
+        samples = None
+        if t.eval_samples and eval_data is not None:
+            from vlmtune.engine.samples import SampleWriter
+
+            tokenizer = getattr(processor, "tokenizer", processor)  # a VLM's processor holds its tokenizer
+            samples = SampleWriter(
+                accelerator, eval_data, padded, tokenizer, out / SAMPLES_FILE,
+                count=t.eval_samples, max_new_tokens=t.eval_max_new_tokens,
+            )  # fmt: skip
         components = Components(
             recipe=recipe, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
             sampler=sampler, train_data=train_data, eval_data=eval_data,
             train_collator=train_collator, eval_collator=padded, family=family, output_dir=out,
             checkpoints=checkpoints, metrics=MetricsWriter(out / METRICS_FILE, accelerator), method=method,
+            samples=samples,
         )  # fmt: skip
         trainer = Trainer(components, total_steps=total_steps)
         if resume_from is not None:
@@ -168,19 +189,54 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
         # folder as it was.
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            check_free_space(out, model, recipe.checkpoint.keep_last)
+            check_free_space(out, model, recipe.checkpoint.keep_last + int(recipe.checkpoint.keep_best))
             dump_recipe(recipe, out / RECIPE_FILE)
         accelerator.wait_for_everyone()
         if t.report_to:
             accelerator.init_trackers(t.tracker_project, config=_flat(recipe.model_dump(mode="json")))
+        if on_trainer is not None:
+            on_trainer(trainer)
         final = trainer.fit()
 
         adapter_dir = out / ADAPTER_DIR
-        export_adapter(accelerator, model, processor, adapter_dir)
-        log.info("adapter written to %s", adapter_dir)
+        best = checkpoints.best(trainer.state) if recipe.checkpoint.export == "best" else None
+        if recipe.checkpoint.export == "best" and best is None:
+            log.warning(
+                "checkpoint.export: best, but no checkpoint of a best eval loss exists; exporting the last"
+            )
+        if best is not None:
+            export_checkpoint_adapter(accelerator, best, processor, adapter_dir)
+            log.info("adapter of the best checkpoint, %s, written to %s", best.name, adapter_dir)
+        else:
+            export_adapter(accelerator, model, processor, adapter_dir)
+            log.info("adapter written to %s", adapter_dir)
         return RunResult(out, adapter_dir, out / METRICS_FILE, final, trainer.state.step)
     finally:
         accelerator.end_training()
+
+
+def _batch_sizes(recipe, launch, accelerator, model, train_data, collator):
+    """The recipe with the batch sizes this run trains with (`train.micro_batch_size: auto` sized for the device,
+    `train.global_batch_size` met), logged and handed to the accelerator before `prepare`."""
+    from vlmtune.engine.accelerator import set_batch_sizes
+    from vlmtune.plan.autobatch import device_memory, resolve_batch
+    from vlmtune.plan.probe import cuda_probe, min_over_ranks
+
+    t, device, probe = recipe.train, accelerator.device, None
+    # The probe measures the unwrapped model: right for one process and DDP, not for sharded weights.
+    if t.micro_batch_size == "auto" and device.type == "cuda" and not (launch.deepspeed or launch.fsdp):
+        probe = cuda_probe(recipe, model, train_data, collator, accelerator.autocast, device)
+    recipe, choice = resolve_batch(
+        recipe, world=accelerator.num_processes, rows=len(train_data), memory=device_memory(device),
+        probe=probe, agree=min_over_ranks(device),
+    )  # fmt: skip
+    if t.micro_batch_size == "auto" or t.global_batch_size is not None:
+        log.info(
+            "batch sizes: train.micro_batch_size=%d train.grad_accum=%d (%s)",
+            choice.micro_batch_size, choice.grad_accum, choice.how,
+        )  # fmt: skip
+    set_batch_sizes(accelerator, choice.micro_batch_size, choice.grad_accum)
+    return recipe
 
 
 def _build_data(recipe, processor, family, *, show_progress: bool):

@@ -313,3 +313,36 @@ def test_packed_image_text_rows_train_qwen2_vl_and_reload(
         torch.testing.assert_close(
             forward(reloaded, batch), forward(trained["model"].eval(), batch), atol=1e-5, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
+def test_sample_answers_of_a_vlm_see_the_image(name, tiny_vlm_root, vlm_data, tmp_path):
+    """train.eval_samples on image questions: the answers are the trained model's greedy answers to the prompt
+    and image as the processor prepares them from the plain conversation."""
+    family = get_family(name)
+    model_dir = build_tiny_vlm(name, tiny_vlm_root / name)
+    train = {"max_steps": 2, "eval_samples": 2, "eval_max_new_tokens": 5}
+    recipe = _recipe(model_dir, vlm_data, tmp_path / "run", family, train=train)
+    recipe["data"]["eval"] = [{"path": str(vlm_data / "train.json"), "format": "llava"}]
+    result = run(recipe)
+
+    samples = [json.loads(line) for line in (result.output_dir / "samples.jsonl").read_text().splitlines()]
+    rows = json.loads((vlm_data / "train.json").read_text())[:2]
+    assert [s["step"] for s in samples] == [2, 2]
+    assert [s["reference"].strip() for s in samples] == [r["conversations"][-1]["value"] for r in rows]
+    assert all("What is this?" in s["prompt"] for s in samples)
+
+    processor = AutoProcessor.from_pretrained(result.adapter_dir)
+    base = family.load_class().from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    for sample, row in zip(samples, rows, strict=True):
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
+        ]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        image = Image.open(vlm_data / row["image"]).convert("RGB")
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert sample["completion"] == answer

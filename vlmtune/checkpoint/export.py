@@ -38,6 +38,23 @@ def export_adapter(accelerator, model, processor, adapter_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def export_checkpoint_adapter(accelerator, checkpoint: Path, processor, adapter_dir: Path) -> None:
+    """Write a checkpoint's adapter (`checkpoint.export: best`) as the final adapter, with the processor's files.
+
+    The checkpoint's adapter is already standard PEFT files gathered from every shard, so this is a copy on the
+    main process, whatever the sharding; swapped in whole like `export_adapter`.
+    """
+    if accelerator.is_main_process:
+        staging = adapter_dir.with_name(adapter_dir.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        shutil.copytree(checkpoint / adapter_dir.name, staging)
+        verify_adapter(staging)
+        processor.save_pretrained(str(staging))
+        replace_dir(staging, adapter_dir)
+    accelerator.wait_for_everyone()
+
+
 def verify_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Check an adapter on disk is usable: non-empty, finite, LoRA ranks matching its config.
 

@@ -36,6 +36,7 @@ from vlmtune.layout import (
     complete_checkpoints,
     is_complete,
     step_dir_name,
+    step_of,
 )
 from vlmtune.logging import get_logger
 
@@ -43,10 +44,14 @@ log = get_logger(__name__)
 
 
 class CheckpointManager:
-    def __init__(self, output_dir: Path, accelerator, *, keep_last: int, method=None) -> None:
+    def __init__(
+        self, output_dir: Path, accelerator, *, keep_last: int, method=None, keep_best: bool = False
+    ) -> None:
         self.root = output_dir / CHECKPOINTS_DIR
         self.accelerator = accelerator
         self.keep_last = keep_last
+        # checkpoint.keep_best: the checkpoint of the lowest eval loss (`TrainState.best_step`) outlives keep_last.
+        self.keep_best = keep_best
         # The training method (`engine.method.Method`): its per-rank state (e.g. GRPO's rollouts not yet
         # trained on) is saved beside the RNGs, so a resumed run continues exactly.
         self.method = method
@@ -60,6 +65,11 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         done = self.complete_checkpoints()
         return done[-1] if done else None
+
+    def best(self, state: TrainState) -> Path | None:
+        """The complete checkpoint of the lowest eval loss so far; None when there is none (no evaluation yet)."""
+        path = self.root / step_dir_name(state.best_step)
+        return path if state.best_step and is_complete(path) else None
 
     def resume_point(self, setting: str, base_dir: Path | None = None) -> Path | None:
         """Where `checkpoint.resume` says to start: the newest complete checkpoint, none, or a given path."""
@@ -123,15 +133,16 @@ class CheckpointManager:
             _fsync_dir(partial)
             replace_dir(partial, final)
             _fsync_dir(self.root)
-            self._retain()
+            self._retain(state.best_step if self.keep_best else None)
         acc.wait_for_everyone()
         log.info("saved checkpoint %s", final)
         return final
 
-    def _retain(self) -> None:
+    def _retain(self, best_step: int | None) -> None:
         done = self.complete_checkpoints()
         for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+            if best_step is None or step_of(old) != best_step:
+                shutil.rmtree(old, ignore_errors=True)
         for p in self.root.iterdir():
             if p.name.endswith((PARTIAL_SUFFIX, ".old")) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

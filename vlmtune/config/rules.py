@@ -54,6 +54,7 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
         problems.append("train.eval_every: evaluation is scheduled but data.eval lists no source")
     family = FAMILIES.get(recipe.model.family) if recipe.model.family else None
     problems += method_problems(recipe) + batching_problems(recipe) + vision_problems(recipe)
+    problems += evaluation_problems(recipe)
     return problems + (family_problems(recipe, family) if family is not None else [])
 
 
@@ -82,6 +83,42 @@ def method_problems(recipe: Recipe) -> list[str]:
                     f"data.{split}.{i}.format: {source.format} rows cannot train method {recipe.method}; "
                     f"it reads {' or '.join(formats)}"
                 )
+    return problems
+
+
+def evaluation_problems(recipe: Recipe) -> list[str]:
+    """Early stopping, the best checkpoint and sample answers all read evaluations: data.eval must exist."""
+    t, ck, problems = recipe.train, recipe.checkpoint, []
+    no_eval = not recipe.data.eval
+    if t.early_stopping is not None and (no_eval or t.eval_every == 0):
+        problems.append(
+            "train.early_stopping: it watches the eval loss, which "
+            + (
+                "needs eval data: add data.eval"
+                if no_eval
+                else "train.eval_every: 0 measures only at the end"
+            )
+            + "; set data.eval and train.eval_every (e.g. 100), or remove train.early_stopping"
+        )
+    if ck.keep_best and no_eval:
+        problems.append(
+            "checkpoint.keep_best: the best checkpoint is the one with the lowest eval loss, and data.eval lists "
+            "no source; add data.eval, or remove checkpoint.keep_best"
+        )
+    if ck.export == "best" and not ck.keep_best:
+        problems.append(
+            "checkpoint.export: best exports the best checkpoint's adapter, which only checkpoint.keep_best: true "
+            "keeps; set checkpoint.keep_best: true, or checkpoint.export: last"
+        )
+    if t.eval_samples and no_eval:
+        problems.append(
+            "train.eval_samples: answers are generated for eval prompts, and data.eval lists none"
+        )
+    if t.eval_samples and recipe.method not in ("sft", "distill"):
+        problems.append(
+            f"train.eval_samples: sample answers are generated from conversations (methods sft and distill), not "
+            f"for method {recipe.method}; remove train.eval_samples"
+        )
     return problems
 
 
@@ -123,7 +160,8 @@ def vlm_packing_problem(batching: str, family: Family) -> str | None:
 
 
 def batching_problems(recipe: Recipe) -> list[str]:
-    """Rules of `data.batching`, `data.pack_length`, `data.group_by_length` and `train.micro_batch_tokens`."""
+    """Rules of `data.batching`, `data.pack_length`, `data.group_by_length`, `train.micro_batch_tokens` and the
+    batch sizes."""
     d, t, problems = recipe.data, recipe.train, []
     if d.pack_length is not None and d.batching != "packed":
         problems.append(
@@ -140,6 +178,16 @@ def batching_problems(recipe: Recipe) -> list[str]:
             "remove group_by_length"
         )
     if t.micro_batch_tokens is not None:
+        if t.micro_batch_size == "auto":
+            problems.append(
+                "train.micro_batch_size: auto sizes a row count, and train.micro_batch_tokens replaces the row "
+                "count with a token budget; remove one of them"
+            )
+        if t.global_batch_size is not None:
+            problems.append(
+                "train.global_batch_size: counts rows, and train.micro_batch_tokens micro-batches hold a varying "
+                "number of rows; set train.grad_accum instead"
+            )
         if d.batching == "packed":
             problems.append(
                 "train.micro_batch_tokens: with data.batching: packed a micro-batch is train.micro_batch_size "
@@ -155,6 +203,36 @@ def batching_problems(recipe: Recipe) -> list[str]:
                 f"train.micro_batch_tokens: {t.micro_batch_tokens} is less than data.max_length "
                 f"({d.max_length}), so the longest rows would fit no micro-batch; raise it or lower max_length"
             )
+    return problems + _method_batching_problems(recipe)
+
+
+# What a micro-batch of each method counts (train.micro_batch_size), for the messages.
+_METHOD_UNITS = {"dpo": "preference pairs (each two rows, chosen and rejected)", "grpo": "prompts"}
+
+
+def _method_batching_problems(recipe: Recipe) -> list[str]:
+    """DPO and GRPO batch whole pairs or prompts, padded: never packed, cut by tokens, or trained on prompts."""
+    d, t, method = recipe.data, recipe.train, recipe.method
+    unit = _METHOD_UNITS.get(method)
+    if unit is None:
+        return []
+    problems = []
+    if d.batching != "padded":
+        problems.append(
+            f"data.batching: method {method} needs data.batching: padded (now {d.batching}): its micro-batch "
+            f"is train.micro_batch_size {unit}, padded; set data.batching: padded"
+        )
+    if t.micro_batch_tokens is not None:
+        problems.append(
+            f"train.micro_batch_tokens: method {method} counts a micro-batch in {unit}, not tokens; remove "
+            "train.micro_batch_tokens and set train.micro_batch_size (data.group_by_length cuts padding)"
+        )
+    if d.train_on_prompt:
+        trained = "the chosen and rejected replies" if method == "dpo" else "the generated completions"
+        problems.append(
+            f"data.train_on_prompt: method {method} scores {trained} only, never the prompt; remove "
+            "data.train_on_prompt"
+        )
     return problems
 
 

@@ -16,6 +16,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     PrivateAttr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -126,6 +127,11 @@ class LoraConfig(_Section):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved.")
+    plus_lr_ratio: PositiveFloat | None = Field(
+        None,
+        description="LoRA+: the B matrices' learning rate as a multiple of A's (the group's lr: train.lr, or the "
+        "vision tower / projector lr); e.g. 16. Default: the same rate.",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -241,13 +247,36 @@ class DataConfig(_Section):
     )
 
 
+class EarlyStopping(_Section):
+    """`train.early_stopping`: stop once the eval loss has stopped improving (see docs/evaluation.md)."""
+
+    patience: PositiveInt = Field(
+        description="Stop after this many evaluations in a row without improvement of the eval loss."
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0.0,
+        description="An improvement is an eval loss lower than the best so far by more than this.",
+    )
+
+
 class TrainConfig(_Section):
     output_dir: str = Field(description="Run folder: recipe.yaml, metrics.jsonl, checkpoints/, adapter/.")
     seed: int = Field(42, description="Seeds LoRA init, dropout and the data order.")
     epochs: PositiveFloat = Field(1, description="Passes over the data; ignored when max_steps is set.")
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides epochs.")
-    micro_batch_size: PositiveInt = Field(
-        4, description="Rows (bins with data.batching: packed) per forward pass per process."
+    micro_batch_size: PositiveInt | Literal["auto"] = Field(
+        4,
+        description="Rows (bins with data.batching: packed) per forward pass per process. auto: the largest "
+        "that fits, chosen at start-up by the memory planner for this device (on a GPU confirmed by a few "
+        "forward/backward passes at the data's longest rows, stepping down on out-of-memory), at most the rows "
+        "one step can use; the choice is logged, written to the run's recipe.yaml and kept on resume.",
+    )
+    global_batch_size: PositiveInt | None = Field(
+        None,
+        description="Rows (bins) per optimizer step over all processes. When set, grad_accum is derived: "
+        "global_batch_size / (micro_batch_size × processes), which must divide exactly (with micro_batch_size "
+        "auto, the largest micro-batch that divides it is chosen). Null: grad_accum as set.",
     )
     micro_batch_tokens: PositiveInt | None = Field(
         None,
@@ -257,7 +286,9 @@ class TrainConfig(_Section):
         "the loss stays normalised by the window's trained tokens. At least data.max_length; not with packed.",
     )
     grad_accum: PositiveInt = Field(
-        4, description="Micro-batches per optimizer step; the loss is normalised over the whole window."
+        4,
+        description="Micro-batches per optimizer step; the loss is normalised over the whole window. Derived "
+        "from global_batch_size when that is set.",
     )
     lr: PositiveFloat = Field(2.0e-4, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
@@ -310,6 +341,20 @@ class TrainConfig(_Section):
     )
     log_every: PositiveInt = Field(10, description="Steps between metrics.jsonl / TensorBoard records.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end, if eval data).")
+    eval_micro_batch_size: PositiveInt | None = Field(
+        None, description="Eval rows per forward pass per process (default micro_batch_size)."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop when the eval loss stops improving (needs data.eval and eval_every)."
+    )
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        description="At each evaluation, greedily generate answers to the first N eval prompts (each example's "
+        "conversation up to its last assistant turn, images included) into <output_dir>/samples.jsonl "
+        "({step, prompt, completion, reference} lines) and TensorBoard / wandb text (needs data.eval).",
+    )
+    eval_max_new_tokens: PositiveInt = Field(64, description="With eval_samples, longest generated answer.")
     report_to: list[
         Literal[
             "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
@@ -332,6 +377,15 @@ class TrainConfig(_Section):
     def _unquoted_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
+    @field_validator("micro_batch_size", mode="wrap")
+    @classmethod
+    def _count_or_auto(cls, value, handler):
+        # One message for a bad value, not one per member of the union.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"expected a positive integer or auto (got {value!r})") from None
+
 
 class CheckpointConfig(_Section):
     every: int = Field(500, ge=0, description="Save every N optimizer steps (0: only at the end).")
@@ -340,6 +394,16 @@ class CheckpointConfig(_Section):
     )
     resume: str = Field(
         "auto", description="`auto` (newest complete checkpoint), `never`, or a checkpoint path."
+    )
+    keep_best: bool = Field(
+        False,
+        description="Save a checkpoint at each evaluation that lowers the best eval loss, and keep the best one "
+        "beyond keep_last (needs data.eval).",
+    )
+    export: Literal["last", "best"] = Field(
+        "last",
+        description="What adapter/ holds at the end: the last weights, or the best checkpoint's (lowest eval "
+        "loss; needs keep_best).",
     )
 
 

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from vlmtune.config.schema import DataConfig, DataSource
 from vlmtune.data import cache
-from vlmtune.data.bad_rows import BadRow, BadRowTracker, bad_row_error
-from vlmtune.data.encode import IGNORE_INDEX, EncodedRow, Encoder
+from vlmtune.data.bad_rows import BadRow, BadRowTracker
+from vlmtune.data.encode import IGNORE_INDEX, EncodedPair, EncodedRow, Encoder
 from vlmtune.data.formats import normalise
+from vlmtune.data.indexed import IndexedDataset, ReadBack
 from vlmtune.data.mixing import weighted_take
 from vlmtune.data.sources import (
     LoadedSource,
@@ -54,116 +54,6 @@ __all__ = ["IGNORE_INDEX", "DataStats", "IndexedDataset", "build_dataset"]
 
 _CHUNK = 1024  # rows per task of the parallel encoder
 _PARALLEL_FROM = 4 * _CHUNK  # fewer rows are encoded in this process: starting workers would cost more
-
-
-class _Source:
-    """One source as the dataset reads it back: its rows (Arrow, memory-mapped), format and image folder."""
-
-    def __init__(self, spec: DataSource, loaded: LoadedSource | None, image_root: Path | None) -> None:
-        self.spec, self.loaded, self.image_root = spec, loaded, image_root
-        self.label = source_label(spec)
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """Encoded examples: `{"input_ids": list[int], "labels": list[int]}`, labels -100 where not trained, plus an
-    image-text row's vision inputs, decoded when the row is read.
-
-    Labels are aligned with `input_ids` (not shifted; the model or the trainer shifts). A row whose image fails
-    to decode is `{"bad_row": {"where", "kind", "problem"}}` under `data.on_bad_row: skip` (the collator leaves
-    it out and counts it), and a `DataError` under `raise`.
-
-    Attributes:
-        stats: What the pipeline read, kept and dropped.
-        lengths: Tokens per example (after image expansion), e.g. for length-grouped batching.
-    """
-
-    def __init__(
-        self,
-        parts: list[cache.Part],
-        index: np.ndarray,
-        stats: DataStats | None = None,
-        *,
-        encoder: Encoder | None = None,
-        sources: list[_Source] | None = None,
-        on_bad_row: str = "raise",
-    ) -> None:
-        self._parts = parts
-        self._starts = np.cumsum([0] + [len(p) for p in parts])
-        self._index = np.asarray(index, dtype=np.int64)
-        self.stats = stats if stats is not None else DataStats()
-        self._encoder = encoder
-        self._sources = sources or []
-        self._on_bad_row = on_bad_row
-        self.lengths: list[int] = self._gather(lambda p: p.lengths).tolist()
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def _locate(self, i: int) -> tuple[cache.Part, int, int]:
-        row = int(self._index[i])
-        k = int(np.searchsorted(self._starts, row, side="right")) - 1
-        return self._parts[k], k, row - int(self._starts[k])
-
-    def _gather(self, per_part) -> np.ndarray:
-        """A per-row array of every part, taken at the dataset's examples (repeats included)."""
-        if not self._parts:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.asarray(per_part(p), dtype=np.int64) for p in self._parts])[self._index]
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        part, k, r = self._locate(i)
-        start, end = part.offsets[r], part.offsets[r + 1]
-        ids = np.asarray(part.tokens[start:end])
-        trained = np.asarray(part.trained[start:end])
-        example: dict[str, Any] = {
-            "input_ids": ids.tolist(),
-            "labels": np.where(trained, ids, IGNORE_INDEX).tolist(),
-        }
-        family = self._encoder.family if self._encoder is not None else None
-        if family is not None and family.token_type_ids == "prefix":
-            # 0 is the bidirectional prefix: from the first trained token on, attention must be causal, or the
-            # answer would see its own future. (PaliGemma's processor marks everything 0 without a `suffix`.)
-            first = int(np.argmax(trained))
-            example["token_type_ids"] = [0] * first + [1] * (len(ids) - first)
-        if part.images[r]:
-            vision = self._vision_inputs(k, int(part.rows[r]), example["input_ids"])
-            if "bad_row" in vision:
-                return vision
-            example.update({key: v for key, v in vision.items() if key not in example})
-        return example
-
-    def _vision_inputs(self, k: int, row: int, ids: list[int]) -> dict[str, Any]:
-        source = self._sources[k]
-        where = source.loaded.where(row)
-        try:
-            conversation = normalise(
-                source.loaded.rows[row], source.spec.format, vision=True, image_key=source.spec.image_key
-            )
-            return self._encoder.vision_inputs(
-                conversation, ids, source=source.label, row=row, image_root=source.image_root
-            )
-        except BadRow as bad:
-            if self._on_bad_row == "raise":
-                raise bad_row_error(bad, where) from None
-            return {"bad_row": {"where": where, "kind": bad.kind, "problem": bad.problem}}
-
-    def image_examples(self) -> list[int]:
-        """One example index per stored row with images (repeats of a row left out)."""
-        _, first = np.unique(self._index, return_index=True)
-        images = self.images()
-        return sorted(int(i) for i in first if images[i])
-
-    def trained_tokens(self) -> int:
-        """Tokens with a label, over all examples (repeats counted)."""
-        return int(self._gather(lambda p: p.trained_counts).sum())
-
-    def image_tokens(self) -> np.ndarray:
-        """Image tokens per example."""
-        return self._gather(lambda p: p.image_tokens)
-
-    def images(self) -> np.ndarray:
-        """Images per example."""
-        return self._gather(lambda p: p.images)
 
 
 def build_dataset(
@@ -213,7 +103,7 @@ def build_dataset(
     workers = workers or len(os.sched_getaffinity(0))
     builder = _Builder(cfg, encoder, show_progress, problems, workers)
     parts: list[cache.Part] = []
-    read_back: list[_Source] = []
+    read_back: list[ReadBack] = []
     index: list[np.ndarray] = []
     offset = 0
     with datasets_progress(show_progress):
@@ -278,7 +168,7 @@ class _Builder:
         self.stats = DataStats()
         self._fingerprint = encoder.fingerprint() if cfg.cache else None
 
-    def encode_source(self, spec: DataSource, base_dir: Path | None) -> tuple[cache.Part, _Source]:
+    def encode_source(self, spec: DataSource, base_dir: Path | None) -> tuple[cache.Part, ReadBack]:
         """The source's encoded part (built, or read from the cache) and how to read its rows back."""
         label = source_label(spec)
         path = locate(spec, base_dir)
@@ -296,10 +186,12 @@ class _Builder:
         self.stats.rows_read += part.rows_read
         for entry in part.journal:
             self._apply(entry)
-        if self.encoder.vision and loaded is None and int(np.max(part.images, initial=0)):
-            loaded = load_source(spec, base_dir=base_dir)  # image rows read their images back from it
+        images = self.encoder.vision and int(np.max(part.images, initial=0))
+        if loaded is None and (images or spec.format == "prompt"):
+            # Image rows read their images back from it, prompt rows their prompt and columns.
+            loaded = load_source(spec, base_dir=base_dir)
         root = source_image_root(spec, loaded, base_dir) if loaded is not None else None
-        return part, _Source(spec, loaded, root)
+        return part, ReadBack(spec, loaded, root)
 
     def _cache_key(self, spec: DataSource, data: Path | str) -> str:
         cfg = self.cfg
@@ -327,7 +219,7 @@ class _Builder:
                 for chunk in chunks:
                     self._check_fatal(chunk)  # a raise-policy row stops the build early, in file order
                     for row, encoded in zip(chunk.rows, chunk.encoded, strict=True):
-                        writer.add(row, encoded.ids, encoded.trained, encoded.images, encoded.image_tokens)
+                        _write(writer, row, encoded)
                     rows_read += chunk.rows_read
                     journal += chunk.journal
                     bar.update(chunk.rows_read)
@@ -367,7 +259,7 @@ class _Chunk:
     """Encoded rows of one range of a source, as the parallel encoder returns them."""
 
     rows: list[int] = field(default_factory=list)
-    encoded: list[EncodedRow] = field(default_factory=list)
+    encoded: list[EncodedRow | EncodedPair] = field(default_factory=list)
     journal: list[list] = field(default_factory=list)
     rows_read: int = 0
 
@@ -405,7 +297,7 @@ class _Work:
             except DataError as exc:
                 chunk.journal.append(["fatal", "data", f"{loaded.where(i)}: {exc}"])
                 return chunk
-            if len(encoded.ids) > self.cfg.max_length:
+            if max(len(side.ids) for side in _sides(encoded)) > self.cfg.max_length:
                 encoded = self._fit(encoded, loaded.where(i), chunk)
                 if encoded is None:
                     continue
@@ -413,38 +305,68 @@ class _Work:
             chunk.encoded.append(encoded)
         return chunk
 
-    def _fit(self, row: EncodedRow, where: str, chunk: _Chunk) -> EncodedRow | None:
-        """Apply `on_overlength` to a row longer than `max_length`; None drops it. Truncation never cuts image
-        tokens, nor leaves only prompt: such a row is dropped even under `truncate`."""
-        max_length, length = self.cfg.max_length, len(row.ids)
-        expanded = " after image expansion" if row.images else ""
+    def _fit(
+        self, row: EncodedRow | EncodedPair, where: str, chunk: _Chunk
+    ) -> EncodedRow | EncodedPair | None:
+        """Apply `on_overlength` to a row longer than `max_length` (a pair: its longer side); None drops it.
+        Truncation cuts the end (each reply of a pair), never image tokens, nor leaves only prompt: such a row is
+        dropped even under `truncate`, and so is a prompt row (its end is the question and the generation
+        prompt)."""
+        max_length = self.cfg.max_length
+        sides = _sides(row)
+        length = max(len(side.ids) for side in sides)
+        expanded = " after image expansion" if sides[0].images else ""
+        longer = " (the longer sequence of the pair)" if len(sides) > 1 else ""
         if self.cfg.on_overlength == "raise":
             chunk.journal.append(
                 [
                     "fatal",
                     "data",
-                    f"{where}: {length} tokens{expanded}, more than data.max_length={max_length}; set "
+                    f"{where}: {length} tokens{expanded}{longer}, more than data.max_length={max_length}; set "
                     "data.on_overlength to drop or truncate such rows, or raise data.max_length",
                 ]
             )
             return None
+        through_image = any(side.last_image >= max_length for side in sides)
         if (
             self.cfg.on_overlength == "truncate"
-            and row.last_image < max_length
-            and row.trained[:max_length].any()
+            and not through_image
+            and all(side.trained[:max_length].any() for side in sides)
         ):
             chunk.journal.append(
-                ["note", where, "truncated", f"cut from {length} to {max_length} tokens", length]
+                ["note", where, "truncated", f"cut from {length}{longer} to {max_length} tokens", length]
             )
-            return EncodedRow(
-                row.ids[:max_length], row.trained[:max_length], row.last_image, row.image_tokens, row.images
-            )
-        why = "truncating would cut through its image tokens" if row.last_image >= max_length else ""
-        problem = f"{length} tokens{expanded}, more than max_length {max_length}" + (
+            cut = [
+                EncodedRow(s.ids[:max_length], s.trained[:max_length], s.last_image, s.image_tokens, s.images)
+                for s in sides
+            ]
+            return EncodedPair(*cut) if isinstance(row, EncodedPair) else cut[0]
+        why = "truncating would cut through its image tokens" if through_image else ""
+        problem = f"{length} tokens{expanded}{longer}, more than max_length {max_length}" + (
             f": {why}" if why else ""
         )
         chunk.journal.append(["note", where, "overlength", problem, length])
         return None
+
+
+def _sides(encoded: EncodedRow | EncodedPair) -> tuple[EncodedRow, ...]:
+    return encoded.sides() if isinstance(encoded, EncodedPair) else (encoded,)
+
+
+def _write(writer: cache.PartWriter, row: int, encoded: EncodedRow | EncodedPair) -> None:
+    """Index one kept row; a pair as its chosen sequence then its rejected one (`Part.splits`)."""
+    if isinstance(encoded, EncodedRow):
+        writer.add(row, encoded.ids, encoded.trained, encoded.images, encoded.image_tokens)
+        return
+    chosen, rejected = encoded.sides()
+    writer.add(
+        row,
+        np.concatenate([chosen.ids, rejected.ids]),
+        np.concatenate([chosen.trained, rejected.trained]),
+        chosen.images,  # the row's images: both sides show them
+        chosen.image_tokens + rejected.image_tokens,  # the vision tower's work: it runs on both
+        split=len(chosen.ids),
+    )
 
 
 _WORK: _Work | None = None

@@ -10,6 +10,7 @@ token included.
 
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from vlmtune.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from vlmtune.families import Family
 
 _FIX = (
     "Set model.chat_template in the recipe to a Jinja template (or a path to a .jinja file) that renders every "
@@ -73,24 +76,34 @@ def render(
 
 
 def assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message]
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    *,
+    trained_from: int = 0,
+    add_generation_prompt: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and find each assistant reply's character span in the result.
 
     A span starts after the generation prompt and ends after the reply's end-of-turn marker; whitespace the
     template puts after that marker (ChatML's newline) is left out, since generation stops at the marker.
 
+    Args:
+        tokenizer: A tokenizer or processor with a chat template.
+        messages: The conversation.
+        trained_from: Replies before this message are prompt (a preference pair's earlier turns): no span.
+        add_generation_prompt: Render the generation prompt after the last message (a prompt row).
+
     Returns:
-        The full text and the `[start, end)` spans, one per assistant message.
+        The full text and the `[start, end)` spans, one per assistant message from `trained_from` on.
 
     Raises:
         ChatTemplateError: the template is not prefix-stable, so the spans cannot be located.
         BadRow: the template refused the conversation.
     """
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < trained_from:
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
@@ -108,7 +121,12 @@ def assistant_spans(
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, train_on_prompt: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    *,
+    train_on_prompt: bool = False,
+    trained_from: int = 0,
+    add_generation_prompt: bool = False,
 ) -> tuple[list[int], list[bool]]:
     """Tokenise a conversation and mark the tokens to train.
 
@@ -116,6 +134,8 @@ def tokenize_conversation(
         tokenizer: A fast Hugging Face tokenizer with a chat template.
         messages: Checked messages (see `formats.check_conversation`).
         train_on_prompt: Train every token, prompts included.
+        trained_from: Replies before this message are not trained (see `assistant_spans`).
+        add_generation_prompt: End with the generation prompt (a prompt row, which trains nothing).
 
     Returns:
         The token ids and, per token, whether it is trained.
@@ -124,7 +144,9 @@ def tokenize_conversation(
         ChatTemplateError: the template is not prefix-stable.
         BadRow: the template refused the conversation.
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(
+        tokenizer, messages, trained_from=trained_from, add_generation_prompt=add_generation_prompt
+    )
     # The template already wrote any BOS/EOS into the text; add_special_tokens would add them twice.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
@@ -155,3 +177,54 @@ def _not_prefix_stable(full: str, prefix: str, cut: str) -> str:
         f"{full[max(0, at - 30) : at + 30]!r}), so the assistant turns cannot be located for the label mask. "
         f"Templates that rewrite earlier turns (for example dropping past reasoning) do this. {_FIX}"
     )
+
+
+def move_spans(
+    spans: list[tuple[int, int]], text: str, replacements: list[dict], family: Family, tokenizer: Any
+) -> list[tuple[int, int]]:
+    """Move `[start, end)` spans of the rendered text onto the text the processor tokenised."""
+    bos = tokenizer.bos_token or ""
+    inserted_at, inserted = len(text) + 1, 0
+    if family.text_layout == "bos_after_last_image" and family.image_placeholder in text:
+        inserted_at = text.rfind(family.image_placeholder) + len(family.image_placeholder)
+        inserted = len(bos)
+    elif family.text_layout == "bos_if_missing" and not text.startswith(bos):
+        inserted_at, inserted = 0, len(bos)
+
+    ends = [r["span"][1] for r in replacements]
+    gained = [0]
+    for r in replacements:
+        gained.append(gained[-1] + (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
+
+    def move(char: int) -> int:
+        char += inserted if char >= inserted_at else 0
+        return char + gained[bisect.bisect_right(ends, char)]
+
+    return [(move(start), move(end)) for start, end in spans]
+
+
+def check_spans(
+    text: str,
+    spans: list[tuple[int, int]],
+    moved: list[tuple[int, int]],
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    tokenizer: Any,
+) -> None:
+    """Each moved span, read back from the tokens, must be the reply it came from: else it was misplaced.
+
+    The tokens overlapping a moved span are decoded, and the span's characters are cut from that text by the
+    first token's offset; a span moved by even one character reads back differently.
+    """
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    for (start, end), (lo, hi) in zip(spans, moved, strict=True):
+        covered = np.flatnonzero((starts < hi) & (ends > lo))
+        decoded = tokenizer.decode(ids[covered].tolist(), clean_up_tokenization_spaces=False)
+        skip = lo - int(starts[covered[0]]) if len(covered) else 0
+        read_back = decoded[skip : skip + (hi - lo)]
+        if read_back.strip() != text[start:end].strip():
+            raise ChatTemplateError(
+                f"the assistant reply {text[start:end]!r} reads back from the processor's tokens as "
+                f"{read_back!r}: the processor rewrote the text in a way vlmtune.data.encode does not know, "
+                "so the label mask cannot be placed; set the family's text_layout in vlmtune.families"
+            )

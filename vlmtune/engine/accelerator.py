@@ -73,6 +73,20 @@ def build_accelerator(recipe: Recipe, spec: LaunchSpec) -> Accelerator:
     return accelerator
 
 
+def set_batch_sizes(accelerator: Accelerator, micro_batch_size: int, grad_accum: int) -> None:
+    """Train with these batch sizes (chosen after the Accelerator was built: `train.micro_batch_size: auto`,
+    `train.global_batch_size`); before `prepare`, which hands DeepSpeed its config."""
+    accelerator.gradient_accumulation_steps = grad_accum
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        cfg = plugin.deepspeed_config
+        cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+        cfg["gradient_accumulation_steps"] = grad_accum
+        cfg["train_batch_size"] = (
+            micro_batch_size * grad_accum * accelerator.num_processes
+        )  # as accelerate would
+
+
 def check_launch(spec: LaunchSpec) -> None:
     """Refuse a launch whose sharding or process count contradicts the recipe's accelerate config."""
     dist = spec.distributed_type
@@ -110,7 +124,8 @@ def _deepspeed_plugin(recipe: Recipe, spec: LaunchSpec) -> DeepSpeedPlugin:
         )
     cfg = plugin.deepspeed_config
     # We feed batches ourselves (no prepared DataLoader), so DeepSpeed must be told the micro-batch size.
-    cfg["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    # micro_batch_size auto is sized once the model is loaded (`set_batch_sizes`, before `prepare`).
+    cfg["train_micro_batch_size_per_gpu"] = 1 if t.micro_batch_size == "auto" else t.micro_batch_size
     cfg["gradient_accumulation_steps"] = t.grad_accum
     cfg["gradient_clipping"] = t.max_grad_norm or 0.0  # the recipe decides, also over a JSON file's value
     if t.mixed_precision == "bf16":

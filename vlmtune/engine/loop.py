@@ -23,11 +23,13 @@ from vlmtune.data.batching import layout
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.sampler import StepSampler
 from vlmtune.engine.distributed import params_without_grad, strategy, unused_parameters_error
+from vlmtune.engine.early_stop import judge_eval
 from vlmtune.engine.flops import flop_counter, peak_flops, sequence_lengths
 from vlmtune.engine.loss import LeanLoss, unwrap
 from vlmtune.engine.method import Batch, Method
 from vlmtune.engine.metrics import MetricsWriter, peak_memory_mb
 from vlmtune.engine.offload import OffloadActivations
+from vlmtune.engine.samples import SampleWriter
 from vlmtune.engine.signals import StopWatcher
 from vlmtune.engine.state import TrainState
 from vlmtune.errors import DataError, Preempted, TrainingDiverged
@@ -156,6 +158,7 @@ class Components:
     # The VLM family (None for a text model): the FLOP count leaves out its vision tower and projector.
     family: Family | None = None
     method: Method | None = None  # the recipe's training method (default: supervised, `Supervised` below)
+    samples: SampleWriter | None = None  # train.eval_samples: answers generated at each evaluation
 
 
 class Supervised:
@@ -353,9 +356,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """The method's loss (for sft token-weighted, with perplexity) and metrics over the eval set, by rank."""
+        """The method's loss (for sft token-weighted, with perplexity) and metrics over the eval set, by rank.
+
+        In the model's eval mode (no dropout) and without autograd (no graph, no gradients kept), with
+        `train.eval_micro_batch_size` rows per forward (default: the training micro-batch).
+        """
         data, acc, model, method = self.c.eval_data, self.acc, self.c.model, self.method
-        mb = self.c.recipe.train.micro_batch_size
+        t = self.c.recipe.train
+        mb = t.eval_micro_batch_size or t.micro_batch_size
         n_batches = math.ceil(len(data) / mb)
         per_rank = math.ceil(n_batches / acc.num_processes)
         model.eval()
@@ -408,9 +416,12 @@ class Trainer:
         c, acc, t, state = self.c, self.acc, self.c.recipe.train, self.state
         total = state.total_steps
         c.metrics.rewind(state.step)
+        if c.samples is not None:
+            c.samples.rewind(state.step)
 
         c.model.train()
         every, final = c.recipe.checkpoint.every, {}
+        stopping = t.early_stopping is not None  # a run it stopped stays stopped when run again
         bar = tqdm(
             total=total, initial=state.step, desc="train", disable=not acc.is_main_process, dynamic_ncols=True
         )
@@ -418,7 +429,7 @@ class Trainer:
         steps = iter(self._steps(state.step, total))
         with StopWatcher(c.output_dir) as stop:
             self._stop = stop
-            while state.step < total:
+            while state.step < total and not (stopping and state.stopped_early):
                 waiting = time.perf_counter()
                 rows, batches = next(steps)
                 window["data_wait"] += time.perf_counter() - waiting
@@ -442,17 +453,23 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     window = self._new_window()
                 paused = time.perf_counter()  # eval and checkpoints are not training throughput
+                best = False
                 if c.eval_data is not None and (
                     (t.eval_every and state.step % t.eval_every == 0) or state.step == total
                 ):
-                    record = {**(record or {"step": state.step}), **self.evaluate()}
+                    record, best = self._evaluate_into(record)
                 if record is not None:
                     c.metrics.log(record)
                     final.update(record)
                 saved = every and state.step % every == 0 and state.step < total
+                # checkpoint.keep_best: the best weights are on disk whatever the checkpoint schedule.
+                saved = saved or (best and c.recipe.checkpoint.keep_best and state.step < total)
                 if saved:
                     c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
                 window["start"] += time.perf_counter() - paused
+                if stopping and state.stopped_early:
+                    log.info("early stopping at step %d: %s", state.step, state.stopped_early)
+                    break  # done, not preempted: the final checkpoint and the adapter follow, as at the last step
                 if state.step < total and self._stop_agreed:
                     if not saved:
                         c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
@@ -462,9 +479,20 @@ class Trainer:
         self._stop = None
         bar.close()
         latest = c.checkpoints.latest()
-        if total > 0 and (latest is None or step_of(latest) != total):
+        if total > 0 and (latest is None or step_of(latest) != state.step):
             c.checkpoints.save(state.step, c.model, c.optimizer, c.scheduler, state)
         return final
+
+    def _evaluate_into(self, record: dict | None) -> tuple[dict, bool]:
+        """Evaluate, judge the loss (best so far, early stopping) and add both to this step's record."""
+        record = {**(record or {"step": self.state.step}), **self.evaluate()}
+        if self.c.samples is not None:
+            self.c.samples.write(self.c.model, self.state.step, self._dtype)
+        best = judge_eval(self.state, record["eval_loss"], self.c.recipe.train.early_stopping)
+        record.update(best_eval_loss=self.state.best_eval_loss, best_step=self.state.best_step)
+        if self.state.stopped_early:
+            record.update(early_stopped=True, stop_reason=self.state.stopped_early)
+        return record, best
 
     def _steps(self, start: int, total: int):
         """(rows, collated micro-batches) of steps start..total-1, from `data.num_workers` processes or this one."""

@@ -13,14 +13,27 @@ from vlmtune.model.parts import part_of
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
+def is_lora_b(name: str) -> bool:
+    """A LoRA B matrix (PEFT names them `lora_B` in linear layers, `lora_embedding_B` in embeddings)."""
+    return "lora_B." in name or "lora_embedding_B." in name
+
+
 def build_optimizer(
-    model: torch.nn.Module, cfg: TrainConfig, *, family=None, vision: VisionConfig | None = None
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    *,
+    family=None,
+    vision: VisionConfig | None = None,
+    plus_lr_ratio: float | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (torch or bitsandbytes 8-bit / paged 8-bit) over the trainable parameters.
 
     Weight decay applies to matrices only: biases and norm weights (e.g. in modules_to_save) are not decayed.
     For a VLM (`family` given), the vision tower and projector get their own learning rates
     (`vision.tower_lr`, `vision.projector_lr`, default `train.lr`); the schedule scales every group alike.
+    LoRA+ (`plus_lr_ratio`, from `lora.plus_lr_ratio`): the LoRA B matrices of each part get their own group at
+    that multiple of the part's rate. The schedule multiplies every group's initial rate by the same factor, so
+    the ratio holds at every step; the first group is always a base-rate one (the `lr` the metrics report).
     """
     lrs = {"language": cfg.lr}
     if family is not None:
@@ -29,14 +42,18 @@ def build_optimizer(
         lrs["projector"] = vision.projector_lr or cfg.lr
     groups = []
     for part, lr in lrs.items():
-        params = [
-            p
+        named = [
+            (n, p)
             for n, p in model.named_parameters()
             if p.requires_grad and (family is None or part_of(n, family) == part)
         ]
+        plus = [plus_lr_ratio is not None and is_lora_b(n) for n, _ in named]
+        b = [p for (_, p), is_b in zip(named, plus, strict=True) if is_b]
+        rest = [p for (_, p), is_b in zip(named, plus, strict=True) if not is_b]
         groups += [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+            {"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+            {"params": b, "weight_decay": cfg.weight_decay, "lr": lr * (plus_lr_ratio or 1.0)},
         ]
     groups = [g for g in groups if g["params"]]
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.adam_betas), "eps": cfg.adam_eps}

@@ -22,6 +22,12 @@ class TrainState:
         ""  # likewise for the batching mode (data/batching.py `layout`); "" in older checkpoints
     )
     total_steps: int = 0
+    # The lowest eval loss so far and its step (the checkpoint checkpoint.keep_best keeps), evaluations since it,
+    # and why train.early_stopping ended the run ("" while it goes on): see engine/early_stop.py.
+    best_eval_loss: float | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
+    stopped_early: str = ""
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,8 @@ from vlmtune.errors import UserError
 from vlmtune.model.meta import build_meta_model
 from vlmtune.plan.memory import GIB, Item, Sharding, layer_shape, micro_batch_shape, parameters
 
+# The item that depends on the micro-batch (recomputed when the plan searches for the largest that fits).
+TEACHER_FORWARD = "teacher forward + KD"
 # fp32 tensors of one KD chunk at their peak: both models' logits, both log-softmaxes, the probabilities, the
 # divergence's terms and the gradient (see `methods.distill._chunk_sums`).
 KD_CHUNK_TENSORS = 8
@@ -44,10 +46,11 @@ def teacher_items(recipe: Recipe, sharding: Sharding) -> list[Item]:
     return [
         Item("teacher weights", part + gathered, 0, weights_note),
         Item(
-            "teacher forward + KD",
+            TEACHER_FORWARD,
             forward + kept + kd,
             0,
             f"no gradients: one layer at a time; KD {chunk} trained tokens × {vocab:,} vocabulary per chunk",
+            phase="train",  # before the student's forward, and its KD chunks during the loss
         ),
     ]
 
