@@ -75,6 +75,21 @@ def test_a_teacher_equal_to_the_student_gives_zero_kd(tiny_recipe, tiny_model_di
         assert record["kd_loss"] == pytest.approx(0.0, abs=1e-6) and record["ce_loss"] > 1.0
 
 
+def test_a_4bit_teacher_teaches(tiny_recipe, tmp_path, caplog):
+    """`distill.quant`: the teacher loads in 4 bits (bitsandbytes, on CPU) and the student learns from it."""
+    teacher = build_tiny_llm(tmp_path / "t128", seed=2, hidden_size=128)  # 4-bit on CPU packs 64-wide blocks
+    quant = {"bits": 4, "compute_dtype": "float32", "storage_dtype": "float32"}
+    recipe = tiny_recipe(
+        method="distill",
+        distill={"teacher": str(teacher), "dtype": "float32", "alpha": 1.0, "quant": quant},
+        train={"max_steps": 8, "lr": 3e-2, "scheduler": "constant"},
+    )
+    with caplog.at_level("INFO"):
+        kd = [r["kd_loss"] for r in _records(run(recipe).output_dir)]
+    assert "(LlamaForCausalLM, 4-bit, torch.float32, a whole copy per process)" in caplog.text
+    assert sum(kd[-2:]) / 2 < sum(kd[:2]) / 2 * 0.9, kd
+
+
 def test_vlm_student_learns_from_a_vlm_teacher_that_sees_the_same_images(tiny_vlm_root, vlm_data, tmp_path):  # noqa: F811
     name = "qwen2_vl"
     family = get_family(name)

@@ -111,9 +111,14 @@ def load_teacher(ctx) -> nn.Module:
     )
     teacher = prepare_teacher(ctx.accelerator, teacher)
     sharded = any(is_sharded(p) for p in teacher.parameters())
+    hf = unwrap(teacher)  # as loaded, not as asked: the log shows what bitsandbytes did
+    bits = (
+        4 if getattr(hf, "is_loaded_in_4bit", False) else 8 if getattr(hf, "is_loaded_in_8bit", False) else 0
+    )
     log.info(
         "distill: teacher %s (%s, %s, %s), loss %s at temperature %g, alpha %g",
-        where, type(unwrap(teacher)).__name__, DTYPES[cfg.dtype],
+        where, type(unwrap(teacher)).__name__,
+        f"{bits}-bit, {DTYPES[cfg.dtype]}" if bits else DTYPES[cfg.dtype],
         "sharded like the student" if sharded else "a whole copy per process",
         cfg.loss, cfg.temperature, cfg.alpha,
     )  # fmt: skip
