@@ -27,6 +27,7 @@ ImageGrid = Literal[
     "fixed",
     "cross_attention",
 ]
+BoxCoordinates = Literal["original", "resized", "relative_1000"]
 _TOKEN_PAD = MappingProxyType({"token_type_ids": 0, "mm_token_type_ids": 0})
 
 
@@ -89,6 +90,11 @@ class Family:
             positions, restarting per packed example.
         packing_refused: Why `data.batching: padding_free / packed` cannot keep this family's examples apart in
             a shared row (empty: it can, and the packed-equals-alone tests cover it).
+        box_coordinates: The space the family's checkpoints write boxes in when asked to ground something, which
+            the `iou` reward converts to the original image's pixels: `original` (the image's own pixels, the
+            default), `resized` (absolute pixels of the image as the processor resized it: Qwen2.5-VL, the
+            correction VLM-R1 makes) or `relative_1000` (0-1000 of the width and height: Qwen2-VL and Qwen3-VL,
+            per their reports and the Qwen3-VL fine-tuning docs).
         notes: Anything else the data pipeline must know.
     """
 
@@ -114,6 +120,7 @@ class Family:
     token_pad: Mapping[str, int] = field(default_factory=lambda: _TOKEN_PAD)
     rope_index: str | None = None
     packing_refused: str = ""
+    box_coordinates: BoxCoordinates = "original"
     notes: str = ""
 
     def load_class(self) -> type:
@@ -182,12 +189,25 @@ _IDEFICS = {
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(name="qwen2_vl", model_types=("qwen2_vl",), **_QWEN, rope_index="Qwen2VLModel"),
-        Family(name="qwen2_5_vl", model_types=("qwen2_5_vl",), **_QWEN, rope_index="Qwen2_5_VLModel"),
+        Family(
+            name="qwen2_vl",
+            model_types=("qwen2_vl",),
+            **_QWEN,
+            rope_index="Qwen2VLModel",
+            box_coordinates="relative_1000",
+        ),
+        Family(
+            name="qwen2_5_vl",
+            model_types=("qwen2_5_vl",),
+            **_QWEN,
+            rope_index="Qwen2_5_VLModel",
+            box_coordinates="resized",
+        ),
         Family(
             name="qwen3_vl",
             model_types=("qwen3_vl",),
             rope_index="Qwen3VLModel",
+            box_coordinates="relative_1000",
             **{**_QWEN, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
         ),
         Family(name="llava", model_types=("llava",), **_LLAVA, image_grid="resize_crop"),

@@ -10,6 +10,8 @@ listed once per row, in the order their parts appear. Accepted layouts:
 - `sharegpt` (`conversations` of `from` / `value`) with `<image>` placeholders and a top-level `images` list;
 - `llava`: LLaVA JSON, `image` (a path or a list) and `conversations` with `<image>` in the human turn;
 - `alpaca`: `instruction`, optional `input` and `system`, `output` (text only);
+- `preference` and `prompt` (for DPO and GRPO), read in `prompt_formats`: a preference row becomes a `Pair` of
+  conversations (prompt + chosen, prompt + rejected), a prompt row a conversation that ends on the prompt;
 - any of these from a `datasets` table whose image column holds PIL images or `{"bytes", "path"}` dicts.
 
 For a text model (`vision=False`) `<image>` is ordinary text and image columns are not read. Every row then goes
@@ -49,6 +51,15 @@ class Conversation:
 
     messages: list[Message]
     images: list[ImageRef] = field(default_factory=list)
+    prompt_turns: int = (
+        0  # leading messages never trained (a preference pair's prompt, assistant turns included)
+    )
+    generation_prompt: bool = False  # a prompt row: ends on the prompt, rendered with the generation prompt
+
+    @property
+    def trains(self) -> bool:
+        """Whether any token of this conversation can be trained (a prompt row has none)."""
+        return not self.generation_prompt
 
     def image_parts(self) -> int:
         return sum(p["type"] == "image" for m in self.messages for p in m["content"])
@@ -58,7 +69,28 @@ class Conversation:
         return [{"role": m["role"], "content": flat_text(m)} for m in self.messages]
 
 
-Reader = Callable[["_Row"], Conversation]
+@dataclass
+class Pair:
+    """A preference row: the same prompt (and images) completed by the chosen and by the rejected reply."""
+
+    chosen: Conversation
+    rejected: Conversation
+
+    def sides(self) -> tuple[Conversation, Conversation]:
+        return self.chosen, self.rejected
+
+    @property
+    def images(self) -> list[ImageRef]:
+        """The row's images (both sides show the same ones)."""
+        return self.chosen.images
+
+    @property
+    def messages(self) -> list[Message]:
+        """The chosen side's messages: what a caller that samples a row's text and images reads (`plan`)."""
+        return self.chosen.messages
+
+
+Reader = Callable[["_Row"], "Conversation | Pair"]
 FORMATS: dict[str, Reader] = {}
 
 
@@ -74,8 +106,10 @@ def register_format(name: str) -> Callable[[Reader], Reader]:
     return decorator
 
 
-def normalise(row: Any, fmt: str, *, vision: bool = True, image_key: str | None = None) -> Conversation:
-    """Turn a raw row into a checked `Conversation`.
+def normalise(
+    row: Any, fmt: str, *, vision: bool = True, image_key: str | None = None
+) -> Conversation | Pair:
+    """Turn a raw row into a checked `Conversation` (a `Pair` of them for a preference row).
 
     Args:
         row: One row as read from the file (a JSON object, or a dict from an Arrow table).
@@ -84,7 +118,8 @@ def normalise(row: Any, fmt: str, *, vision: bool = True, image_key: str | None 
         image_key: The row's image column; by default `images`, else `image`.
 
     Returns:
-        The conversation: an optional system message, then user/assistant turns, ending with the assistant.
+        The conversation: an optional system message, then user/assistant turns, ending with the assistant
+        (with the user for a prompt row).
 
     Raises:
         BadRow: the row does not fit the format, breaks a conversation rule, or its placeholders and images do
@@ -97,7 +132,8 @@ def normalise(row: Any, fmt: str, *, vision: bool = True, image_key: str | None 
     if not isinstance(row, Mapping):
         raise BadRow("wrong_type", f"the row is {_json_type(row)}; expected a JSON object")
     conversation = reader(_Row(row, vision, image_key))
-    check_conversation(conversation)
+    for side in conversation.sides() if isinstance(conversation, Pair) else (conversation,):
+        check_conversation(side)
     return conversation
 
 
@@ -110,7 +146,8 @@ def check_conversation(conversation: Conversation) -> None:
     """Check the rules every format shares, then the image rules.
 
     An optional system message comes first, then user and assistant alternate starting with user, and the
-    assistant speaks last, so that every trained reply answers a prompt. Images appear only in user messages,
+    assistant speaks last, so that every trained reply answers a prompt (a prompt row ends with the user, whose
+    turn the generation answers). Images appear only in user messages,
     one per image part. Message indices in the problems are 0-based, like row numbers.
 
     Raises:
@@ -127,12 +164,12 @@ def check_conversation(conversation: Conversation) -> None:
                 "unknown_role",
                 f"message {i} has unknown role {message['role']!r}; expected one of {', '.join(ROLES)}",
             )
-    if not any(m["role"] == "assistant" for m in messages):
+    if conversation.trains and not any(m["role"] == "assistant" for m in messages):
         raise BadRow(
             "no_assistant_turn",
             "the conversation has no assistant message; expected at least one assistant reply to train on",
         )
-    _check_order(messages)
+    _check_order(messages, "assistant" if conversation.trains else "user")
     for i, message in enumerate(messages):
         if not message["content"].strip():
             raise BadRow(
@@ -153,7 +190,7 @@ def check_conversation(conversation: Conversation) -> None:
         )
 
 
-def _check_order(messages: list[Message]) -> None:
+def _check_order(messages: list[Message], last_role: str) -> None:
     first = 1 if messages[0]["role"] == "system" else 0
     previous = messages[0]["role"] if first else None
     for i in range(first, len(messages)):
@@ -172,11 +209,14 @@ def _check_order(messages: list[Message]) -> None:
             problem = f"message {i} has role {role!r} after {previous!r}; {_ALTERNATION}"
         raise BadRow("role_order", problem)
     last = messages[-1]["role"]
-    if last != "assistant":
+    if last != last_role:
+        expected = (
+            "an assistant reply" if last_role == "assistant" else "a user message (the prompt to answer)"
+        )
         raise BadRow(
             "role_order",
-            f"the last message ({len(messages) - 1}) has role {last!r}; "
-            "expected the conversation to end with an assistant reply",
+            f"the last message ({len(messages) - 1}) has role {last!r}; expected the conversation to end with "
+            f"{expected}",
         )
 
 
@@ -385,3 +425,7 @@ def _json_type(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "a list"
     return type(value).__name__
+
+
+# The preference and prompt readers register themselves on import; they build on the helpers above.
+from vlmtune.data import prompt_formats  # noqa: E402, F401

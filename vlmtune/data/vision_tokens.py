@@ -124,6 +124,29 @@ def expand_text(
     return texts[0], offsets[0] if offsets else []
 
 
+def resized_size(processor: Any, family: Family, size: Size) -> Size:
+    """(height, width) of an image of `size` (height, width) as the processor resizes it for the model.
+
+    The same resize `image_replacements` expands placeholders with (the processor's settings and helpers), for
+    the families whose model sees one resized image: `smart_resize` (Qwen-VL: the patch grid times the patch
+    size) and `resize_crop` (LLaVA). Boxes a Qwen2.5-VL model writes are in these pixels.
+
+    Raises:
+        UnsupportedImageSize: as `image_replacements`.
+        ValueError: for a family whose model sees tiles or a fixed canvas instead of one resized image.
+    """
+    size = (int(size[0]), int(size[1]))
+    settings = image_settings(processor)
+    if family.image_grid == "smart_resize":
+        grid = _smart_resize(processor.image_processor, settings, [size])["image_grid_thw"][0]
+        return int(grid[1]) * settings["patch_size"], int(grid[2]) * settings["patch_size"]
+    if family.image_grid == "resize_crop":
+        return _resized(settings, size)
+    raise ValueError(
+        f"{family.name} models do not see one resized image ({family.image_grid}); no resized size"
+    )
+
+
 # id(processor) -> (weak reference to it, its image processor, what the settings were resolved from, the settings).
 _SETTINGS: dict[int, tuple[weakref.ref, Any, tuple[Any, ...], dict[str, Any]]] = {}
 
