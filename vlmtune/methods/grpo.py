@@ -150,7 +150,9 @@ class GRPO:
         self.config, self.model, self.acc, self.rewards = config, model, accelerator, rewards
         self.output_dir = Path(output_dir)
         self.seed = seed
-        self.token_pad = dict(token_pad) if token_pad is not None else {"token_type_ids": 0, "mm_token_type_ids": 0}
+        self.token_pad = (
+            dict(token_pad) if token_pad is not None else {"token_type_ids": 0, "mm_token_type_ids": 0}
+        )
         self.spec = LossSpec(
             loss=config.loss,
             epsilon=config.epsilon,
@@ -239,7 +241,11 @@ class GRPO:
             if old:
                 with torch.no_grad():
                     batch["old_logps"] = completion_logps(
-                        self.model, batch, self.dtype, exclude=METHOD_KEYS, temperature=self.config.temperature
+                        self.model,
+                        batch,
+                        self.dtype,
+                        exclude=METHOD_KEYS,
+                        temperature=self.config.temperature,
                     )[0]
             batches.append(batch)
         records = [
@@ -293,7 +299,11 @@ class GRPO:
         )
         old = batch.get("old_logps")
         per_token, kl, active = token_losses(
-            logps, logps.detach() if old is None else old, batch.get("ref_logps"), batch["advantages"], self.spec
+            logps,
+            logps.detach() if old is None else old,
+            batch.get("ref_logps"),
+            batch["advantages"],
+            self.spec,
         )
         loss = reduce_loss(per_token, mask, self.spec)
         rewards, parts = batch["rewards"].double(), batch["reward_parts"].double()
@@ -352,7 +362,10 @@ def _completion_batch(
     value padding takes, which is that of text after the prompt.
     """
     length = int(mask.sum(1).max()) if mask.numel() else 0
-    ids, mask = ids[:, :length].to(prompt["input_ids"].device), mask[:, :length].to(prompt["input_ids"].device)
+    ids, mask = (
+        ids[:, :length].to(prompt["input_ids"].device),
+        mask[:, :length].to(prompt["input_ids"].device),
+    )
     batch: Batch = {}
     rows = prompt["input_ids"].shape[0]
     for key, value in prompt.items():

@@ -35,7 +35,9 @@ class Rollouts:
     """Completions of one batch of prompts, `n` per prompt, prompt-major (row `b * n + g`)."""
 
     ids: torch.Tensor  # (B * n, C) sampled token ids, pad after the end
-    mask: torch.Tensor  # (B * n, C) bool: the completion's tokens, up to and including its end-of-sequence token
+    mask: (
+        torch.Tensor
+    )  # (B * n, C) bool: the completion's tokens, up to and including its end-of-sequence token
     texts: list[str]  # decoded completions (special tokens dropped)
     seconds: float  # wall time of the generation
 
@@ -179,5 +181,7 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     if not ids:
-        raise ValueError("neither the model's generation config nor the tokenizer names an end-of-sequence token")
+        raise ValueError(
+            "neither the model's generation config nor the tokenizer names an end-of-sequence token"
+        )
     return ids
