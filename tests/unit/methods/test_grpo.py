@@ -186,6 +186,8 @@ def test_reused_rollouts_and_resume_are_exact(peft_llm, tmp_path):
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again, strict=True))
     assert (again[0]["generation"] == 0).all()
     fresh = method.prepare(2, [dict(batch)], training=True)
+    # A new generation samples on from where the last left the stream: new completions.
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, fresh, strict=True))
     restored = _method(model, tok, tmp_path, steps_per_generation=2)
     restored.load_state_dict(saved)
     again2 = restored.prepare(1, [dict(batch)], training=True)
