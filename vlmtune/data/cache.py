@@ -31,7 +31,7 @@ from vlmtune.logging import get_logger
 
 logger = get_logger("data")
 
-FORMAT_VERSION = 2  # bump when the entry layout changes
+FORMAT_VERSION = 3  # bump when the entry layout changes
 
 
 def code_digest() -> str:
@@ -61,6 +61,8 @@ class Part:
         images: Images per kept row.
         image_tokens: Image tokens per kept row.
         trained_counts: Trained tokens per kept row.
+        splits: Per kept row, 0, or for a preference row the chosen sequence's tokens: the row's tokens are the
+            chosen sequence then the rejected one.
         rows_read: Rows in the source, bad ones included.
         journal: The rows not kept as read, in order: `["bad", where, kind, problem]` (skipped under `skip`),
             `["note", where, kind, problem, tokens]` (`truncated` or `overlength`), `["raise", message]`.
@@ -73,6 +75,7 @@ class Part:
     images: np.ndarray
     image_tokens: np.ndarray
     trained_counts: np.ndarray
+    splits: np.ndarray
     rows_read: int = 0
     journal: list[list] = field(default_factory=list)
 
@@ -85,7 +88,7 @@ class Part:
 
 
 _STREAMED = {"tokens": np.int32, "trained": np.bool_}  # written chunk by chunk: they grow with the data
-_PER_ROW = ("offsets", "rows", "images", "image_tokens", "trained_counts")
+_PER_ROW = ("offsets", "rows", "images", "image_tokens", "trained_counts", "splits")
 
 
 def file_digest(path: Path, h) -> None:
@@ -180,13 +183,16 @@ class PartWriter:
         self._per_row: dict[str, list] = {name: [] for name in _PER_ROW if name != "offsets"}
         self._lengths: list[int] = []
 
-    def add(self, row: int, ids: np.ndarray, trained: np.ndarray, images: int, image_tokens: int) -> None:
-        """Append one kept row."""
+    def add(
+        self, row: int, ids: np.ndarray, trained: np.ndarray, images: int, image_tokens: int, split: int = 0
+    ) -> None:
+        """Append one kept row (`split`: see `Part.splits`)."""
         self._files["tokens"].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
         self._files["trained"].write(np.ascontiguousarray(trained, dtype=np.bool_).tobytes())
         self._lengths.append(len(ids))
         for name, value in (
             ("rows", row), ("images", images), ("image_tokens", image_tokens), ("trained_counts", int(trained.sum())),
+            ("splits", split),
         ):  # fmt: skip
             self._per_row[name].append(value)
 
@@ -196,7 +202,10 @@ class PartWriter:
             f.close()
         offsets = np.concatenate([[0], np.cumsum(np.asarray(self._lengths, dtype=np.int64))]).astype(np.int64)
         np.save(self.folder / "offsets.npy", offsets, allow_pickle=False)
-        dtypes = {"rows": np.int64, "images": np.int32, "image_tokens": np.int32, "trained_counts": np.int32}
+        dtypes = {
+            "rows": np.int64, "images": np.int32, "image_tokens": np.int32, "trained_counts": np.int32,
+            "splits": np.int64,
+        }  # fmt: skip
         for name, values in self._per_row.items():
             np.save(self.folder / f"{name}.npy", np.asarray(values, dtype=dtypes[name]), allow_pickle=False)
         (self.folder / "meta.json").write_text(json.dumps({"rows_read": rows_read, "journal": journal}))

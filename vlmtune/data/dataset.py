@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from vlmtune.config.schema import DataConfig, DataSource
 from vlmtune.data import cache
 from vlmtune.data.bad_rows import BadRow, BadRowTracker, bad_row_error
-from vlmtune.data.encode import IGNORE_INDEX, EncodedRow, Encoder
-from vlmtune.data.formats import normalise
+from vlmtune.data.encode import IGNORE_INDEX, EncodedPair, EncodedRow, Encoder
+from vlmtune.data.formats import Pair, normalise
 from vlmtune.data.mixing import weighted_take
+from vlmtune.data.prompt_formats import prompt_as_written, row_columns
 from vlmtune.data.sources import (
     LoadedSource,
     Unparsable,
@@ -68,13 +69,19 @@ class IndexedDataset(torch.utils.data.Dataset):
     """Encoded examples: `{"input_ids": list[int], "labels": list[int]}`, labels -100 where not trained, plus an
     image-text row's vision inputs, decoded when the row is read.
 
+    A preference row is `{"chosen": example, "rejected": example}`, each trained on its reply only. A prompt row
+    is an example that trains nothing (it ends with the generation prompt), plus `"prompt"` (the row's prompt as
+    written, image data left out) and `"columns"` (the row's other fields, read back from the source, and
+    `image_sizes`: each image's `(width, height)` as the file is, `[]` without images).
+
     Labels are aligned with `input_ids` (not shifted; the model or the trainer shifts). A row whose image fails
     to decode is `{"bad_row": {"where", "kind", "problem"}}` under `data.on_bad_row: skip` (the collator leaves
     it out and counts it), and a `DataError` under `raise`.
 
     Attributes:
         stats: What the pipeline read, kept and dropped.
-        lengths: Tokens per example (after image expansion), e.g. for length-grouped batching.
+        lengths: Tokens per example (after image expansion; both sequences of a pair), e.g. for length-grouped
+            batching.
     """
 
     def __init__(
@@ -115,6 +122,19 @@ class IndexedDataset(torch.utils.data.Dataset):
         start, end = part.offsets[r], part.offsets[r + 1]
         ids = np.asarray(part.tokens[start:end])
         trained = np.asarray(part.trained[start:end])
+        split = int(part.splits[r])
+        sides = (
+            [(ids[:split], trained[:split]), (ids[split:], trained[split:])] if split else [(ids, trained)]
+        )
+        examples = [self._tokens(side_ids, side_trained) for side_ids, side_trained in sides]
+        prompt_row = bool(self._sources) and self._sources[k].spec.format == "prompt"
+        if part.images[r] or prompt_row:
+            bad = self._read_back(k, int(part.rows[r]), examples, prompt_row)
+            if bad is not None:
+                return bad
+        return {"chosen": examples[0], "rejected": examples[1]} if split else examples[0]
+
+    def _tokens(self, ids: np.ndarray, trained: np.ndarray) -> dict[str, Any]:
         example: dict[str, Any] = {
             "input_ids": ids.tolist(),
             "labels": np.where(trained, ids, IGNORE_INDEX).tolist(),
@@ -123,29 +143,36 @@ class IndexedDataset(torch.utils.data.Dataset):
         if family is not None and family.token_type_ids == "prefix":
             # 0 is the bidirectional prefix: from the first trained token on, attention must be causal, or the
             # answer would see its own future. (PaliGemma's processor marks everything 0 without a `suffix`.)
-            first = int(np.argmax(trained))
+            # A prompt row trains nothing: all of it is prefix, as it is when generating.
+            first = int(np.argmax(trained)) if trained.any() else len(ids)
             example["token_type_ids"] = [0] * first + [1] * (len(ids) - first)
-        if part.images[r]:
-            vision = self._vision_inputs(k, int(part.rows[r]), example["input_ids"])
-            if "bad_row" in vision:
-                return vision
-            example.update({key: v for key, v in vision.items() if key not in example})
         return example
 
-    def _vision_inputs(self, k: int, row: int, ids: list[int]) -> dict[str, Any]:
-        source = self._sources[k]
+    def _read_back(
+        self, k: int, row: int, examples: list[dict[str, Any]], prompt_row: bool
+    ) -> dict[str, Any] | None:
+        """Complete `examples` (one, or a pair's two) from the source row: the vision inputs of its images, and a
+        prompt row's prompt and columns. Returns the bad row under `on_bad_row: skip`, else None."""
+        source, encoder = self._sources[k], self._encoder
         where = source.loaded.where(row)
+        raw = source.loaded.rows[row]
+        located = {"source": source.label, "row": row, "image_root": source.image_root}
         try:
-            conversation = normalise(
-                source.loaded.rows[row], source.spec.format, vision=True, image_key=source.spec.image_key
-            )
-            return self._encoder.vision_inputs(
-                conversation, ids, source=source.label, row=row, image_root=source.image_root
-            )
+            read = normalise(raw, source.spec.format, vision=encoder.vision, image_key=source.spec.image_key)
+            sides = read.sides() if isinstance(read, Pair) else (read,)
+            for example, side in zip(examples, sides, strict=True):
+                vision = encoder.vision_inputs(side, example["input_ids"], **located)
+                example.update({key: v for key, v in vision.items() if key not in example})
+            if prompt_row:
+                examples[0]["prompt"] = prompt_as_written(raw["prompt"])
+                columns = row_columns(raw, source.spec.image_key)
+                columns["image_sizes"] = encoder.image_sizes(read, **located)
+                examples[0]["columns"] = columns
         except BadRow as bad:
             if self._on_bad_row == "raise":
                 raise bad_row_error(bad, where) from None
             return {"bad_row": {"where": where, "kind": bad.kind, "problem": bad.problem}}
+        return None
 
     def image_examples(self) -> list[int]:
         """One example index per stored row with images (repeats of a row left out)."""
@@ -296,8 +323,10 @@ class _Builder:
         self.stats.rows_read += part.rows_read
         for entry in part.journal:
             self._apply(entry)
-        if self.encoder.vision and loaded is None and int(np.max(part.images, initial=0)):
-            loaded = load_source(spec, base_dir=base_dir)  # image rows read their images back from it
+        images = self.encoder.vision and int(np.max(part.images, initial=0))
+        if loaded is None and (images or spec.format == "prompt"):
+            # Image rows read their images back from it, prompt rows their prompt and columns.
+            loaded = load_source(spec, base_dir=base_dir)
         root = source_image_root(spec, loaded, base_dir) if loaded is not None else None
         return part, _Source(spec, loaded, root)
 
@@ -327,7 +356,7 @@ class _Builder:
                 for chunk in chunks:
                     self._check_fatal(chunk)  # a raise-policy row stops the build early, in file order
                     for row, encoded in zip(chunk.rows, chunk.encoded, strict=True):
-                        writer.add(row, encoded.ids, encoded.trained, encoded.images, encoded.image_tokens)
+                        _write(writer, row, encoded)
                     rows_read += chunk.rows_read
                     journal += chunk.journal
                     bar.update(chunk.rows_read)
@@ -367,7 +396,7 @@ class _Chunk:
     """Encoded rows of one range of a source, as the parallel encoder returns them."""
 
     rows: list[int] = field(default_factory=list)
-    encoded: list[EncodedRow] = field(default_factory=list)
+    encoded: list[EncodedRow | EncodedPair] = field(default_factory=list)
     journal: list[list] = field(default_factory=list)
     rows_read: int = 0
 
@@ -405,7 +434,7 @@ class _Work:
             except DataError as exc:
                 chunk.journal.append(["fatal", "data", f"{loaded.where(i)}: {exc}"])
                 return chunk
-            if len(encoded.ids) > self.cfg.max_length:
+            if max(len(side.ids) for side in _sides(encoded)) > self.cfg.max_length:
                 encoded = self._fit(encoded, loaded.where(i), chunk)
                 if encoded is None:
                     continue
@@ -413,38 +442,68 @@ class _Work:
             chunk.encoded.append(encoded)
         return chunk
 
-    def _fit(self, row: EncodedRow, where: str, chunk: _Chunk) -> EncodedRow | None:
-        """Apply `on_overlength` to a row longer than `max_length`; None drops it. Truncation never cuts image
-        tokens, nor leaves only prompt: such a row is dropped even under `truncate`."""
-        max_length, length = self.cfg.max_length, len(row.ids)
-        expanded = " after image expansion" if row.images else ""
+    def _fit(
+        self, row: EncodedRow | EncodedPair, where: str, chunk: _Chunk
+    ) -> EncodedRow | EncodedPair | None:
+        """Apply `on_overlength` to a row longer than `max_length` (a pair: its longer side); None drops it.
+        Truncation cuts the end (each reply of a pair), never image tokens, nor leaves only prompt: such a row is
+        dropped even under `truncate`, and so is a prompt row (its end is the question and the generation
+        prompt)."""
+        max_length = self.cfg.max_length
+        sides = _sides(row)
+        length = max(len(side.ids) for side in sides)
+        expanded = " after image expansion" if sides[0].images else ""
+        longer = " (the longer sequence of the pair)" if len(sides) > 1 else ""
         if self.cfg.on_overlength == "raise":
             chunk.journal.append(
                 [
                     "fatal",
                     "data",
-                    f"{where}: {length} tokens{expanded}, more than data.max_length={max_length}; set "
+                    f"{where}: {length} tokens{expanded}{longer}, more than data.max_length={max_length}; set "
                     "data.on_overlength to drop or truncate such rows, or raise data.max_length",
                 ]
             )
             return None
+        through_image = any(side.last_image >= max_length for side in sides)
         if (
             self.cfg.on_overlength == "truncate"
-            and row.last_image < max_length
-            and row.trained[:max_length].any()
+            and not through_image
+            and all(side.trained[:max_length].any() for side in sides)
         ):
             chunk.journal.append(
-                ["note", where, "truncated", f"cut from {length} to {max_length} tokens", length]
+                ["note", where, "truncated", f"cut from {length}{longer} to {max_length} tokens", length]
             )
-            return EncodedRow(
-                row.ids[:max_length], row.trained[:max_length], row.last_image, row.image_tokens, row.images
-            )
-        why = "truncating would cut through its image tokens" if row.last_image >= max_length else ""
-        problem = f"{length} tokens{expanded}, more than max_length {max_length}" + (
+            cut = [
+                EncodedRow(s.ids[:max_length], s.trained[:max_length], s.last_image, s.image_tokens, s.images)
+                for s in sides
+            ]
+            return EncodedPair(*cut) if isinstance(row, EncodedPair) else cut[0]
+        why = "truncating would cut through its image tokens" if through_image else ""
+        problem = f"{length} tokens{expanded}{longer}, more than max_length {max_length}" + (
             f": {why}" if why else ""
         )
         chunk.journal.append(["note", where, "overlength", problem, length])
         return None
+
+
+def _sides(encoded: EncodedRow | EncodedPair) -> tuple[EncodedRow, ...]:
+    return encoded.sides() if isinstance(encoded, EncodedPair) else (encoded,)
+
+
+def _write(writer: cache.PartWriter, row: int, encoded: EncodedRow | EncodedPair) -> None:
+    """Index one kept row; a pair as its chosen sequence then its rejected one (`Part.splits`)."""
+    if isinstance(encoded, EncodedRow):
+        writer.add(row, encoded.ids, encoded.trained, encoded.images, encoded.image_tokens)
+        return
+    chosen, rejected = encoded.sides()
+    writer.add(
+        row,
+        np.concatenate([chosen.ids, rejected.ids]),
+        np.concatenate([chosen.trained, rejected.trained]),
+        chosen.images,  # the row's images: both sides show them
+        chosen.image_tokens + rejected.image_tokens,  # the vision tower's work: it runs on both
+        split=len(chosen.ids),
+    )
 
 
 _WORK: _Work | None = None

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlmtune.data.bad_rows import BadRow
-from vlmtune.data.formats import Conversation
+from vlmtune.data.formats import Conversation, Pair
 from vlmtune.data.images import DEFAULT_MAX_PIXELS, BadImage, header_size, load_image
 from vlmtune.data.template import (
     ChatTemplateError,
@@ -66,6 +66,17 @@ class EncodedRow:
     last_image: int = -1
     image_tokens: int = 0
     images: int = 0
+
+
+@dataclass
+class EncodedPair:
+    """A preference row's two sequences: prompt + chosen and prompt + rejected, each trained on its reply."""
+
+    chosen: EncodedRow
+    rejected: EncodedRow
+
+    def sides(self) -> tuple[EncodedRow, EncodedRow]:
+        return self.chosen, self.rejected
 
 
 class Encoder:
@@ -136,16 +147,19 @@ class Encoder:
 
     def encode(
         self,
-        conversation: Conversation,
+        conversation: Conversation | Pair,
         *,
         source: str = "<data>",
         row: int = 0,
         image_root: str | os.PathLike[str] | None = None,
-    ) -> EncodedRow:
+    ) -> EncodedRow | EncodedPair:
         """Render, expand and tokenise a row, and mask its labels; images are read for their size only.
 
+        A preference row's sides are encoded alike, each trained on its reply only; a prompt row ends with the
+        generation prompt and trains nothing (`train_on_prompt` applies to neither).
+
         Args:
-            conversation: The normalised row.
+            conversation: The normalised row (a `Pair` for a preference row).
             source: The data source, as image errors name it.
             row: The row's index in `source`.
             image_root: Folder of relative image paths.
@@ -155,6 +169,12 @@ class Encoder:
                 none (`images_required`), the template refused the row, or nothing is left to train.
             ChatTemplateError: the template or processor does not let the replies be located exactly.
         """
+        if isinstance(conversation, Pair):
+            chosen, rejected = (
+                self.encode(side, source=source, row=row, image_root=image_root)
+                for side in conversation.sides()
+            )
+            return EncodedPair(chosen, rejected)
         if self.family is None:
             return self._encode_text(conversation)
         family = self.family
@@ -168,18 +188,23 @@ class Encoder:
             self._image(header_size, image, source, row, i, image_root)
             for i, image in enumerate(conversation.images)
         ]
-        text, spans = assistant_spans(self.processor, _render_messages(conversation))
+        text, spans = assistant_spans(
+            self.processor,
+            _render_messages(conversation),
+            trained_from=conversation.prompt_turns,
+            add_generation_prompt=conversation.generation_prompt,
+        )
         self._check_placeholders(text, len(sizes))
         expanded, replacements = self._expand(text, sizes)
         ids, offsets = self._tokenize(expanded, replacements)
         never = np.isin(ids, self._never)
-        if self.train_on_prompt:
+        if self._trains_prompt(conversation):
             trained = ~never
         else:
             moved = _move_spans(spans, text, replacements, family, self.tokenizer)
             _check_spans(text, spans, moved, ids, offsets, self.tokenizer)
             trained = overlaps(offsets, moved) & ~never
-        if not trained.any():
+        if conversation.trains and not trained.any():
             raise BadRow(
                 "no_trained_tokens",
                 "no token of the rendered conversation falls in an assistant reply, so there is nothing to train",
@@ -188,11 +213,19 @@ class Encoder:
         last = int(image_positions[-1]) if len(image_positions) else -1
         return EncodedRow(ids, trained, last, len(image_positions), len(sizes))
 
+    def _trains_prompt(self, conversation: Conversation) -> bool:
+        # Preference and prompt rows never train their prompt: DPO and GRPO score the replies alone.
+        return self.train_on_prompt and conversation.trains and not conversation.prompt_turns
+
     def _encode_text(self, conversation: Conversation) -> EncodedRow:
         ids, trained = tokenize_conversation(
-            self.tokenizer, conversation.text_messages(), train_on_prompt=self.train_on_prompt
+            self.tokenizer,
+            conversation.text_messages(),
+            train_on_prompt=self._trains_prompt(conversation),
+            trained_from=conversation.prompt_turns,
+            add_generation_prompt=conversation.generation_prompt,
         )
-        if not any(trained):
+        if conversation.trains and not any(trained):
             raise BadRow(
                 "no_trained_tokens",
                 "no token of the rendered conversation falls in an assistant reply, so there is nothing to train; "
@@ -269,6 +302,26 @@ class Encoder:
                 "image(s); it must write one per image part"
             )
 
+    def image_sizes(
+        self,
+        conversation: Conversation,
+        *,
+        source: str,
+        row: int,
+        image_root: str | os.PathLike[str] | None = None,
+    ) -> list[tuple[int, int]]:
+        """The `(width, height)` of each of the row's images as the file is, upright (EXIF applied), before any
+        resize of the processor: the pixels a reward's boxes are given in.
+
+        Raises:
+            BadRow: an image is missing or unreadable (`bad_image`).
+        """
+        sizes = [
+            self._image(header_size, image, source, row, i, image_root)
+            for i, image in enumerate(conversation.images)
+        ]
+        return [(width, height) for height, width in sizes]
+
     def _image(self, read: Any, image: Any, source: str, row: int, index: int, image_root: Any) -> Any:
         """`read` (`header_size` or `load_image`) one image; a broken one is a bad row naming it."""
         try:
@@ -309,7 +362,11 @@ class Encoder:
             self._image(load_image, image, source, row, i, image_root)
             for i, image in enumerate(conversation.images)
         ]
-        text = render(self.processor, _render_messages(conversation))
+        text = render(
+            self.processor,
+            _render_messages(conversation),
+            add_generation_prompt=conversation.generation_prompt,
+        )
         out = self.processor(text=[text], images=[opened], add_special_tokens=False, return_tensors="pt")
         got = out["input_ids"][0]
         if len(got) < len(ids) or got[: len(ids)].tolist() != list(ids):

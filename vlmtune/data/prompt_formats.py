@@ -15,6 +15,7 @@ holding an image is a bad row.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from vlmtune.data.bad_rows import BadRow
@@ -83,6 +84,13 @@ def prompt_as_written(value: Any) -> Any:
             message["content"] = [_part_as_written(p) for p in message["content"]]
         messages.append(message)
     return messages
+
+
+def row_columns(row: Any, image_key: str | None = None) -> dict[str, Any]:
+    """A prompt row's other fields (what rewards read: `solution`, ...), copied: the prompt and the image column
+    are left out (the model gets the images; rewards get `image_sizes`)."""
+    left_out = {"prompt", *((image_key,) if image_key else ("images", "image"))}
+    return {key: copy.deepcopy(value) for key, value in row.items() if key not in left_out}
 
 
 def _part_as_written(part: Any) -> Any:

@@ -73,24 +73,34 @@ def render(
 
 
 def assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message]
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    *,
+    trained_from: int = 0,
+    add_generation_prompt: bool = False,
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and find each assistant reply's character span in the result.
 
     A span starts after the generation prompt and ends after the reply's end-of-turn marker; whitespace the
     template puts after that marker (ChatML's newline) is left out, since generation stops at the marker.
 
+    Args:
+        tokenizer: A tokenizer or processor with a chat template.
+        messages: The conversation.
+        trained_from: Replies before this message are prompt (a preference pair's earlier turns): no span.
+        add_generation_prompt: Render the generation prompt after the last message (a prompt row).
+
     Returns:
-        The full text and the `[start, end)` spans, one per assistant message.
+        The full text and the `[start, end)` spans, one per assistant message from `trained_from` on.
 
     Raises:
         ChatTemplateError: the template is not prefix-stable, so the spans cannot be located.
         BadRow: the template refused the conversation.
     """
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < trained_from:
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
@@ -108,7 +118,12 @@ def assistant_spans(
 
 
 def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, train_on_prompt: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    *,
+    train_on_prompt: bool = False,
+    trained_from: int = 0,
+    add_generation_prompt: bool = False,
 ) -> tuple[list[int], list[bool]]:
     """Tokenise a conversation and mark the tokens to train.
 
@@ -116,6 +131,8 @@ def tokenize_conversation(
         tokenizer: A fast Hugging Face tokenizer with a chat template.
         messages: Checked messages (see `formats.check_conversation`).
         train_on_prompt: Train every token, prompts included.
+        trained_from: Replies before this message are not trained (see `assistant_spans`).
+        add_generation_prompt: End with the generation prompt (a prompt row, which trains nothing).
 
     Returns:
         The token ids and, per token, whether it is trained.
@@ -124,7 +141,9 @@ def tokenize_conversation(
         ChatTemplateError: the template is not prefix-stable.
         BadRow: the template refused the conversation.
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(
+        tokenizer, messages, trained_from=trained_from, add_generation_prompt=add_generation_prompt
+    )
     # The template already wrote any BOS/EOS into the text; add_special_tokens would add them twice.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
