@@ -180,6 +180,7 @@ class GRPO:
         self.rng = torch.Generator(device=device).manual_seed(seed * 100_003 + accelerator.process_index)
         # The rollouts of the last generation and the first step that no longer reuses them.
         self.buffer: list[Batch] | None = None
+        self.buffer_records: list[dict] = []  # what `log_rollouts` writes about them
         self.buffer_until = 0
 
     # --- prepare: rollouts, rewards, advantages, reference --------------------------------------------------
@@ -187,19 +188,21 @@ class GRPO:
     def prepare(self, step: int, micro_batches: list[Batch], *, training: bool) -> list[Batch]:
         if training and self.buffer is not None and step < self.buffer_until:
             # A reuse step: the same rollouts, no generation time or tokens counted again.
-            return [{**b, "generation": torch.zeros_like(b["generation"])} for b in self.buffer]
-        rng = self.rng if training else self._eval_rng(step)
-        out, records = [], []
-        for mb in micro_batches:
-            batches, rows = self._rollout(mb, rng, old=training and self.config.steps_per_generation > 1)
-            out += batches
-            records += rows
-        if training:
-            if self.config.steps_per_generation > 1:
-                self.buffer, self.buffer_until = out, step + self.config.steps_per_generation
-            every = self.config.log_rollouts
-            if every and (step + 1) % every == 0:
-                self._log_rollouts(step + 1, records)
+            out = [{**b, "generation": torch.zeros_like(b["generation"])} for b in self.buffer]
+            records = self.buffer_records
+        else:
+            rng = self.rng if training else self._eval_rng(step)
+            out, records = [], []
+            for mb in micro_batches:
+                batches, rows = self._rollout(mb, rng, old=training and self.config.steps_per_generation > 1)
+                out += batches
+                records += rows
+            if training and self.config.steps_per_generation > 1:
+                self.buffer, self.buffer_records = out, records
+                self.buffer_until = step + self.config.steps_per_generation
+        every = self.config.log_rollouts
+        if training and every and (step + 1) % every == 0:
+            self._log_rollouts(step + 1, records)
         return out
 
     def _eval_rng(self, step: int) -> torch.Generator:
@@ -344,12 +347,18 @@ class GRPO:
         buffer = None
         if self.buffer is not None:
             buffer = [{k: v.detach().cpu() for k, v in b.items()} for b in self.buffer]
-        return {"rng": self.rng.get_state(), "buffer": buffer, "buffer_until": self.buffer_until}
+        return {
+            "rng": self.rng.get_state(),
+            "buffer": buffer,
+            "buffer_records": self.buffer_records if buffer is not None else [],
+            "buffer_until": self.buffer_until,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.set_state(state["rng"])
         buffer = state.get("buffer")
         self.buffer = [{k: v.to(self.acc.device) for k, v in b.items()} for b in buffer] if buffer else None
+        self.buffer_records = list(state.get("buffer_records", []))
         self.buffer_until = int(state.get("buffer_until", 0))
 
 
