@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.helpers import REPO, cpu_config, launch
+from tests.integration.helpers import cpu_config, launch
 from vlmtune.engine.loop import Trainer
 from vlmtune.testing import build_tiny_vlm
 from vlmtune.testing.rl_data import arithmetic_rows, write_box_set, write_jsonl

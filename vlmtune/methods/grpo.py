@@ -37,7 +37,7 @@ from vlmtune.methods.logps import completion_logps, reference_logps
 from vlmtune.methods.rollout import HFGenerator, Rollouts
 
 # Entries a completion batch carries for the loss and the metrics, not for the model.
-METHOD_KEYS = ("advantages", "rewards", "reward_parts", "old_logps", "ref_logps", "generation")
+METHOD_KEYS = ("advantages", "rewards", "reward_parts", "old_logps", "ref_logps", "generation", "live")
 # Added to the group's reward standard deviation before dividing (as TRL does): a group whose rewards are all
 # equal gets advantage 0, not 0/0.
 STD_EPS = 1e-4
@@ -112,8 +112,9 @@ def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, spec: LossSpec) -> 
 
 
 def loss_weight(mask: torch.Tensor, loss: str) -> int:
-    """The batch's share of the window's normaliser: completion tokens for dapo, completions otherwise."""
-    return int(mask.sum()) if loss == "dapo" else int(mask.shape[0])
+    """The batch's share of the window's normaliser: completion tokens for dapo, completions otherwise (rows
+    with no completion token, a bad row's stand-in, count for nothing)."""
+    return int(mask.sum()) if loss == "dapo" else int((mask.sum(-1) > 0).sum())
 
 
 class GRPO:
@@ -216,13 +217,22 @@ class GRPO:
     def _rollout(self, mb: Batch, rng: torch.Generator, *, old: bool) -> tuple[list[Batch], list[dict]]:
         """Generate, score and normalise one micro-batch of prompts; one completion batch per generation."""
         mb = dict(mb)
-        prompts = mb.pop("prompts")
+        prompts = list(mb.pop("prompts"))
         columns = mb.pop("columns", {}) or {}
         mb.pop("bad_rows", None)
         prompt = {k: v.to(self.acc.device) for k, v in mb.items() if k != "labels"}
         n = self.config.num_generations
+        # Every rank generates and runs its forwards (sharded models gather parameters in them), also for a
+        # micro-batch whose prompts were all bad rows: the collator's one padding row, which trains nothing.
+        empty = not prompts
         rollouts = self.generate(prompt, n, rng)
-        total, parts = self._score(prompts, rollouts, columns, n)
+        if empty:
+            rows = rollouts.ids.shape[0]
+            total = torch.zeros(rows)
+            parts = {name: torch.full((rows,), float("nan")) for name in self.names}
+            prompts = [None]
+        else:
+            total, parts = self._score(prompts, rollouts, columns, n)
         advantages = group_advantages(total, n, scale=self.config.scale_rewards)
         part_matrix = torch.stack([parts[name] for name in self.names], dim=1)
         batches = []
@@ -234,6 +244,8 @@ class GRPO:
             batch["advantages"] = advantages[rows].to(self.acc.device)
             batch["rewards"] = total[rows].to(self.acc.device)
             batch["reward_parts"] = part_matrix[rows].to(self.acc.device)
+            # 0: the stand-in row of an all-bad micro-batch; its forward runs, its loss and metrics count for 0.
+            batch["live"] = torch.full((len(rows),), float(not empty), device=self.acc.device)
             # Generation time and tokens, counted once (on the first batch) for the whole micro-batch.
             stats = [rollouts.tokens, rollouts.seconds] if g == 0 else [0.0, 0.0]
             batch["generation"] = torch.tensor(stats, dtype=torch.float64, device=self.acc.device)
@@ -251,16 +263,20 @@ class GRPO:
                         temperature=self.config.temperature,
                     )[0]
             batches.append(batch)
-        records = [
-            {
-                "prompt": prompts[i // n],
-                "completion": rollouts.texts[i],
-                "rewards": {name: _number(parts[name][i]) for name in self.names},
-                "reward": _number(total[i]),
-                "advantage": _number(advantages[i]),
-            }
-            for i in range(len(rollouts.texts))
-        ]
+        records = (
+            []
+            if empty
+            else [
+                {
+                    "prompt": prompts[i // n],
+                    "completion": rollouts.texts[i],
+                    "rewards": {name: _number(parts[name][i]) for name in self.names},
+                    "reward": _number(total[i]),
+                    "advantage": _number(advantages[i]),
+                }
+                for i in range(len(rollouts.texts))
+            ]
+        )
         return batches, records
 
     def _score(
@@ -294,12 +310,15 @@ class GRPO:
     # --- the loss -----------------------------------------------------------------------------------------
 
     def weight(self, batch: Batch) -> int:
-        return loss_weight(batch["labels"][:, 1:] != IGNORE_INDEX, self.spec.loss)
+        mask = (batch["labels"][:, 1:] != IGNORE_INDEX) & batch["live"].bool()[:, None]
+        return loss_weight(mask, self.spec.loss)
 
     def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logps, mask = completion_logps(
             self.model, batch, self.dtype, exclude=METHOD_KEYS, temperature=self.config.temperature
         )
+        # Masked by multiplication: a stand-in batch still has a loss with a graph (0), so backward runs.
+        mask = mask & batch["live"].bool()[:, None]
         old = batch.get("old_logps")
         per_token, kl, active = token_losses(
             logps,
@@ -309,10 +328,11 @@ class GRPO:
             self.spec,
         )
         loss = reduce_loss(per_token, mask, self.spec)
-        rewards, parts = batch["rewards"].double(), batch["reward_parts"].double()
+        live = batch["live"].double()
+        rewards, parts = batch["rewards"].double() * live, batch["reward_parts"].double()
         dev = loss.device
         sums = torch.cat([
-            torch.tensor([float(mask.shape[0])], dtype=torch.float64, device=dev),
+            (mask.sum(-1) > 0).sum().double()[None],
             rewards.sum()[None].to(dev), (rewards**2).sum()[None].to(dev),
             parts.nansum(0).to(dev), (~parts.isnan()).sum(0).double().to(dev),
             ((kl.detach() * mask).sum() if kl is not None else torch.zeros((), device=dev)).double()[None],

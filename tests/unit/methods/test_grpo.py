@@ -206,3 +206,20 @@ def test_the_same_sampling_state_gives_the_same_completions(peft_llm):
     c = gen(prompt, 4, torch.Generator().manual_seed(2))
     assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
     assert a.ids.shape[0] == 4 and a.mask.shape == a.ids.shape and len(a.texts) == 4
+
+
+def test_a_micro_batch_of_bad_rows_generates_but_counts_for_nothing(peft_llm, tmp_path):
+    """The collator's stand-in (one padding token, no prompt) still runs generation and forwards (sharded models
+    need every rank in them), with weight 0 and a zero loss that backward accepts."""
+    model, tok = peft_llm
+    method = _method(model, tok, tmp_path, loss="grpo", beta=0.1)
+    stand_in = {
+        "input_ids": torch.tensor([[tok.pad_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+        "labels": torch.tensor([[IGNORE_INDEX]]), "prompts": [], "columns": {},
+    }  # fmt: skip
+    batches = method.prepare(0, [stand_in], training=True)
+    assert len(batches) == 3 and all(method.weight(b) == 0 for b in batches)
+    loss, sums = method.loss_sum(batches[0])
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert dict(zip(method.metric_names, sums.tolist(), strict=True))["completions"] == 0

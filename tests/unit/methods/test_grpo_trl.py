@@ -103,7 +103,7 @@ def test_loss_equals_trl_grpo_trainer(trl_trainer_factory, loss, beta, epsilon_h
     batch = {
         "input_ids": input_ids, "attention_mask": torch.cat([prompt_mask, completion_mask], 1), "labels": labels,
         "advantages": advantages, "rewards": rewards, "reward_parts": torch.zeros(4, 0),
-        "generation": torch.zeros(2, dtype=torch.float64), "old_logps": torch.cat([pad, old], 1),
+        "generation": torch.zeros(2, dtype=torch.float64), "live": torch.ones(4), "old_logps": torch.cat([pad, old], 1),
     }  # fmt: skip
     if beta:
         batch["ref_logps"] = torch.cat([pad, ref], 1)
