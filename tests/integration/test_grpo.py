@@ -9,7 +9,7 @@ import yaml
 
 from tests.integration.helpers import cpu_config, launch
 from vlmtune.engine.loop import Trainer
-from vlmtune.testing import build_tiny_vlm
+from vlmtune.testing.tiny_vlm import build_tiny_vlm
 from vlmtune.testing.rl_data import arithmetic_rows, write_box_set, write_jsonl
 from vlmtune.train import run
 
