@@ -71,7 +71,7 @@ def _data_check(args: argparse.Namespace) -> int:
         print(f"problem rows: {path} ({n})")
     train = next((r.dataset for r in reports if r.name == "train" and r.dataset), None)
     for i in range(min(args.show, len(train) if train else 0)):
-        print(f"\n--- train example {i} ({len(train[i]['input_ids'])} tokens; trained tokens marked) ---")
+        print(f"\n--- train example {i} ({train.lengths[i]} tokens; trained tokens marked) ---")
         print(render_example(train[i], tokenizer, image_ids=image_ids))
     failures = verdict(recipe, reports)
     for failure in failures:

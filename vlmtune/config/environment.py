@@ -43,7 +43,7 @@ def check_environment(recipe: Recipe) -> tuple[LaunchSpec | None, list[str]]:
 
     Each check needs only the fields it reads, so it runs even when cross-field rules found problems.
     """
-    problems = _model_problems(recipe) + _data_problems(recipe)
+    problems = _model_problems(recipe) + _data_problems(recipe) + _reward_problems(recipe)
     try:
         spec = load_launch_spec(recipe)
     except UserError as exc:
@@ -115,6 +115,22 @@ def _data_problems(recipe: Recipe) -> list[str]:
                 problems.append(
                     f"data.{split}.{i}.image_root: not a folder: {src.image_root} (looked in {Path.cwd()})"
                 )
+    return problems
+
+
+def _reward_problems(recipe: Recipe) -> list[str]:
+    """A user reward's file exists (its function is looked up when training loads it: that runs the file)."""
+    problems = []
+    for i, spec in enumerate(recipe.grpo.rewards if recipe.grpo is not None else []):
+        if spec.function is None:
+            continue
+        path, sep, name = spec.function.rpartition(":")
+        if not sep or not name or not path.endswith(".py"):
+            problems.append(f"grpo.rewards.{i}.function: {spec.function!r} is not path/to/file.py:func")
+        elif not resolve_path(path, recipe._base_dir).is_file():
+            problems.append(
+                f"grpo.rewards.{i}.function: file not found: {path} (looked in {Path.cwd()} and the recipe's folder)"
+            )
     return problems
 
 

@@ -155,6 +155,36 @@ def batching_problems(recipe: Recipe) -> list[str]:
                 f"train.micro_batch_tokens: {t.micro_batch_tokens} is less than data.max_length "
                 f"({d.max_length}), so the longest rows would fit no micro-batch; raise it or lower max_length"
             )
+    return problems + _method_batching_problems(recipe)
+
+
+# What a micro-batch of each method counts (train.micro_batch_size), for the messages.
+_METHOD_UNITS = {"dpo": "preference pairs (each two rows, chosen and rejected)", "grpo": "prompts"}
+
+
+def _method_batching_problems(recipe: Recipe) -> list[str]:
+    """DPO and GRPO batch whole pairs or prompts, padded: never packed, cut by tokens, or trained on prompts."""
+    d, t, method = recipe.data, recipe.train, recipe.method
+    unit = _METHOD_UNITS.get(method)
+    if unit is None:
+        return []
+    problems = []
+    if d.batching != "padded":
+        problems.append(
+            f"data.batching: method {method} needs data.batching: padded (now {d.batching}): its micro-batch "
+            f"is train.micro_batch_size {unit}, padded; set data.batching: padded"
+        )
+    if t.micro_batch_tokens is not None:
+        problems.append(
+            f"train.micro_batch_tokens: method {method} counts a micro-batch in {unit}, not tokens; remove "
+            "train.micro_batch_tokens and set train.micro_batch_size (data.group_by_length cuts padding)"
+        )
+    if d.train_on_prompt:
+        trained = "the chosen and rejected replies" if method == "dpo" else "the generated completions"
+        problems.append(
+            f"data.train_on_prompt: method {method} scores {trained} only, never the prompt; remove "
+            "data.train_on_prompt"
+        )
     return problems
 
 

@@ -9,6 +9,8 @@
 | packed        | (refused)                | best-fit bin of pack_length | micro_batch_size bins, one row each |
 
 (With flash_attention_2 a packed micro-batch's bins go end to end in one row: see `OneRowPackedCollator`.)
+Methods dpo and grpo batch padded rows only, with their own collators (`padded_collator`): a micro-batch of
+`micro_batch_size` pairs (2 × that many rows) or prompts.
 
 Chunks and bins are formed once per run from the row lengths and the seed; the sampler shuffles them per epoch.
 """
@@ -16,6 +18,7 @@ Chunks and bins are formed once per run from the row lengths and the seed; the s
 from __future__ import annotations
 
 from vlmtune.config.schema import Recipe
+from vlmtune.data.collate import Collator, PairCollator, PromptCollator
 from vlmtune.data.packing import (
     OneRowPackedCollator,
     PackedCollator,
@@ -68,15 +71,32 @@ def build_sampler(
     )
 
 
+# The padded collator of each method whose rows are not conversations (`config.rules` keeps them padded).
+_METHOD_COLLATORS = {"dpo": PairCollator, "grpo": PromptCollator}
+
+
+def padded_collator(recipe: Recipe, pad_token_id: int | None, family=None) -> Collator:
+    """The padded collator of `recipe.method`: a `PairCollator` (dpo), a `PromptCollator` (grpo), else a
+    `Collator`; for a vision-language `family` it batches the vision inputs too. It is also the evaluation
+    collator, so a method evaluates on batches like the ones it trains on."""
+    return _METHOD_COLLATORS.get(recipe.method, Collator)(pad_token_id=pad_token_id, family=family)
+
+
 def build_collator(recipe: Recipe, padded_collator, pad_token_id: int, family=None, model_config=None):
-    """The training collator: `padded_collator` (the text or VLM one) unless batching packs sequences.
+    """The training collator: `padded_collator` (see `padded_collator()`) unless batching packs sequences.
 
     A vision-language `family`'s packed rows batch their vision inputs by `padded_collator`'s rules, and, for a
     family with multimodal rope, carry each example's 3-D positions computed from `model_config`.
+
+    Raises:
+        ValueError: packing for a method whose batches are pairs or prompts (`config.rules` refuses the recipe
+            first, with the fix).
     """
     batching = recipe.data.batching
     if batching == "padded":
         return padded_collator
+    if recipe.method in _METHOD_COLLATORS:
+        raise ValueError(f"method {recipe.method} batches padded rows only, not data.batching: {batching}")
     vision = padded_collator if family is not None else None
     rope = RopeIndex(family.rope_index, model_config) if family is not None and family.rope_index else None
     if batching == "padding_free":

@@ -182,10 +182,20 @@ def render_example(
     example: dict, tokenizer, *, image_ids: set[int] = frozenset(), color: bool | None = None
 ) -> str:
     """An example's text with the trained tokens marked (green on a terminal, ⟦…⟧ elsewhere) and each run of
-    image tokens shown as one `[N image tokens]`."""
+    image tokens shown as one `[N image tokens]`; a preference pair as its two sequences, a prompt row with its
+    columns."""
     if "bad_row" in example:
         bad = example["bad_row"]
         return f"(left out: {bad['where']}: {bad['problem']})"
+    if "chosen" in example:
+        return "\n".join(
+            f"[{side}] {render_example(example[side], tokenizer, image_ids=image_ids, color=color)}"
+            for side in ("chosen", "rejected")
+        )
+    if "columns" in example:
+        tokens = {k: v for k, v in example.items() if k not in ("prompt", "columns")}
+        shown = render_example(tokens, tokenizer, image_ids=image_ids, color=color)
+        return f"{shown}\n[columns] {json.dumps(example['columns'], default=str)}"
     color = sys.stdout.isatty() if color is None else color
     start, end = ("\033[32m", "\033[0m") if color else ("⟦", "⟧")
     ids, labels = example["input_ids"], example["labels"]

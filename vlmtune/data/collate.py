@@ -1,5 +1,8 @@
 """Batching: right-padded tokens, plus an image-text batch's vision inputs batched the way its family needs.
 
+DPO and GRPO batch on top of this: `PairCollator` (a pair's two sequences in one batch) and `PromptCollator`
+(left-padded prompts for generation, with their prompts and columns).
+
 Rows come from `dataset.IndexedDataset`, one processor call each (at read time), so the vision inputs of a batch
 are assembled here, by the family's `vision_batching` rules (`vlmtune.families`): one entry per image (or per
 patch or tile) concatenated along dim 0, which the model matches to the image tokens in order (Qwen-VL's
@@ -102,6 +105,76 @@ class Collator:
                 batch[key] = torch.cat([torch.zeros(1, dtype=torch.long) if v is None else v for v in values])
             else:
                 batch[key] = _sequence(values, length)
+        return batch
+
+
+class PairCollator(Collator):
+    """DPO's batches: a micro-batch of B preference pairs is ONE padded batch of 2B rows, rows `[0, B)` the chosen
+    sequences and `[B, 2B)` the rejected ones (each with its image: a pair's image is batched twice), plus
+    `pairs`: B, so one forward scores both sides.
+
+    Pairs whose image could not be decoded (under `on_bad_row: skip`) are left out and counted in `bad_rows`;
+    when none is left, the batch is one pair of single padding tokens with `pairs` 0 (nothing to score, but
+    every rank still runs its forward).
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        good = [e for e in examples if "bad_row" not in e]
+        missing = [i for i, e in enumerate(good) if not ("chosen" in e and "rejected" in e)]
+        if missing:
+            raise ValueError(
+                f"example {missing[0]} is not a preference pair ({{'chosen', 'rejected'}}): method dpo reads "
+                "data in format preference"
+            )
+        rows = [e["chosen"] for e in good] + [e["rejected"] for e in good]
+        if not rows:
+            rows = [{"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX]}] * 2
+        batch = self._collate(rows)
+        batch["pairs"] = torch.tensor(len(good))
+        if len(good) < len(examples):
+            batch["bad_rows"] = torch.tensor(len(examples) - len(good))
+        return batch
+
+
+class PromptCollator(Collator):
+    """GRPO's batches: B prompts LEFT-padded (generation continues each row from its last token), labels all
+    ignored, the vision inputs, and two entries that are not tensors: `prompts` (each row's prompt as written)
+    and `columns` (each column name → its B values; a row without it gives None), which the method consumes
+    on the host before the batch moves to the device.
+
+    Prompts whose image could not be decoded are left out and counted in `bad_rows`; when none is left, the
+    batch is one padding token with no prompt (`prompts` empty).
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        good = [e for e in examples if "bad_row" not in e]
+        if any("prompt" not in e for e in good):
+            raise ValueError("an example has no 'prompt': method grpo reads data in format prompt")
+        tokens = [{k: v for k, v in e.items() if k not in ("prompt", "columns")} for e in good]
+        batch: dict[str, Any] = self._collate(
+            tokens or [{"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX]}]
+        )
+        names = list(dict.fromkeys(name for e in good for name in e["columns"]))
+        batch["prompts"] = [e["prompt"] for e in good]
+        batch["columns"] = {name: [e["columns"].get(name) for e in good] for name in names}
+        if len(good) < len(examples):
+            batch["bad_rows"] = torch.tensor(len(examples) - len(good))
+        return batch
+
+    def _collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        # Padded on the right as SFT is, then each row turned so that its padding comes first.
+        batch = super()._collate(examples)
+        length = batch["input_ids"].shape[1]
+        shifts = [length - len(e["input_ids"]) for e in examples]
+        sequence = [key for key, how in self.vision.items() if how == "sequence"]
+        for key in {"input_ids", "attention_mask", "labels", *self.token_pad, *sequence} & set(batch):
+            batch[key] = torch.stack(
+                [row.roll(shift, 0) for row, shift in zip(batch[key], shifts, strict=True)]
+            )
         return batch
 
 

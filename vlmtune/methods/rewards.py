@@ -21,6 +21,7 @@ import importlib.util
 import math
 import re
 import string
+import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def score(
     per_reward: dict[str, torch.Tensor] = {}
     for reward in rewards:
         try:
-            values = reward.fn(prompts=list(prompts), completions=list(completions), **columns)
+            # Fresh lists for each function: one that edits its arguments cannot change what the next one sees.
+            fresh = {key: list(column) for key, column in columns.items()}
+            values = reward.fn(prompts=list(prompts), completions=list(completions), **fresh)
         except UserError as exc:
             raise UserError(f"reward {reward.name!r} ({reward.source}): {exc}") from exc
         except Exception as exc:  # the user's code: say whose, keep the cause for --debug
@@ -134,9 +137,11 @@ def score(
                 f"reward {reward.name!r} ({reward.source}) raised {type(exc).__name__}: {first_line(exc)}"
             ) from exc
         per_reward[reward.name] = _as_tensor(reward, values, n)
-    total = torch.zeros(n, dtype=torch.float32)
-    for reward in rewards:
-        total += torch.nan_to_num(per_reward[reward.name] * reward.weight, nan=0.0)
+    if not rewards:
+        return torch.zeros(n, dtype=torch.float32), per_reward
+    weights = torch.tensor([reward.weight for reward in rewards], dtype=torch.float32)
+    # As TRL: NaN (None) adds nothing; an infinite reward stays infinite for the non-finite policy to see.
+    total = torch.nansum(torch.stack(list(per_reward.values())) * weights[:, None], dim=0)
     return total, per_reward
 
 
@@ -183,9 +188,12 @@ def _user_function(reference: str, base_dir: Path | None) -> RewardFn:
     if spec is None or spec.loader is None:
         raise UserError(f"grpo.rewards: cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
+    # Registered before running, as an import would be: dataclasses and pickling look their module up there.
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[spec.name]
         raise UserError(
             f"grpo.rewards: importing {path} raised {type(exc).__name__}: {first_line(exc)}"
         ) from exc

@@ -8,7 +8,7 @@ time (checkpointing, a smaller micro-batch, ZeRO-3, QLoRA, offload) and names th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from vlmtune.config.accelerate import load_launch_spec
 from vlmtune.config.schema import QuantConfig, Recipe
@@ -25,7 +25,9 @@ from vlmtune.plan.memory import (
     layer_shape,
     micro_batch_shape,
     parameters,
+    peak_gpu,
 )
+from vlmtune.plan.methods import BATCH_ITEMS, method_items, method_notes, teacher_item
 from vlmtune.plan.vision import ImageTokens, VisionPlan, vision_plan
 
 _MAX_MICRO_BATCH = 4096
@@ -38,6 +40,7 @@ class Plan:
     model: str
     family: str | None
     sharding: Sharding
+    method: str
     micro_batch: int
     seq: int
     checkpointing: bool
@@ -53,10 +56,12 @@ class Plan:
     images: ImageTokens | None = None  # image tokens per row (vision-language models)
     image_tokens: int = 0  # image tokens of the fullest micro-batch
     patches: int = 0  # patches the vision tower sees in it
+    batch_note: str = ""  # what one forward's micro-batch holds (`memory.micro_batch_shape`)
 
     @property
     def total_gpu(self) -> int:
-        return sum(i.gpu for i in self.items)
+        """The step's peak: what is held all step plus its largest phase (`memory.peak_gpu`)."""
+        return peak_gpu(self.items)
 
     @property
     def total_cpu(self) -> int:
@@ -166,6 +171,8 @@ def estimate(
                 "reshard_after_forward false: all stay gathered",
             )
         items.append(Item("gathered layers", gathered, 0, note))
+    if (teacher := teacher_item(recipe)) is not None:
+        items.append(teacher)
     items += [
         Item(
             "activations",
@@ -178,8 +185,15 @@ def estimate(
                 else f"no checkpointing (with: {both[True] / GIB:.1f} GiB)"
             )
             + vision_note,
+            phase="train",
         ),
-        Item("logits + loss", act.logits_peak, 0, "full-vocab logits, fp32 log-probs and their gradient"),
+        Item(
+            "logits + loss",
+            act.logits_peak,
+            0,
+            "full-vocab logits, fp32 log-probs and their gradient",
+            phase="train",
+        ),
         Item(
             "CUDA context" + (" + NCCL" if n > 1 else ""),
             CUDA_OVERHEAD + (NCCL_OVERHEAD if n > 1 else 0),
@@ -187,6 +201,7 @@ def estimate(
             "outside PyTorch's allocator, and fragmentation",
         ),
     ]
+    items += method_items(recipe, sharding, shape, act.per_layer)
     activations = {"checkpointed": both[True], "not_checkpointed": both[False]}
     return Estimate(items, p.total, p.trainable, activations, image_tokens, patches)
 
@@ -216,6 +231,7 @@ def plan_recipe(
         model=recipe.model.path,
         family=meta.family.name if meta.family else None,
         sharding=sharding,
+        method=recipe.method,
         micro_batch=t.micro_batch_size,
         seq=recipe.data.max_length,
         checkpointing=t.gradient_checkpointing,
@@ -229,6 +245,7 @@ def plan_recipe(
         images=vision.images if vision else None,
         image_tokens=est.image_tokens,
         patches=est.patches,
+        batch_note=micro_batch_shape(recipe)[2],
     )
     plan.suggestions = _suggestions(meta, recipe, plan, vision)
     plan.notes = _notes(recipe, plan) + (vision.notes if vision else [])
@@ -253,16 +270,20 @@ def _largest_batch(
     """
     step = recipe.data.max_length if recipe.train.micro_batch_tokens else 1
     shape = layer_shape(meta)
-    fixed = sum(i.gpu for i in est.items if i.name not in ("activations", "logits + loss"))
+    per_batch = ("activations", "logits + loss", *BATCH_ITEMS)
+    fixed = [i for i in est.items if i.name not in per_batch]
 
     def fits(n: int) -> bool:
         r = _with_batch(recipe, n * step)
         act = batch_activations(shape, r, sharding)
         ckpt = r.train.gradient_checkpointing
-        return (
-            fixed + _with_vision(act.stored + act.recompute, r, sharding, vision, ckpt) + act.logits_peak
-            <= budget
-        )
+        train = _with_vision(act.stored + act.recompute, r, sharding, vision, ckpt) + act.logits_peak
+        items = [
+            *fixed,
+            Item("train", train, phase="train"),
+            *method_items(r, sharding, shape, act.per_layer),
+        ]
+        return peak_gpu(items) <= budget
 
     if not fits(1):
         return 0
@@ -276,7 +297,7 @@ def _largest_batch(
 
 
 def _total(meta: MetaModel, recipe: Recipe, sharding: Sharding, vision: VisionPlan | None = None) -> int:
-    return sum(i.gpu for i in estimate(meta, recipe, sharding, vision=vision).items)
+    return peak_gpu(estimate(meta, recipe, sharding, vision=vision).items)
 
 
 def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan, vision: VisionPlan | None = None) -> list[str]:
@@ -317,7 +338,7 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan, vision: VisionPlan
         qlora = recipe.model_copy(update={"quant": QuantConfig(bits=4, storage_dtype=recipe.model.dtype)})
         label = f"quant.bits=4 quant.storage_dtype={recipe.model.dtype} (QLoRA)"
         options.append((label, qlora, s))
-    if t.loss == "standard":
+    if t.loss == "standard" and recipe.method in ("sft", "distill"):  # dpo / grpo score with methods.logps
         options.append(("train.loss=chunked", train(loss="chunked"), s))
     if t.optimizer == "adamw":
         options.append(("train.optimizer=adamw_8bit", train(optimizer="adamw_8bit"), s))
@@ -346,7 +367,8 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
         f"activations assume the fullest micro-batch ({micro_batch_shape(recipe)[2]}); "
         "batches of shorter rows take less",
     ]
-    if recipe.train.loss == "standard":
+    notes += method_notes(recipe, plan.items)
+    if recipe.train.loss == "standard" and recipe.method in ("sft", "distill"):
         notes.append(
             f"train.loss=chunked would avoid most of the {logits / GIB:.1f} GiB of logits + loss (same loss, "
             "computed a chunk of tokens at a time)"
@@ -366,77 +388,3 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
             f"{plan.total_cpu * plan.sharding.world / GIB:.1f} GiB over all {plan.sharding.world}"
         )
     return notes
-
-
-def plan_json(plan: Plan) -> dict:
-    """The plan as plain JSON types (bytes as integers)."""
-    return {
-        "model": plan.model,
-        "family": plan.family,
-        "sharding": {**asdict(plan.sharding), "label": plan.sharding.label},
-        "micro_batch_size": plan.micro_batch,
-        "max_length": plan.seq,
-        "gradient_checkpointing": plan.checkpointing,
-        "parameters": {"frozen": plan.frozen_params, "trainable": plan.trainable_params},
-        "items": [asdict(i) for i in plan.items],
-        "activations_bytes": plan.activations,
-        "total_gpu_bytes": plan.total_gpu,
-        "total_cpu_bytes": plan.total_cpu,
-        "gpu_budget_bytes": plan.budget,
-        "fits": plan.fits,
-        "biggest_item": plan.biggest.name,
-        "largest_micro_batch": plan.largest_micro_batch,
-        "batch_key": plan.batch_key,
-        "suggestions": plan.suggestions,
-        "notes": plan.notes,
-        "images": None
-        if plan.images is None
-        else {
-            "rows_sampled": len(plan.images.per_row),
-            "images_sampled": plan.images.images,
-            "tokens_per_row": {"median": plan.images.median, "p95": plan.images.p95, "max": plan.images.max},
-            "exact": plan.images.exact,
-            "source": plan.images.source,
-            "micro_batch_image_tokens": plan.image_tokens,
-            "micro_batch_patches": plan.patches,
-        },
-    }
-
-
-def format_plan(plan: Plan) -> str:
-    """A table per item, the total against the GPU, the verdict and what to change."""
-    s = plan.sharding
-    total = plan.frozen_params + plan.trainable_params
-    lines = [
-        f"model       {plan.model}" + (f" ({plan.family})" if plan.family else ""),
-        f"parameters  {total:,} total, {plan.trainable_params:,} trainable "
-        f"({100 * plan.trainable_params / max(total, 1):.3f}%)",
-        f"launch      {s.label} over {s.world} GPU(s); micro-batch {plan.micro_batch} × {plan.seq} tokens; "
-        f"gradient checkpointing {'on' if plan.checkpointing else 'off'}",
-        "",
-        f"{'per GPU':<26} {'GiB':>8} {'CPU GiB':>8}  notes",
-    ]
-    for i in plan.items:
-        cpu = f"{i.cpu / GIB:8.2f}" if i.cpu else " " * 8
-        lines.append(f"{i.name:<26} {i.gpu / GIB:8.2f} {cpu}  {i.note}")
-    pct = 100 * plan.total_gpu / plan.budget
-    total_cpu = f"{plan.total_cpu / GIB:8.2f}" if plan.total_cpu else " " * 8
-    lines += [
-        f"{'total':<26} {plan.total_gpu / GIB:8.2f} {total_cpu}  of {plan.budget / GIB:g} GiB ({pct:.0f}%)",
-        "",
-    ]
-    b = plan.biggest
-    if plan.fits:
-        lines.append(f"verdict: fits ({plan.total_gpu / GIB:.1f} of {plan.budget / GIB:g} GiB)")
-    else:
-        lines.append(
-            f"verdict: does NOT fit ({plan.total_gpu / GIB:.1f} GiB > {plan.budget / GIB:g} GiB); "
-            f"biggest item: {b.name} ({b.gpu / GIB:.1f} GiB)"
-        )
-    lines.append(
-        f"largest micro-batch that fits: {plan.batch_key}={plan.largest_micro_batch}"
-        + (" (not even the smallest)" if plan.largest_micro_batch == 0 else "")
-    )
-    lines += [("try: " if not plan.fits else "hint: ") + x for x in plan.suggestions]
-    lines += [f"note: {x}" for x in plan.notes]
-    return "\n".join(lines)

@@ -12,7 +12,7 @@ trainable weights in its optimizer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,6 +21,7 @@ from vlmtune.config.schema import Recipe
 from vlmtune.engine.loss import unwrap
 from vlmtune.model.meta import MetaModel
 from vlmtune.model.parts import part_of
+from vlmtune.plan.methods import logps_peak, method_rows
 
 GIB = 1024**3
 # Outside PyTorch's allocator: the CUDA context and kernels (~0.5 GiB), cuBLAS workspaces, and fragmentation.
@@ -85,12 +86,31 @@ class Sharding:
 
 @dataclass(frozen=True)
 class Item:
-    """One line of the plan: bytes per GPU (per process) and in CPU RAM (per process, when offloaded)."""
+    """One line of the plan: bytes per GPU (per process) and in CPU RAM (per process, when offloaded).
+
+    `phase`: empty for what is held all step; else the part of the step whose tensors these are (`train`, and
+    for some methods `rollout`, `reference`), freed before the next part starts (`peak_gpu`).
+    """
 
     name: str
     gpu: int
     cpu: int = 0
     note: str = ""
+    phase: str = ""
+
+
+def phase_totals(items: list[Item]) -> dict[str, int]:
+    """GPU bytes of each phase of the step, in the order the items name them."""
+    totals: dict[str, int] = {}
+    for item in items:
+        if item.phase:
+            totals[item.phase] = totals.get(item.phase, 0) + item.gpu
+    return totals
+
+
+def peak_gpu(items: list[Item]) -> int:
+    """The step's peak per GPU: what is held all step plus the largest of its phases."""
+    return sum(i.gpu for i in items if not i.phase) + max(phase_totals(items).values(), default=0)
 
 
 @dataclass(frozen=True)
@@ -404,9 +424,12 @@ def micro_batch_shape(recipe: Recipe) -> tuple[int, int, str]:
 
     padded: micro_batch_size rows of data.max_length (with train.micro_batch_tokens: as many max-length rows as
     the budget holds); packed: micro_batch_size bins of data.pack_length; padding_free: one row of all the
-    micro-batch's tokens, so attention terms that grow with the square of the row length grow with it.
+    micro-batch's tokens, so attention terms that grow with the square of the row length grow with it. dpo and
+    grpo (padded only): one loss forward's rows, `plan.methods.method_rows`.
     """
     d, t = recipe.data, recipe.train
+    if (rows := method_rows(recipe)) is not None:  # dpo: pairs; grpo: prompt + completion
+        return rows
     if d.batching == "packed":
         length = d.pack_length or d.max_length
         return t.micro_batch_size, length, f"{t.micro_batch_size} packed bins × {length} tokens"
@@ -428,7 +451,7 @@ def batch_activations(
     attention = recipe.model.attn_implementation
     if attention == "sdpa" and not shape.sdpa:  # as `load_model` falls back for an architecture without sdpa
         attention = "eager"
-    return activation_bytes(
+    act = activation_bytes(
         shape,
         batch=rows,
         seq=seq,
@@ -440,4 +463,13 @@ def batch_activations(
         # DeepSpeed runs the whole module, adapters included, in the half type.
         adapter_bytes=2 if sharding.strategy == "deepspeed" and model_bytes == 2 else None,
         loss_chunk=None if recipe.train.loss == "standard" else recipe.train.loss_chunk_tokens,
+    )
+    if method_rows(recipe) is None:
+        return act
+    # dpo / grpo score completions with `methods.logps`, not the loop's token loss.
+    e = 2 if autocast else model_bytes
+    return replace(
+        act,
+        logits_saved=e * rows * seq * shape.vocab,
+        logits_peak=logps_peak(rows, seq, shape.vocab, e),
     )

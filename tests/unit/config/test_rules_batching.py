@@ -76,3 +76,37 @@ def test_vision_language_packing_is_refused_exactly_where_the_registry_says(fami
         assert len(problems) == 1 and f"not supported for {family} models: {reason}" in problems[0]
     else:
         assert problems == []
+
+
+def _method_recipe(method: str, data: dict, train: dict | None = None) -> Recipe:
+    fmt = {"dpo": "preference", "grpo": "prompt"}[method]
+    section = {"grpo": {"rewards": [{"name": "format"}]}} if method == "grpo" else {}
+    return Recipe.model_validate(
+        {
+            "method": method,
+            **section,
+            "model": {"path": "org/name"},
+            "data": {"train": [{"path": "a.jsonl", "format": fmt}], "max_length": 512, **data},
+            "train": {"output_dir": "out", **(train or {})},
+        }
+    )
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+@pytest.mark.parametrize(
+    ("data", "train", "expected"),
+    [
+        ({"batching": "packed"}, {}, "data.batching: method {m} needs data.batching: padded (now packed)"),
+        ({"batching": "padding_free"}, {}, "set data.batching: padded"),
+        ({}, {"micro_batch_tokens": 4096}, "train.micro_batch_tokens: method {m} counts a micro-batch in"),
+        ({"train_on_prompt": True}, {}, "data.train_on_prompt: method {m} scores"),
+    ],
+)
+def test_dpo_and_grpo_batch_whole_padded_pairs_or_prompts(method, data, train, expected):
+    problems = cross_field_problems(_method_recipe(method, data, train))
+    assert len(problems) == 1 and expected.format(m=method) in problems[0], problems
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_dpo_and_grpo_take_padded_batches_grouped_by_length(method):
+    assert cross_field_problems(_method_recipe(method, {"group_by_length": True})) == []

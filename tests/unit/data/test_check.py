@@ -80,3 +80,25 @@ def test_image_text_data_is_checked_with_images_expanded(tmp_path, tiny_recipe, 
     assert "decoding images" in err  # every image decoded, with a progress bar
     assert "[16 image tokens]" in out and "⟦A red square.<|im_end|>⟧" in out  # LLaVA: 16 tokens per image
     assert "3 bad row(s) and data.on_bad_row is raise" in err and "missing.png" in err
+
+
+def test_show_renders_both_sides_of_a_pair_and_a_prompts_columns(tmp_path, tiny_recipe, capsys):
+    rows = {
+        "preference": {"prompt": "Hi there", "chosen": "Hello!", "rejected": "Go away."},
+        "prompt": {"prompt": "Hi there", "solution": "Hello!"},
+    }
+    for method, fmt in (("dpo", "preference"), ("grpo", "prompt")):
+        (tmp_path / f"{fmt}.jsonl").write_text(json.dumps(rows[fmt]) + "\n")
+        recipe = tiny_recipe(data={"train": [{"path": str(tmp_path / f"{fmt}.jsonl"), "format": fmt}]})
+        recipe["method"] = method
+        if method == "grpo":
+            recipe["grpo"] = {"rewards": [{"name": "format"}]}
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        assert main(["data-check", str(path), "--show", "1"]) == 0
+        out = capsys.readouterr().out
+        if method == "dpo":
+            assert "[chosen] " in out and "⟦Hello!" in out
+            assert "[rejected] " in out and "⟦Go away." in out
+        else:
+            assert "⟦" not in out and '[columns] {"solution": "Hello!", "image_sizes": []}' in out

@@ -24,6 +24,10 @@ from vlmtune.methods.rewards import (
 )
 
 USER_REWARDS = '''
+from __future__ import annotations
+
+import dataclasses
+
 def length_reward(prompts, completions, solution, **kwargs):
     """TRL-style: one float (or None) per completion; `solution` is a column."""
     return [None if s is None else float(len(c) == len(s)) for c, s in zip(completions, solution)]
@@ -41,6 +45,17 @@ def nothing(prompts, completions, **kwargs):
     return None
 
 NOT_A_FUNCTION = 3
+
+
+@dataclasses.dataclass
+class Scorer:  # a dataclass needs its module registered, as an import would
+    bonus: float
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [self.bonus for _ in completions]
+
+
+bonus = Scorer(0.5)
 '''
 
 
@@ -67,6 +82,12 @@ def test_user_function_from_the_recipe_folder_gets_trl_arguments(user_file: Path
     torch.testing.assert_close(total, torch.tensor([2.0, 0.0, 0.0]))
 
 
+def test_a_callable_object_with_a_dataclass_module(user_file: Path) -> None:
+    rewards = _load([{"function": "my_rewards.py:bonus"}], base_dir=user_file.parent)
+    assert rewards[0].name == "bonus"  # an object without __name__ is named as the recipe names it
+    assert score(rewards, ["p"], ["c"], {})[0].tolist() == [0.5]
+
+
 def test_total_is_the_weighted_nansum() -> None:
     def first(prompts, completions, **kwargs):
         return [1.0, None, 0.5, None]
@@ -80,11 +101,32 @@ def test_total_is_the_weighted_nansum() -> None:
     assert per["first"].dtype == torch.float32 and torch.isnan(per["second"][2:]).all()
 
 
+def test_rewards_see_their_own_arguments_and_infinity_stays() -> None:
+    def greedy(prompts, completions, solution, **kwargs):
+        solution.clear()  # edits its arguments: the next function must not notice
+        return [math.inf, None]
+
+    def counts(prompts, completions, solution, **kwargs):
+        return [float(len(solution))] * len(completions)
+
+    total, per = score(
+        [Reward("greedy", 1.0, greedy), Reward("counts", 1.0, counts)],
+        ["p", "q"],
+        ["a", "b"],
+        {"solution": ["1", "2"]},
+    )
+    assert per["counts"].tolist() == [2.0, 2.0]
+    assert total.tolist() == [
+        math.inf,
+        2.0,
+    ]  # an infinite reward is not made finite: the non-finite policy sees it
+
+
 def test_bad_functions_name_the_reward_and_what_to_fix(user_file: Path) -> None:
     base = user_file.parent
     cases = {
         "missing.py:length_reward": "missing.py not found",
-        "my_rewards.py:lenght_reward": "has no 'lenght_reward'; it defines: length_reward, nothing, raising",
+        "my_rewards.py:lenght_reward": "has no 'lenght_reward'; it defines: Scorer, bonus, length_reward, nothing",
         "my_rewards.py:NOT_A_FUNCTION": "NOT_A_FUNCTION is a int, not a function",
         "os.path:join": "not `path/to/file.py:func`",
         "my_rewards.py": "not `path/to/file.py:func`",
@@ -222,3 +264,70 @@ def test_iou_converts_relative_1000_boxes(qwen_processors: dict) -> None:
     columns = {"solution": [[100, 50, 300, 150]], "image_sizes": [[(400, 200)]]}
     _, per = score(rewards, [""], ["<answer>[250, 250, 750, 750]</answer>"], columns)
     assert per["iou"].item() == pytest.approx(1.0)
+
+
+def test_validate_reports_a_missing_reward_file(user_file: Path, tmp_path: Path) -> None:
+    from vlmtune.config.environment import environment_problems
+    from vlmtune.config.load import load_recipe
+
+    recipe_file = user_file.parent / "grpo.yaml"
+    recipe_file.write_text(
+        "method: grpo\n"
+        "grpo:\n"
+        "  rewards:\n"
+        "    - {function: my_rewards.py:length_reward}\n"
+        "    - {function: gone.py:f}\n"
+        "    - {function: my_rewards:f}\n"
+        f"model: {{path: {tmp_path / 'no-model'}}}\n"
+        "data: {train: [{path: data.jsonl, format: prompt}]}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}}}\n",
+        encoding="utf-8",
+    )
+    problems = [p for p in environment_problems(load_recipe(recipe_file)) if p.startswith("grpo.rewards")]
+    assert problems == [
+        f"grpo.rewards.1.function: file not found: gone.py (looked in {Path.cwd()} and the recipe's folder)",
+        "grpo.rewards.2.function: 'my_rewards:f' is not path/to/file.py:func",
+    ]
+
+
+def test_iou_on_the_referring_box_set_through_the_data_pipeline(
+    qwen_processors: dict, tmp_path: Path
+) -> None:
+    """The generated box set read by the data pipeline (`image_sizes` as the files are), answered as Qwen2.5-VL
+    would: in the pixels of the patch grid the model is actually given (`image_grid_thw` of each example)."""
+    from vlmtune.config.schema import DataConfig, DataSource
+    from vlmtune.data import build_dataset
+    from vlmtune.testing.rl_data import write_box_set
+
+    processor, family = qwen_processors["qwen2_5_vl"], get_family("qwen2_5_vl")
+    source = DataSource(path=str(write_box_set(tmp_path / "boxes", 3, seed=1)), format="prompt")
+    dataset = build_dataset(
+        [source], DataConfig(train=[source], cache=False), processor, family=family, seed=0
+    )
+    rewards = _load([{"name": "iou"}, {"name": "format"}], family=family, processor=processor)
+    patch = processor.image_processor.patch_size
+    for i in range(3):
+        example = dataset[i]
+        columns = {key: [value] for key, value in example["columns"].items()}
+        (width, height), truth = example["columns"]["image_sizes"][0], example["columns"]["solution"]
+        _, grid_h, grid_w = example["image_grid_thw"][0].tolist()
+        sx, sy = grid_w * patch / width, grid_h * patch / height
+        seen = [round(v, 2) for v in (truth[0] * sx, truth[1] * sy, truth[2] * sx, truth[3] * sy)]
+        completion = [{"role": "assistant", "content": f"<think>found it</think>\n<answer>{seen}</answer>"}]
+        total, per = score(rewards, [example["prompt"]], [completion], columns)
+        assert per["iou"].item() > 0.99 and per["format"].item() == 1.0 and total.item() > 1.99
+
+
+def test_accuracy_asks_math_verify_first_when_installed(monkeypatch) -> None:
+    """A stand-in for math_verify: it parses LaTeX fractions only and says \\frac{1}{2} equals "one half"; a
+    solution it cannot parse falls back to the plain comparison."""
+    import sys
+    import types
+
+    fake = types.ModuleType("math_verify")
+    fake.parse = lambda text: [text] if text.startswith("\\frac") or text == "one half" else []
+    fake.verify = lambda gold, answer: gold == ["\\frac{1}{2}"] and answer == ["one half"]
+    monkeypatch.setitem(sys.modules, "math_verify", fake)
+    completions = ["<answer>one half</answer>", "<answer>\\frac{1}{2}</answer>", "<answer>12</answer>"]
+    solutions = ["\\frac{1}{2}", "\\frac{1}{3}", "12"]
+    assert accuracy_reward([""] * 3, completions, solution=solutions) == [1.0, 0.0, 1.0]
