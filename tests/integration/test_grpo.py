@@ -9,8 +9,8 @@ import yaml
 
 from tests.integration.helpers import cpu_config, launch
 from vlmtune.engine.loop import Trainer
-from vlmtune.testing.tiny_vlm import build_tiny_vlm
 from vlmtune.testing.rl_data import arithmetic_rows, write_box_set, write_jsonl
+from vlmtune.testing.tiny_vlm import build_tiny_vlm
 from vlmtune.train import run
 
 # A random tiny model writes noise: a reward that varies with it (shorter is better) gives the groups a spread.
