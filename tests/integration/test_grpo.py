@@ -124,3 +124,52 @@ def test_vision_language_grpo_under_zero3_does_not_hang(tiny_vlm_root, tmp_path)
     assert len(rows) == 4  # 2 ranks x 1 prompt x 2 completions, gathered on rank 0
     assert all(isinstance(r["prompt"], list) and "iou" in r["rewards"] for r in rows)
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+
+
+def _synced_generation_worker(rank: int, model_dir: str, port: int, synced: bool, out: str) -> None:
+    """One of 2 ranks of an FSDP2-sharded tiny model: rank 0's completions all end at their first token (every
+    token is an end token there), rank 1's run to the length limit."""
+    import os
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlmtune.methods.rollout import HFGenerator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eos = list(range(len(tok))) if rank == 0 else [tok.eos_token_id]
+    gen = HFGenerator(model, tok, max_new_tokens=12, temperature=1.0, top_p=1.0, synced=synced, eos_ids=eos)
+    ids = tok(["What is 1 + 2?"], return_tensors="pt")
+    rollouts = gen(dict(ids), 2, torch.Generator().manual_seed(rank))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rollouts.mask.sum(1).tolist()))
+    dist.destroy_process_group()
+
+
+def test_generation_under_fsdp2_does_not_hang_when_ranks_finish_apart(tiny_model_dir, tmp_path):
+    """Every forward of a sharded model gathers parameters from all ranks: the rank that finishes first keeps
+    stepping (synced_gpus) until the other is done, instead of leaving it waiting forever."""
+    import torch.multiprocessing as mp
+
+    from tests.integration.helpers import free_port
+
+    mp.spawn(
+        _synced_generation_worker,
+        args=(str(tiny_model_dir), free_port(), True, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    lengths = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert lengths[0] == [1, 1]  # ended at once
+    assert max(lengths[1]) > 1  # kept generating while rank 0 waited in step
