@@ -223,3 +223,17 @@ def test_a_micro_batch_of_bad_rows_generates_but_counts_for_nothing(peft_llm, tm
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert dict(zip(method.metric_names, sums.tolist(), strict=True))["completions"] == 0
+
+
+def test_evaluation_samples_from_its_own_stream(peft_llm, tmp_path):
+    """Eval rollouts are a function of the step and leave training's sampling state as it was."""
+    model, tok = peft_llm
+    batch = _prompt_batch(tok, ["What is 1 + 2?"], ["a"])
+    method = _method(model, tok, tmp_path)
+    state = method.rng.get_state()
+    a = method.prepare(4, [dict(batch)], training=False)
+    method._eval_step = None  # a later evaluation at the same step
+    b = method.prepare(4, [dict(batch)], training=False)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert torch.equal(method.rng.get_state(), state)
+    assert not (tmp_path / "rollouts").exists()  # evaluation logs no rollouts
