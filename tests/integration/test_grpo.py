@@ -16,7 +16,8 @@ from vlmtune.train import run
 # A random tiny model writes noise: a reward that varies with it (shorter is better) gives the groups a spread.
 REWARDS_PY = """
 def brevity(prompts, completions, **columns):
-    return [1.0 / (1.0 + len(c)) for c in completions]
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # message prompts: messages
+    return [1.0 / (1.0 + len(t)) for t in texts]
 """
 
 
@@ -95,6 +96,7 @@ def test_grpo_trains_logs_rollouts_and_resumes_exactly(grpo_recipe, tmp_path, mo
 def test_vision_language_grpo_under_zero3_does_not_hang(tiny_vlm_root, tmp_path):
     model = build_tiny_vlm("qwen2_vl", tiny_vlm_root / "qwen2_vl")
     data = write_box_set(tmp_path / "boxes", n=8, seed=0)
+    (tmp_path / "rewards.py").write_text(REWARDS_PY)
     recipe = {
         "model": {"path": str(model), "dtype": "float32"},
         "method": "grpo",
@@ -110,7 +112,11 @@ def test_vision_language_grpo_under_zero3_does_not_hang(tiny_vlm_root, tmp_path)
         # Completions of different lengths on the two ranks: generation must stay in step under ZeRO-3.
         "grpo": {
             "num_generations": 2, "max_completion_length": 6, "temperature": 1.0, "log_rollouts": 1,
-            "rewards": [{"name": "iou"}, {"name": "format", "weight": 0.5}],
+            # iou and format stay 0 for a random model; brevity varies, so the update is not zero.
+            "rewards": [
+                {"name": "iou"}, {"name": "format", "weight": 0.5},
+                {"function": str(tmp_path / "rewards.py") + ":brevity", "weight": 0.1},
+            ],
         },
         "launch": {"accelerate_config": str(cpu_config("zero3", tmp_path))},
     }  # fmt: skip
@@ -120,6 +126,7 @@ def test_vision_language_grpo_under_zero3_does_not_hang(tiny_vlm_root, tmp_path)
     records = _records(tmp_path / "run")
     assert sorted(records) == [1, 2]
     assert {"reward", "reward/iou", "reward/format", "completion_length"} <= set(records[2])
+    assert records[1]["grad_norm"] > 0  # the surrogate's gradient reached the sharded adapter
     rows = [json.loads(x) for x in (tmp_path / "run/rollouts/step-2.jsonl").read_text().splitlines()]
     assert len(rows) == 4  # 2 ranks x 1 prompt x 2 completions, gathered on rank 0
     assert all(isinstance(r["prompt"], list) and "iou" in r["rewards"] for r in rows)
