@@ -70,7 +70,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
     from vlmtune.checkpoint.export import export_adapter
     from vlmtune.checkpoint.manager import CheckpointManager, check_free_space
     from vlmtune.config.rules import family_problems
-    from vlmtune.data.batching import build_collator, build_sampler, padded_collator
+    from vlmtune.data.batching import build_collator, build_sampler, method_collator
     from vlmtune.data.packing import check_packed_attention
     from vlmtune.engine.accelerator import STEP_TIMEOUT, build_accelerator
     from vlmtune.engine.distributed import check_sharding, configure_ddp, set_collective_timeout
@@ -103,7 +103,7 @@ def run(recipe, overrides: list[str] | dict | None = None) -> RunResult:
             processor = load_processor(recipe.model, family, recipe.vision, base)
             pad_token_id = processor.tokenizer.pad_token_id
         # The method's padded collator (pairs for dpo, left-padded prompts for grpo): it also batches eval.
-        padded = padded_collator(recipe, pad_token_id, family)
+        padded = method_collator(recipe, pad_token_id, family)
         train_data, eval_data = _build_data(
             recipe, processor, family, show_progress=accelerator.is_main_process
         )

@@ -9,7 +9,7 @@
 | packed        | (refused)                | best-fit bin of pack_length | micro_batch_size bins, one row each |
 
 (With flash_attention_2 a packed micro-batch's bins go end to end in one row: see `OneRowPackedCollator`.)
-Methods dpo and grpo batch padded rows only, with their own collators (`padded_collator`): a micro-batch of
+Methods dpo and grpo batch padded rows only, with their own collators (`method_collator`): a micro-batch of
 `micro_batch_size` pairs (2 × that many rows) or prompts.
 
 Chunks and bins are formed once per run from the row lengths and the seed; the sampler shuffles them per epoch.
@@ -75,7 +75,7 @@ def build_sampler(
 _METHOD_COLLATORS = {"dpo": PairCollator, "grpo": PromptCollator}
 
 
-def padded_collator(recipe: Recipe, pad_token_id: int | None, family=None) -> Collator:
+def method_collator(recipe: Recipe, pad_token_id: int | None, family=None) -> Collator:
     """The padded collator of `recipe.method`: a `PairCollator` (dpo), a `PromptCollator` (grpo), else a
     `Collator`; for a vision-language `family` it batches the vision inputs too. It is also the evaluation
     collator, so a method evaluates on batches like the ones it trains on."""
@@ -83,7 +83,7 @@ def padded_collator(recipe: Recipe, pad_token_id: int | None, family=None) -> Co
 
 
 def build_collator(recipe: Recipe, padded_collator, pad_token_id: int, family=None, model_config=None):
-    """The training collator: `padded_collator` (see `padded_collator()`) unless batching packs sequences.
+    """The training collator: `padded_collator` (see `method_collator`) unless batching packs sequences.
 
     A vision-language `family`'s packed rows batch their vision inputs by `padded_collator`'s rules, and, for a
     family with multimodal rope, carry each example's 3-D positions computed from `model_config`.

@@ -16,7 +16,6 @@ rewrites text in a new way fails loudly instead of training the wrong tokens.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
@@ -32,7 +31,9 @@ from vlmtune.data.images import DEFAULT_MAX_PIXELS, BadImage, header_size, load_
 from vlmtune.data.template import (
     ChatTemplateError,
     assistant_spans,
+    check_spans,
     check_tokenizer,
+    move_spans,
     overlaps,
     render,
     tokenize_conversation,
@@ -201,8 +202,8 @@ class Encoder:
         if self._trains_prompt(conversation):
             trained = ~never
         else:
-            moved = _move_spans(spans, text, replacements, family, self.tokenizer)
-            _check_spans(text, spans, moved, ids, offsets, self.tokenizer)
+            moved = move_spans(spans, text, replacements, family, self.tokenizer)
+            check_spans(text, spans, moved, ids, offsets, self.tokenizer)
             trained = overlaps(offsets, moved) & ~never
         if conversation.trains and not trained.any():
             raise BadRow(
@@ -397,54 +398,3 @@ def _render_messages(conversation: Conversation) -> list[dict[str, Any]]:
         }
         for m in conversation.messages
     ]
-
-
-def _move_spans(
-    spans: list[tuple[int, int]], text: str, replacements: list[dict], family: Family, tokenizer: Any
-) -> list[tuple[int, int]]:
-    """Move `[start, end)` spans of the rendered text onto the text the processor tokenised."""
-    bos = tokenizer.bos_token or ""
-    inserted_at, inserted = len(text) + 1, 0
-    if family.text_layout == "bos_after_last_image" and family.image_placeholder in text:
-        inserted_at = text.rfind(family.image_placeholder) + len(family.image_placeholder)
-        inserted = len(bos)
-    elif family.text_layout == "bos_if_missing" and not text.startswith(bos):
-        inserted_at, inserted = 0, len(bos)
-
-    ends = [r["span"][1] for r in replacements]
-    gained = [0]
-    for r in replacements:
-        gained.append(gained[-1] + (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
-
-    def move(char: int) -> int:
-        char += inserted if char >= inserted_at else 0
-        return char + gained[bisect.bisect_right(ends, char)]
-
-    return [(move(start), move(end)) for start, end in spans]
-
-
-def _check_spans(
-    text: str,
-    spans: list[tuple[int, int]],
-    moved: list[tuple[int, int]],
-    ids: np.ndarray,
-    offsets: np.ndarray,
-    tokenizer: Any,
-) -> None:
-    """Each moved span, read back from the tokens, must be the reply it came from: else it was misplaced.
-
-    The tokens overlapping a moved span are decoded, and the span's characters are cut from that text by the
-    first token's offset; a span moved by even one character reads back differently.
-    """
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    for (start, end), (lo, hi) in zip(spans, moved, strict=True):
-        covered = np.flatnonzero((starts < hi) & (ends > lo))
-        decoded = tokenizer.decode(ids[covered].tolist(), clean_up_tokenization_spaces=False)
-        skip = lo - int(starts[covered[0]]) if len(covered) else 0
-        read_back = decoded[skip : skip + (hi - lo)]
-        if read_back.strip() != text[start:end].strip():
-            raise ChatTemplateError(
-                f"the assistant reply {text[start:end]!r} reads back from the processor's tokens as "
-                f"{read_back!r}: the processor rewrote the text in a way vlmtune.data.encode does not know, "
-                "so the label mask cannot be placed; set the family's text_layout in vlmtune.families"
-            )

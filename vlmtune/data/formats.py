@@ -47,14 +47,15 @@ class Conversation:
     Attributes:
         messages: `{"role", "content": [part, ...]}`, checked as a conversation.
         images: The row's images, not yet opened, in the order of the image parts.
+        prompt_turns: Leading messages never trained, replies included: a preference pair's prompt, all of a
+            prompt row.
+        generation_prompt: A prompt row: it ends on the prompt and is rendered with the generation prompt.
     """
 
     messages: list[Message]
     images: list[ImageRef] = field(default_factory=list)
-    prompt_turns: int = (
-        0  # leading messages never trained (a preference pair's prompt, assistant turns included)
-    )
-    generation_prompt: bool = False  # a prompt row: ends on the prompt, rendered with the generation prompt
+    prompt_turns: int = 0
+    generation_prompt: bool = False
 
     @property
     def trains(self) -> bool:

@@ -68,6 +68,7 @@ def _prompt(r: _Row) -> Conversation:
     _place_unplaced_images(r, messages)
     conversation = r.finish(messages)
     conversation.generation_prompt = True
+    conversation.prompt_turns = len(messages)  # all prompt: an earlier reply in it is never trained
     return conversation
 
 

@@ -10,6 +10,7 @@ token included.
 
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from vlmtune.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from vlmtune.families import Family
 
 _FIX = (
     "Set model.chat_template in the recipe to a Jinja template (or a path to a .jinja file) that renders every "
@@ -174,3 +177,54 @@ def _not_prefix_stable(full: str, prefix: str, cut: str) -> str:
         f"{full[max(0, at - 30) : at + 30]!r}), so the assistant turns cannot be located for the label mask. "
         f"Templates that rewrite earlier turns (for example dropping past reasoning) do this. {_FIX}"
     )
+
+
+def move_spans(
+    spans: list[tuple[int, int]], text: str, replacements: list[dict], family: Family, tokenizer: Any
+) -> list[tuple[int, int]]:
+    """Move `[start, end)` spans of the rendered text onto the text the processor tokenised."""
+    bos = tokenizer.bos_token or ""
+    inserted_at, inserted = len(text) + 1, 0
+    if family.text_layout == "bos_after_last_image" and family.image_placeholder in text:
+        inserted_at = text.rfind(family.image_placeholder) + len(family.image_placeholder)
+        inserted = len(bos)
+    elif family.text_layout == "bos_if_missing" and not text.startswith(bos):
+        inserted_at, inserted = 0, len(bos)
+
+    ends = [r["span"][1] for r in replacements]
+    gained = [0]
+    for r in replacements:
+        gained.append(gained[-1] + (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
+
+    def move(char: int) -> int:
+        char += inserted if char >= inserted_at else 0
+        return char + gained[bisect.bisect_right(ends, char)]
+
+    return [(move(start), move(end)) for start, end in spans]
+
+
+def check_spans(
+    text: str,
+    spans: list[tuple[int, int]],
+    moved: list[tuple[int, int]],
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    tokenizer: Any,
+) -> None:
+    """Each moved span, read back from the tokens, must be the reply it came from: else it was misplaced.
+
+    The tokens overlapping a moved span are decoded, and the span's characters are cut from that text by the
+    first token's offset; a span moved by even one character reads back differently.
+    """
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    for (start, end), (lo, hi) in zip(spans, moved, strict=True):
+        covered = np.flatnonzero((starts < hi) & (ends > lo))
+        decoded = tokenizer.decode(ids[covered].tolist(), clean_up_tokenization_spaces=False)
+        skip = lo - int(starts[covered[0]]) if len(covered) else 0
+        read_back = decoded[skip : skip + (hi - lo)]
+        if read_back.strip() != text[start:end].strip():
+            raise ChatTemplateError(
+                f"the assistant reply {text[start:end]!r} reads back from the processor's tokens as "
+                f"{read_back!r}: the processor rewrote the text in a way vlmtune.data.encode does not know, "
+                "so the label mask cannot be placed; set the family's text_layout in vlmtune.families"
+            )

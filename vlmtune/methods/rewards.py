@@ -347,6 +347,10 @@ def iou_reward(family: Family | None, processor: Any) -> RewardFn:
     image's size; `original` (and a text model) is taken as is. A row without a solution gets None.
     """
     space = family.box_coordinates if family is not None else "original"
+    if space == "resized" and getattr(processor, "image_processor", None) is None:
+        raise UserError(
+            f"the iou reward needs the {family.name} processor: its boxes are in resized-image pixels"
+        )
     resized: dict[tuple[int, int], tuple[int, int]] = {}
 
     def to_original(box: tuple[float, ...], sizes: Any) -> tuple[float, ...]:

@@ -27,7 +27,7 @@ from vlmtune.plan.memory import (
     parameters,
     peak_gpu,
 )
-from vlmtune.plan.methods import BATCH_ITEMS, method_items, method_notes, teacher_item
+from vlmtune.plan.methods import BATCH_ITEMS, method_items, method_notes
 from vlmtune.plan.vision import ImageTokens, VisionPlan, vision_plan
 
 _MAX_MICRO_BATCH = 4096
@@ -171,8 +171,6 @@ def estimate(
                 "reshard_after_forward false: all stay gathered",
             )
         items.append(Item("gathered layers", gathered, 0, note))
-    if (teacher := teacher_item(recipe)) is not None:
-        items.append(teacher)
     items += [
         Item(
             "activations",
@@ -338,7 +336,7 @@ def _suggestions(meta: MetaModel, recipe: Recipe, plan: Plan, vision: VisionPlan
         qlora = recipe.model_copy(update={"quant": QuantConfig(bits=4, storage_dtype=recipe.model.dtype)})
         label = f"quant.bits=4 quant.storage_dtype={recipe.model.dtype} (QLoRA)"
         options.append((label, qlora, s))
-    if t.loss == "standard" and recipe.method in ("sft", "distill"):  # dpo / grpo score with methods.logps
+    if t.loss == "standard" and recipe.method not in ("dpo", "grpo"):  # they score with methods.logps
         options.append(("train.loss=chunked", train(loss="chunked"), s))
     if t.optimizer == "adamw":
         options.append(("train.optimizer=adamw_8bit", train(optimizer="adamw_8bit"), s))
@@ -368,7 +366,7 @@ def _notes(recipe: Recipe, plan: Plan) -> list[str]:
         "batches of shorter rows take less",
     ]
     notes += method_notes(recipe, plan.items)
-    if recipe.train.loss == "standard" and recipe.method in ("sft", "distill"):
+    if recipe.train.loss == "standard" and recipe.method not in ("dpo", "grpo"):
         notes.append(
             f"train.loss=chunked would avoid most of the {logits / GIB:.1f} GiB of logits + loss (same loss, "
             "computed a chunk of tokens at a time)"

@@ -1,7 +1,7 @@
 """What a training method adds to a step's memory, for `vlmtune plan`.
 
-A step of dpo, grpo or distill is more than one forward and backward, and its parts do not all hold memory at
-the same time: GRPO generates its rollouts (`rollout` phase: the KV cache), then scores them with the
+A step of dpo or grpo is more than one forward and backward, and its parts do not all hold memory at the
+same time: GRPO generates its rollouts (`rollout` phase: the KV cache), then scores them with the
 adapter-disabled base (`reference`), then trains on them (`train`); each phase's tensors are freed before the
 next, and PyTorch's allocator reuses their blocks. So the plan's items carry a phase, and the total is what is
 held all step (weights, gradients, optimizer states) plus the largest phase (`memory.peak_gpu`).
@@ -13,8 +13,8 @@ held all step (weights, gradients, optimizer states) plus the largest phase (`me
   max_completion_length tokens at once (HF `generate` with a KV cache), then trained as num_generations loss
   micro-batches of B rows (completion g of each prompt); with beta > 0 each of those is first scored by the
   reference (and with steps_per_generation > 1 by the generating policy), no-grad.
-- distill: the teacher's weights (a full copy per process, in `distill.dtype` or quantised) and its logits of
-  the micro-batch, held through the student's forward and backward.
+
+distill's teacher is counted by `plan.teacher`.
 
 Log-probabilities (dpo, grpo) come from `methods.logps`: the model's logits, the rows that predict a trained
 token copied out of them, and float32 log-softmax a chunk of rows at a time (recomputed in backward).
@@ -23,8 +23,6 @@ token copied out of them, and float32 log-softmax a chunk of rows at a time (rec
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-
-from vlmtune.errors import UserError
 
 if TYPE_CHECKING:
     from vlmtune.config.schema import Recipe
@@ -38,7 +36,6 @@ BATCH_ITEMS = (
     "rollout: prefill + sampling",
     "reference forward",
     "old-policy forward",
-    "teacher logits",
 )
 
 
@@ -77,7 +74,7 @@ def kv_cache_bytes(shape: LayerShape, sequences: int, tokens: int, kv_bytes: int
 
 
 def method_items(recipe: Recipe, sharding: Sharding, shape: LayerShape, train_layer: int) -> list[Item]:
-    """The micro-batch-dependent items of dpo / grpo / distill (none for sft).
+    """The micro-batch-dependent items of dpo and grpo (none for the other methods).
 
     Args:
         recipe: The recipe.
@@ -88,7 +85,7 @@ def method_items(recipe: Recipe, sharding: Sharding, shape: LayerShape, train_la
     """
     from vlmtune.plan.memory import Item, activation_bytes, dtype_bytes
 
-    if recipe.method == "sft":
+    if recipe.method not in ("dpo", "grpo"):
         return []
     model_bytes, residual_bytes, autocast = dtype_bytes(recipe, sharding)
     act_bytes = 2 if autocast else model_bytes
@@ -147,60 +144,7 @@ def method_items(recipe: Recipe, sharding: Sharding, shape: LayerShape, train_la
                 phase="reference",
             )
         )
-    if recipe.method == "distill" and recipe.distill is not None:
-        teacher_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[recipe.distill.dtype]
-        t = b * recipe.data.max_length
-        items.append(
-            Item(
-                "teacher logits",
-                teacher_bytes * t * shape.vocab,
-                note=f"{t} tokens × {shape.vocab} vocabulary in {recipe.distill.dtype}, held through the student's "
-                "forward and backward",
-                phase="train",
-            )
-        )
     return items
-
-
-def teacher_item(recipe: Recipe) -> Item | None:
-    """The distillation teacher's weights (a full copy per process, frozen); None for other methods."""
-    from vlmtune.plan.memory import Item
-
-    d = recipe.distill
-    if recipe.method != "distill" or d is None:
-        return None
-    key = (
-        d.teacher,
-        d.dtype,
-        None if d.quant is None else d.quant.model_dump_json(),
-        recipe.lora.model_dump_json(),
-    )
-    if key not in _TEACHERS:
-        _TEACHERS[key] = _teacher_bytes(recipe)
-    total, nbytes = _TEACHERS[key]
-    kind = "quantised" if d.quant is not None else d.dtype
-    return Item("teacher weights", nbytes, note=f"{total:,} parameters, {kind}, a full copy per process")
-
-
-# (teacher, dtype, quant, lora) -> (parameters, bytes): the plan's suggestions re-estimate one recipe many times.
-_TEACHERS: dict[tuple[str | None, ...], tuple[int, int]] = {}
-
-
-def _teacher_bytes(recipe: Recipe) -> tuple[int, int]:
-    """(parameters, bytes) of the teacher, built on the meta device like the student."""
-    from vlmtune.model.meta import build_meta_model
-    from vlmtune.plan.memory import Sharding, parameters
-
-    d = recipe.distill
-    model = recipe.model.model_copy(update={"path": d.teacher, "dtype": d.dtype, "family": None})
-    as_teacher = recipe.model_copy(update={"model": model, "quant": d.quant})
-    try:
-        meta = build_meta_model(as_teacher)
-    except UserError as exc:
-        raise UserError(f"distill.teacher: {exc}") from None
-    p = parameters(meta, as_teacher, Sharding())
-    # The meta model carries the recipe's LoRA; a teacher has none: its adapted layers' bases are in frozen_bytes.
-    return p.total - p.trainable, p.frozen_bytes
 
 
 def method_notes(recipe: Recipe, items: list[Item]) -> list[str]:

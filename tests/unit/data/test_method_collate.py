@@ -11,7 +11,7 @@ from PIL import Image
 from tests.unit.data.helpers import write_jsonl
 from vlmtune.config.schema import DataConfig, DataSource, Recipe
 from vlmtune.data import Collator, PairCollator, PromptCollator, build_dataset
-from vlmtune.data.batching import build_collator, padded_collator
+from vlmtune.data.batching import build_collator, method_collator
 from vlmtune.families import get_family
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
@@ -76,7 +76,7 @@ def test_the_method_picks_the_collator_and_packing_is_refused():
     for method, kind in expected.items():
         extra = {"grpo": {"rewards": [{"name": "format"}]}} if method == "grpo" else {}
         recipe = Recipe.model_validate({**base, **extra, "method": method})
-        collator = padded_collator(recipe, PAD)
+        collator = method_collator(recipe, PAD)
         assert type(collator) is kind
         assert build_collator(recipe, collator, PAD) is collator
     packed = Recipe.model_validate({**base, "method": "dpo", "data": {**base["data"], "batching": "packed"}})

@@ -92,6 +92,19 @@ def test_a_prompt_row_ends_with_the_generation_prompt_and_carries_its_prompt_and
     assert dataset[1]["columns"]["solution"] == "6"
 
 
+def test_a_prompt_with_earlier_replies_trains_none_of_them(tokenizer, tmp_path):
+    messages = [
+        {"role": "user", "content": "tell me"},
+        {"role": "assistant", "content": "the weather"},
+        {"role": "user", "content": "and more"},
+    ]
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": messages}])
+    example = _build(tokenizer, path, "prompt", train_on_prompt=True)[0]
+
+    assert example["input_ids"] == _render(tokenizer, messages, add_generation_prompt=True)
+    assert set(example["labels"]) == {-100}
+
+
 def test_renamed_columns_are_read_under_the_format_names(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "tell me", "answer": "6"}])
     sources = [DataSource(path=str(path), format="prompt", columns={"prompt": "question"})]

@@ -60,6 +60,8 @@ def test_preference_images_belong_to_the_prompt_and_both_sides():
     for side in pair.sides():
         assert side.images == ["a.png"]
         assert side.messages[0]["content"][0] == {"type": "image"}
+    # What a caller sampling a row's images and text reads (the memory planner): the chosen side.
+    assert pair.images == ["a.png"] and pair.messages == pair.chosen.messages
     # Without a placeholder the images come first in the first user turn (as TRL shows them).
     pair = normalise(
         {"prompt": "Which shape?", "chosen": "a", "rejected": "b", "images": ["a.png"]}, "preference"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from tests.unit.data.helpers import write_jsonl
 from vlmtune.config.schema import DataConfig, DataSource
-from vlmtune.data import build_dataset
+from vlmtune.data import PairCollator, PromptCollator, build_dataset
 from vlmtune.families import get_family
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 
@@ -113,3 +114,39 @@ def test_a_missing_image_is_a_bad_row_named_by_policy(qwen, tmp_path):
     rows = [{**PAIR, "images": ["absent.png"]}, TEXT_PAIR]
     with pytest.raises(Exception, match=r"rows.jsonl row 0.*absent.png"):
         _build(qwen, rows, "preference", tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["preference", "prompt"])
+def test_an_image_that_fails_to_decode_when_read_is_left_out_and_counted_under_skip(qwen, tmp_path, fmt):
+    family, processor, _ = qwen
+    folder = tmp_path / "images"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    row = (
+        {**PAIR, "images": ["noise.png"]}
+        if fmt == "preference"
+        else {"prompt": "Where?", "images": ["noise.png"]}
+    )
+    other = TEXT_PAIR if fmt == "preference" else {"prompt": "Say hello."}
+    sources = [
+        DataSource(
+            path=str(write_jsonl(tmp_path / "rows.jsonl", [row, other])), format=fmt, image_root=str(folder)
+        )
+    ]
+    cfg = DataConfig(train=sources, cache=False, on_bad_row="skip")
+    dataset = build_dataset(sources, cfg, processor, family=family, seed=0)
+    whole = (folder / "noise.png").read_bytes()
+    (folder / "noise.png").write_bytes(whole[: len(whole) // 2])  # the header is left: indexed, then cut
+
+    bad = dataset[0]
+    assert set(bad) == {"bad_row"} and bad["bad_row"]["kind"] == "bad_image"
+    assert "rows.jsonl row 0" in bad["bad_row"]["where"]
+    collator = (PairCollator if fmt == "preference" else PromptCollator)(
+        processor.tokenizer.pad_token_id, family
+    )
+    batch = collator([bad, dataset[1]])
+    assert batch["bad_rows"].item() == 1
+    assert (batch["pairs"].item() == 1) if fmt == "preference" else (len(batch["prompts"]) == 1)
+    with pytest.raises(Exception, match=r"rows.jsonl row 0.*noise.png"):
+        build_dataset(sources, DataConfig(train=sources, cache=False), processor, family=family, seed=0)[0]

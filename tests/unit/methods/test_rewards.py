@@ -248,6 +248,8 @@ def test_iou_converts_qwen2_5_vl_boxes_from_the_resized_image(qwen_processors: d
     assert corrected["iou"].item() > 0.95
     assert as_written["iou"].item() < 0.6  # without the correction the same answer looks wrong
 
+    with pytest.raises(UserError, match="needs the qwen2_5_vl processor"):
+        _load([{"name": "iou"}], family=family, processor=processor.tokenizer)
     with pytest.raises(UserError, match="needs the row's image"):
         score(
             _load([{"name": "iou"}], family=family, processor=processor),

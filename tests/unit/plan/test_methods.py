@@ -1,5 +1,5 @@
-"""`vlmtune plan` for dpo, grpo and distill: the pair, the rollouts' KV cache (against a real `generate`), the
-reference and old-policy passes, the teacher, and the step's phases (held + the largest phase)."""
+"""`vlmtune plan` for dpo and grpo: the pair, the rollouts' KV cache (against a real `generate`), the
+reference and old-policy passes, and the step's phases (held + the largest phase)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ LLAMA_1B = {
     "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
     "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
 }  # fmt: skip
-FORMATS = {"sft": "messages", "dpo": "preference", "grpo": "prompt", "distill": "messages"}
+FORMATS = {"sft": "messages", "dpo": "preference", "grpo": "prompt"}
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +117,6 @@ def test_dpo_counts_the_pair_and_the_reference_forward(llama_1b, tmp_path, meta)
     data = plan_json(dpo)
     assert data["method"] == "dpo" and data["total_gpu_bytes"] == peak_gpu(dpo.items)
     assert "method dpo, micro-batch 2 pairs = 4 rows × 512 tokens" in format_plan(dpo)
-
-
-def test_distill_counts_the_teacher(llama_1b, tmp_path, meta):
-    plan = plan_recipe(
-        _recipe(llama_1b, tmp_path, "distill", {"teacher": str(llama_1b), "dtype": "float32"}), meta=meta
-    )
-    frozen = _item(plan, "weights (frozen base)").gpu  # the same model in bf16, its adapted layers' bases too
-    assert _item(plan, "teacher weights").gpu == 2 * frozen
-    assert (
-        _item(plan, "teacher logits").gpu == 4 * 4 * 512 * 32000
-        and _item(plan, "teacher logits").phase == "train"
-    )
 
 
 def test_the_kv_cache_formula_matches_a_real_generate(tiny_model_dir, tmp_path, one_thread):
