@@ -31,6 +31,11 @@ def build_method(ctx: MethodContext) -> Method | None:
     name = ctx.recipe.method
     if name == "sft":
         return None
+    if name == "dpo":
+        from vlmtune.config.schema import DpoConfig
+        from vlmtune.methods.dpo import Dpo
+
+        return Dpo(ctx.recipe.dpo or DpoConfig(), ctx.model, ctx.accelerator.device)
     if name == "grpo":
         return _grpo(ctx)
     raise NotImplementedError(f"method {name}")

@@ -65,7 +65,9 @@ def logps_from_logits(
             parts.append(checkpoint(_token_logps, *args, use_reentrant=False))
         else:
             parts.append(_token_logps(*args))
-    values = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+    # No scored token (a placeholder batch): an empty slice of the logits keeps the result in the graph, so the
+    # backward that every rank must run (DDP, ZeRO-3) still reaches the model, with zero gradients.
+    values = torch.cat(parts) if parts else rows[:, 0].float()
     per_token = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
     return per_token.masked_scatter(mask, values), mask
 
