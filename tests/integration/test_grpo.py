@@ -29,13 +29,18 @@ def _records(run_dir: Path) -> dict[int, dict]:
 @pytest.fixture
 def grpo_recipe(tiny_recipe, tmp_path):
     write_jsonl(tmp_path / "prompts.jsonl", arithmetic_rows(16, seed=0))
+    write_jsonl(tmp_path / "eval.jsonl", arithmetic_rows(3, seed=1))
     (tmp_path / "rewards.py").write_text(REWARDS_PY)
 
     def make(name: str, **grpo) -> dict:
         recipe = tiny_recipe(
             method="grpo",
             lora={"dropout": 0.1},
-            data={"train": [{"path": str(tmp_path / "prompts.jsonl"), "format": "prompt"}], "max_length": 128},
+            data={
+                "train": [{"path": str(tmp_path / "prompts.jsonl"), "format": "prompt"}],
+                "eval": [{"path": str(tmp_path / "eval.jsonl"), "format": "prompt"}],
+                "max_length": 128,
+            },
             train={"micro_batch_size": 2, "max_steps": 5, "lr": 5e-3, "output_dir": str(tmp_path / name)},
             checkpoint={"every": 3, "keep_last": 2},
             grpo={
@@ -62,6 +67,8 @@ def test_grpo_trains_logs_rollouts_and_resumes_exactly(grpo_recipe, tmp_path, mo
     assert "generation_tokens_per_sec" not in records[2]
     assert records[2]["reward"] == records[1]["reward"]  # the same rollouts, reused
     assert all(0 < records[s]["completion_length"] <= 8 for s in records)
+    # The held-out prompts are sampled and scored at the end (3 prompts: the second batch is one prompt).
+    assert {"eval_loss", "eval_reward", "eval_reward/brevity", "eval_completion_length"} <= set(records[5])
     # Rollouts every 2 steps: step 2 (reused from step 1) and step 4, 2 prompts x 4 completions each.
     logged = sorted(p.name for p in (ref.output_dir / "rollouts").iterdir())
     assert logged == ["step-2.jsonl", "step-4.jsonl"]
@@ -89,7 +96,9 @@ def test_grpo_trains_logs_rollouts_and_resumes_exactly(grpo_recipe, tmp_path, mo
     assert resumed.steps == 5
     got = _records(tmp_path / "crash")
     for step in records:
-        for key in ("loss", "reward", "reward/brevity", "kl", "completion_length"):
+        for key in {"loss", "reward", "reward/brevity", "kl", "completion_length", "eval_reward"} & set(
+            records[step]
+        ):
             assert got[step][key] == pytest.approx(records[step][key], abs=1e-6), (step, key)
 
 
