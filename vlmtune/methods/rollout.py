@@ -80,6 +80,33 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def fsdp_root_unsharded(model: nn.Module) -> Iterator[None]:
+    """FSDP2: the root module's own parameters gathered for the block, then sharded again.
+
+    `generate` runs the model inside the root (the PEFT wrapper's transformers model), past the root's forward
+    hook, so the parameters that hook would gather (embeddings, head, a vision tower's patch embedding) stay
+    sharded; the decoder layers, each sharded on its own, still gather in their own hooks. The root must first
+    know it is the root, which it learns in its first forward: generation can come before any, so that lazy
+    initialisation is run here (an FSDP2 internal, guarded). A collective: every rank generates.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    state = model._get_fsdp_state()
+    if hasattr(state, "_lazy_init"):
+        state._lazy_init()
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 class HFGenerator:
     """Samples completions with Hugging Face `generate`.
 
@@ -138,7 +165,7 @@ class HFGenerator:
         text_only = set(inputs) <= {"input_ids", "attention_mask"}
         inner = _generating_module(self.model)
         start = time.perf_counter()
-        with eval_mode(self.model), sampling_rng(generator):
+        with eval_mode(self.model), sampling_rng(generator), fsdp_root_unsharded(self.model):
             if text_only:
                 config = GenerationConfig(**{**self.config.to_diff_dict(), "num_return_sequences": n})
                 out = inner.generate(**inputs, generation_config=config, synced_gpus=self.synced)
