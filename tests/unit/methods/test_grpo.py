@@ -10,7 +10,8 @@ from accelerate.utils import DistributedType
 
 from vlmtune.config.schema import GrpoConfig
 from vlmtune.data.encode import IGNORE_INDEX
-from vlmtune.methods.grpo import GRPO, LossSpec, group_advantages, loss_weight, reduce_loss, token_losses
+from vlmtune.methods.grpo import GRPO
+from vlmtune.methods.grpo_loss import LossSpec, group_advantages, loss_weight, reduce_loss, token_losses
 from vlmtune.methods.rewards import Reward
 from vlmtune.methods.rollout import HFGenerator, completion_mask
 

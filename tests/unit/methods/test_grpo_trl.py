@@ -8,7 +8,8 @@ from accelerate.utils import DistributedType
 
 from vlmtune.config.schema import GrpoConfig
 from vlmtune.data.encode import IGNORE_INDEX
-from vlmtune.methods.grpo import GRPO, group_advantages
+from vlmtune.methods.grpo import GRPO
+from vlmtune.methods.grpo_loss import group_advantages
 
 trl = pytest.importorskip("trl")
 
