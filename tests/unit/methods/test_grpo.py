@@ -238,3 +238,23 @@ def test_evaluation_samples_from_its_own_stream(peft_llm, tmp_path):
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
     assert torch.equal(method.rng.get_state(), state)
     assert not (tmp_path / "rollouts").exists()  # evaluation logs no rollouts
+
+
+def test_build_method_makes_grpo_with_the_recipes_rewards(peft_llm, tiny_recipe, tmp_path):
+    from vlmtune.config.load import load_recipe
+    from vlmtune.methods import MethodContext, build_method
+
+    model, tok = peft_llm
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1 + 1?", "solution": "2"}\n')
+    recipe = load_recipe(
+        tiny_recipe(
+            method="grpo",
+            data={"train": [{"path": str(tmp_path / "prompts.jsonl"), "format": "prompt"}]},
+            grpo={"num_generations": 2, "loss": "dr_grpo", "rewards": [{"name": "accuracy", "weight": 2.0}]},
+        )
+    )
+    acc = _method(model, tok, tmp_path).acc
+    method = build_method(MethodContext(recipe, acc, model, tok, family=None, output_dir=tmp_path))
+    assert isinstance(method, GRPO) and method.spec.loss == "dr_grpo"
+    assert [(r.name, r.weight) for r in method.rewards] == [("accuracy", 2.0)]
+    assert "reward/accuracy" in method.metric_names
