@@ -167,13 +167,19 @@ def vlm_dpo_recipe(tiny_vlm_root, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("vlm_dpo")
     model = build_tiny_vlm("qwen2_vl", tiny_vlm_root / "qwen2_vl")
     pairs = write_shape_pairs(tmp, 8, seed=0, min_side=56, max_side=112)
+    # 3 held-out pairs, 1 per micro-batch: with 2 processes the second runs an empty third batch (weight 0).
+    held_out = write_shape_pairs(tmp / "eval", 3, seed=1, min_side=56, max_side=112)
     recipe = {
         "method": "dpo",
         "dpo": {"beta": 0.1},
         "model": {"path": str(model), "dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "vision": {"tower": "frozen", "projector": "frozen"},
-        "data": {"train": [{"path": str(pairs), "format": "preference"}], "max_length": 512},
+        "data": {
+            "train": [{"path": str(pairs), "format": "preference"}],
+            "eval": [{"path": str(held_out), "format": "preference"}],
+            "max_length": 512,
+        },
         "train": {
             "output_dir": str(tmp / "unused"), "micro_batch_size": 1, "grad_accum": 1, "lr": 5.0e-3,
             "max_steps": 4, "warmup_ratio": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
@@ -187,22 +193,36 @@ def vlm_dpo_recipe(tiny_vlm_root, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def vlm_dpo_single(vlm_dpo_recipe) -> Path:
+    """One process, 1 pair × accumulation 2: the same pairs per step as 2 processes × 1 pair."""
+    return run(
+        vlm_dpo_recipe, [f"train.output_dir={vlm_dpo_recipe.parent / 'single'}", "train.grad_accum=2"]
+    ).output_dir
+
+
+STRATEGIES = {"zero3": "deepspeed over 2 process(es), ZeRO-3", "ddp": "ddp over 2 process(es)"}
+
+
 @pytest.mark.slow
-def test_vision_language_dpo_under_two_processes_and_zero3(vlm_dpo_recipe, tmp_path):
-    """2 processes × 1 pair under ZeRO-3 give the losses, rewards and adapter of 1 process × 2 pairs."""
-    single = run(vlm_dpo_recipe, [f"train.output_dir={tmp_path / 'single'}", "train.grad_accum=2"]).output_dir
-    out = tmp_path / "zero3"
-    config = cpu_config("zero3", tmp_path)
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_vision_language_dpo_under_two_processes(name, vlm_dpo_recipe, vlm_dpo_single, tmp_path):
+    """2 processes × 1 image pair give the losses, rewards and adapter of 1 process × 2 pairs."""
+    out = tmp_path / name
+    config = cpu_config(name, tmp_path)
     proc = launch(vlm_dpo_recipe, f"train.output_dir={out}", f"launch.accelerate_config={config}", procs=2)
-    assert "deepspeed over 2 process(es), ZeRO-3" in proc.stderr
-    want, got = _records(single), _records(out)
+    assert STRATEGIES[name] in proc.stderr
+    want, got = _records(vlm_dpo_single), _records(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert got[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the untrained adapter is the reference
     for a, b in zip(want, got, strict=True):
         for key in ("loss", *REWARDS):
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
     assert got[-1]["loss"] < got[0]["loss"]
-    assert max_diff(_adapter(out), _adapter(single)) < 2e-5
+    assert max_diff(_adapter(out), _adapter(vlm_dpo_single)) < 2e-5
+    # Evaluation at the last step: the held-out pairs split over the processes, scored as by one.
+    for key in ("eval_loss", *(f"eval_{k}" for k in REWARDS)):
+        assert got[-1][key] == pytest.approx(want[-1][key], abs=1e-5), key
 
 
 # --- the real SmolLM2-135M-Instruct --------------------------------------------------------------------------

@@ -286,3 +286,27 @@ def test_simpo_loss_equals_trl_simpo(tiny_model_dir, label_smoothing):
     torch.testing.assert_close(
         sums[:2], torch.stack([trl_chosen.sum(), trl_rejected.sum()]), atol=1e-5, rtol=0
     )
+
+
+def test_build_method_gives_dpo_with_the_recipe_section(tmp_path):
+    from vlmtune.config.schema import Recipe
+    from vlmtune.methods import MethodContext, build_method
+
+    recipe = Recipe.model_validate(
+        {
+            "method": "dpo",
+            "dpo": {"beta": 0.3, "loss": "ipo"},
+            "model": {"path": "org/model"},
+            "data": {"train": [{"path": "pairs.jsonl", "format": "preference"}]},
+            "train": {"output_dir": str(tmp_path)},
+        }
+    )
+    accelerator = SimpleNamespace(device=CPU)
+    method = build_method(MethodContext(recipe, accelerator, torch.nn.Linear(1, 1), None, None, tmp_path))
+    assert isinstance(method, Dpo) and method.config.beta == 0.3 and method.config.loss == "ipo"
+    default = build_method(
+        MethodContext(
+            recipe.model_copy(update={"dpo": None}), accelerator, torch.nn.Linear(1, 1), None, None, tmp_path
+        )
+    )
+    assert default.config == DpoConfig()
