@@ -200,7 +200,12 @@ def vlm_dpo_single(vlm_dpo_recipe) -> Path:
     ).output_dir
 
 
-STRATEGIES = {"zero3": "deepspeed over 2 process(es), ZeRO-3", "ddp": "ddp over 2 process(es)"}
+STRATEGIES = {
+    "zero3": "deepspeed over 2 process(es), ZeRO-3",
+    "zero2": "deepspeed over 2 process(es), ZeRO-2",
+    "fsdp2": "fsdp2 over 2 process(es)",
+    "ddp": "ddp over 2 process(es)",
+}
 
 
 @pytest.mark.slow

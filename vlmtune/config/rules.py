@@ -75,6 +75,16 @@ def method_problems(recipe: Recipe) -> list[str]:
     if recipe.method in ("grpo", "distill") and getattr(recipe, recipe.method) is None:
         needs = "at least its rewards" if recipe.method == "grpo" else "at least its teacher"
         problems.append(f"{recipe.method}: method {recipe.method} needs a {recipe.method}: section ({needs})")
+    if (
+        recipe.method == "dpo"
+        and recipe.dpo is not None
+        and recipe.dpo.loss == "ipo"
+        and recipe.dpo.label_smoothing
+    ):
+        problems.append(
+            "dpo.label_smoothing: the ipo loss has no label smoothing (it is for sigmoid and simpo); "
+            "remove dpo.label_smoothing, or set dpo.loss: sigmoid"
+        )
     formats = METHOD_FORMATS.get(recipe.method, CONVERSATION_FORMATS)
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, split)):

@@ -36,8 +36,29 @@ def build_method(ctx: MethodContext) -> Method | None:
         from vlmtune.methods.dpo import Dpo
 
         return Dpo(ctx.recipe.dpo or DpoConfig(), ctx.model, ctx.accelerator.device)
+    if name == "grpo":
+        return _grpo(ctx)
     if name == "distill":
         from vlmtune.methods.distill import build
 
         return build(ctx)
     raise NotImplementedError(f"method {name}")
+
+
+def _grpo(ctx: MethodContext) -> Method:
+    from vlmtune.methods.grpo import GRPO
+    from vlmtune.methods.rewards import load_rewards
+
+    rewards = load_rewards(
+        ctx.recipe.grpo.rewards, base_dir=ctx.recipe._base_dir, family=ctx.family, processor=ctx.processor
+    )
+    return GRPO(
+        ctx.recipe.grpo,
+        model=ctx.model,
+        accelerator=ctx.accelerator,
+        tokenizer=getattr(ctx.processor, "tokenizer", ctx.processor),
+        rewards=rewards,
+        output_dir=ctx.output_dir,
+        seed=ctx.recipe.train.seed,
+        token_pad=ctx.family.token_pad if ctx.family is not None else None,
+    )

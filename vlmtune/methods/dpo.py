@@ -34,10 +34,7 @@ import torch.nn.functional as F
 from vlmtune.config.schema import DpoConfig
 from vlmtune.engine.loop import weights_dtype
 from vlmtune.engine.method import Batch
-from vlmtune.logging import get_logger
 from vlmtune.methods.logps import completion_logps, reference_logps
-
-log = get_logger(__name__)
 
 # Batch entries that are not model inputs: the pair count and the reference log-probabilities added here.
 _NOT_INPUTS = ("pairs", "ref_logps")
@@ -101,8 +98,6 @@ class Dpo:
         """
         self.config, self.model, self.device = config, model, device
         self._dtype = weights_dtype(model)
-        if config.loss == "ipo" and config.label_smoothing:
-            log.warning("dpo.label_smoothing has no effect with dpo.loss: ipo")
 
     def prepare(self, step: int, micro_batches: list[Batch], *, training: bool) -> list[Batch]:
         """Add each row's reference log-probability (`ref_logps`, on the device); simpo needs none.
