@@ -11,7 +11,6 @@ the TensorBoard / wandb text.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from vlmtune.data.encode import IGNORE_INDEX
-from vlmtune.engine.distributed import strategy
+from vlmtune.engine.generate import generating_module, generation_mode, synced_gpus
 
 # Batch entries that are not model inputs (as in the loop's forward).
 _NOT_INPUTS = ("labels", "length", "n_tokens", "bad_rows")
@@ -98,33 +97,29 @@ class SampleWriter:
     def write(self, model: torch.nn.Module, step: int, dtype: torch.dtype | None) -> list[dict]:
         """Generate every prompt's answer (a collective under sharding: every rank calls it) and record them."""
         acc = self.acc
-        unwrapped = acc.unwrap_model(model)
-        synced = acc.num_processes > 1 and strategy(acc) in ("deepspeed", "fsdp2")
+        inner = generating_module(model)
+        synced = synced_gpus(acc)
         pad = self.tokenizer.pad_token_id
         records = []
-        model.eval()
-        try:
-            with _root_unsharded(unwrapped), acc.autocast():
-                for p in self.prompts:
-                    inputs = {
-                        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(acc.device)
-                        for k, v in p.batch.items()
-                        if k not in _NOT_INPUTS
-                    }
-                    out = unwrapped.generate(
-                        **inputs,
-                        max_new_tokens=self.max_new_tokens,
-                        do_sample=False,
-                        use_cache=True,  # training turned it off in the model's config (see model/load.py)
-                        synced_gpus=synced,
-                        pad_token_id=pad,
-                    )
-                    completion = self._text(out[0, inputs["input_ids"].shape[1] :].tolist())
-                    records.append(
-                        {"step": step, "prompt": p.prompt, "completion": completion, "reference": p.reference}
-                    )
-        finally:
-            model.train()
+        with generation_mode(model), acc.autocast():
+            for p in self.prompts:
+                inputs = {
+                    k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(acc.device)
+                    for k, v in p.batch.items()
+                    if k not in _NOT_INPUTS
+                }
+                out = inner.generate(
+                    **inputs,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,  # training turned it off in the model's config (see model/load.py)
+                    synced_gpus=synced,
+                    pad_token_id=pad,
+                )
+                completion = self._text(out[0, inputs["input_ids"].shape[1] :].tolist())
+                records.append(
+                    {"step": step, "prompt": p.prompt, "completion": completion, "reference": p.reference}
+                )
         if acc.is_main_process:
             with open(self.path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
@@ -136,29 +131,6 @@ class SampleWriter:
                 if tracker.name in _TEXT_TRACKERS:
                     tracker.log({"eval_samples": text}, step=step)
         return records
-
-
-def _root_unsharded(model: torch.nn.Module):
-    """FSDP2: `generate` calls the inner model, not the root module whose forward would gather the root's own
-    parameters (embeddings, head), so gather them for the whole generation; the blocks gather themselves.
-
-    Today the eval forward just before leaves them gathered (FSDP2 does not reshard the root after a forward),
-    so the two-process test passes without this too; it keeps generation correct when nothing ran before it.
-    """
-    if not hasattr(model, "unshard") or not hasattr(model, "reshard"):
-        return nullcontext()
-    return _Unsharded(model)
-
-
-class _Unsharded:
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.model.unshard()
-
-    def __exit__(self, *exc) -> None:
-        self.model.reshard()
 
 
 def _step(line: str) -> int:

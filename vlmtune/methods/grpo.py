@@ -68,7 +68,7 @@ class GRPO:
         token_pad: Mapping[str, int] | None = None,
         generator: Any = None,
     ) -> None:
-        from vlmtune.engine.distributed import strategy, zero_stage
+        from vlmtune.engine.generate import synced_gpus
         from vlmtune.engine.loop import weights_dtype
 
         self.config, self.model, self.acc, self.rewards = config, model, accelerator, rewards
@@ -85,14 +85,13 @@ class GRPO:
             max_completion_length=config.max_completion_length,
         )
         self.dtype = weights_dtype(model)
-        sharded = zero_stage(accelerator) == 3 or strategy(accelerator) == "fsdp2"
         self.generate = generator or HFGenerator(
             model,
             tokenizer,
             max_new_tokens=config.max_completion_length,
             temperature=config.temperature,
             top_p=config.top_p,
-            synced=sharded and accelerator.num_processes > 1,
+            synced=synced_gpus(accelerator),
         )
         self.names = [r.name for r in rewards]
         self.metric_names = (

@@ -9,8 +9,8 @@ Sampling draws from a `torch.Generator` the caller owns (one per rank), never fr
 into checkpoints, so a resumed run samples the same completions as the uninterrupted one, and dropout's stream
 is not shifted by how many tokens were sampled.
 
-Sharded models: under ZeRO-3 and FSDP2 every forward is a collective (parameters are gathered layer by layer), so
-a rank whose completions all ended early must keep stepping until every rank is done: `generate(synced_gpus=True)`.
+Sharded models: `engine.generate` (shared with the eval samples) says when ranks must step together and gathers
+what FSDP2's root would.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationConfig
+
+from vlmtune.engine.generate import generating_module, generation_mode
 
 Batch = dict[str, torch.Tensor]
 
@@ -69,44 +71,6 @@ def sampling_rng(generator: torch.Generator) -> Iterator[None]:
         generator.set_state(torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state())
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """`model.eval()` for the block (no dropout; gradient checkpointing off, so the KV cache is used), then back."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextmanager
-def fsdp_root_unsharded(model: nn.Module) -> Iterator[None]:
-    """FSDP2: the root module's own parameters gathered for the block, then sharded again.
-
-    `generate` runs the model inside the root (the PEFT wrapper's transformers model), past the root's forward
-    hook, so the parameters that hook would gather (embeddings, head, a vision tower's patch embedding) stay
-    sharded; the decoder layers, each sharded on its own, still gather in their own hooks. The root must first
-    know it is the root, which it learns in its first forward: generation can come before any, so that lazy
-    initialisation is run here (an FSDP2 internal, guarded). A collective: every rank generates.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        FSDPModule = ()
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    state = model._get_fsdp_state()
-    if hasattr(state, "_lazy_init"):
-        state._lazy_init()
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
-
-
 class HFGenerator:
     """Samples completions with Hugging Face `generate`.
 
@@ -134,7 +98,7 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.synced = synced
-        inner = _generating_module(model)
+        inner = generating_module(model)
         if eos_ids is None:
             eos_ids = _eos_ids(inner, tokenizer)
         self.eos_ids = eos_ids
@@ -163,9 +127,9 @@ class HFGenerator:
         inputs = {k: v for k, v in prompts.items() if k not in _NOT_GENERATE_INPUTS}
         prompt_len = inputs["input_ids"].shape[1]
         text_only = set(inputs) <= {"input_ids", "attention_mask"}
-        inner = _generating_module(self.model)
+        inner = generating_module(self.model)
         start = time.perf_counter()
-        with eval_mode(self.model), sampling_rng(generator), fsdp_root_unsharded(self.model):
+        with generation_mode(self.model), sampling_rng(generator):
             if text_only:
                 config = GenerationConfig(**{**self.config.to_diff_dict(), "num_return_sequences": n})
                 out = inner.generate(**inputs, generation_config=config, synced_gpus=self.synced)
@@ -189,15 +153,6 @@ class HFGenerator:
         texts = self.tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, mask, strict=True)],
                                             skip_special_tokens=True)  # fmt: skip
         return Rollouts(ids=ids, mask=mask, texts=texts, seconds=seconds)
-
-
-def _generating_module(model: nn.Module) -> nn.Module:
-    """The module with `generate` inside DDP / DeepSpeed wrappers (the PEFT model, adapter on)."""
-    while not hasattr(model, "generate") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    if not hasattr(model, "generate"):
-        raise TypeError(f"{type(model).__name__} cannot generate: GRPO needs a generative (causal LM) model")
-    return model
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
