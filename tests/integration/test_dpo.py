@@ -248,3 +248,33 @@ def test_smollm2_prefers_the_true_capitals_on_held_out_pairs(smollm2_dir, tmp_pa
     # vlmtune's own eval (implicit-reward accuracy on the same pairs) agrees that the preference was learnt.
     evals = [r for r in _records(out) if "eval_loss" in r]
     assert evals[-1]["eval_rewards/accuracy"] >= 0.9, evals
+
+
+def test_dpo_trains_with_qlora_bf16_and_gradient_checkpointing(
+    tiny_recipe, pair_files, tmp_path, monkeypatch
+):
+    """The reference pass (adapter off) and the policy pass run on 4-bit weights, in bf16, with checkpointing."""
+    recipe = _dpo_recipe(
+        tiny_recipe, pair_files, tmp_path / "run", max_steps=8, eval_every=0,
+        mixed_precision="bf16", gradient_checkpointing=True,
+    )  # fmt: skip
+    recipe["quant"] = {"bits": 4, "compute_dtype": "bfloat16"}
+    calls = _count_4bit_forwards(monkeypatch)
+    train = [r for r in _records(run(recipe).output_dir) if "loss" in r]
+    assert calls[0] > 0  # really on 4-bit weights
+    assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-2)  # the reference is the 4-bit base itself
+    assert train[-1]["loss"] < train[0]["loss"] - 0.1, train
+    assert train[-1]["rewards/margin"] > 0
+
+
+def _count_4bit_forwards(monkeypatch) -> list[int]:
+    import bitsandbytes as bnb
+
+    calls, forward = [0], bnb.nn.Linear4bit.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", counted)
+    return calls

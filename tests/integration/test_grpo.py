@@ -191,3 +191,39 @@ def test_generation_under_fsdp2_does_not_hang_when_ranks_finish_apart(tiny_model
     lengths = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert lengths[0] == [1, 1]  # ended at once
     assert max(lengths[1]) > 1  # kept generating while rank 0 waited in step
+
+
+def test_grpo_trains_with_qlora_bf16_and_gradient_checkpointing(grpo_recipe, monkeypatch):
+    """Rollouts (KV cache, checkpointing off in eval mode), the reference and the loss on 4-bit weights in bf16."""
+    recipe = grpo_recipe("qlora", steps_per_generation=1)
+    recipe["quant"] = {"bits": 4, "compute_dtype": "bfloat16"}
+    recipe["train"].update(mixed_precision="bf16", gradient_checkpointing=True, max_steps=3)
+    recipe["checkpoint"]["every"] = 0
+    calls = _count_4bit_forwards(monkeypatch)
+    result = run(recipe)
+    assert calls[0] > 0  # really on 4-bit weights
+    records = _records(result.output_dir)
+    assert sorted(records) == [1, 2, 3]
+    assert all(r["kl"] >= 0 and r["completion_length"] > 0 for r in records.values())
+    assert records[3]["kl"] > 0  # the adapter moved the policy away from the 4-bit reference
+    from safetensors.torch import load_file
+
+    lora_b = [
+        v
+        for k, v in load_file(result.output_dir / "adapter/adapter_model.safetensors").items()
+        if "lora_B" in k
+    ]
+    assert any(v.abs().max() > 0 for v in lora_b)
+
+
+def _count_4bit_forwards(monkeypatch) -> list[int]:
+    import bitsandbytes as bnb
+
+    calls, forward = [0], bnb.nn.Linear4bit.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", counted)
+    return calls
