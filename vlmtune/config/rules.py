@@ -85,6 +85,11 @@ def method_problems(recipe: Recipe) -> list[str]:
             "dpo.label_smoothing: the ipo loss has no label smoothing (it is for sigmoid and simpo); "
             "remove dpo.label_smoothing, or set dpo.loss: sigmoid"
         )
+    if recipe.method != "sft" and recipe.train.loss == "liger":
+        problems.append(
+            f"train.loss: liger is the sft loss's kernel; method {recipe.method} computes its own loss in chunks "
+            "over the sequence (never the full logits); remove train.loss"
+        )
     formats = METHOD_FORMATS.get(recipe.method, CONVERSATION_FORMATS)
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, split)):

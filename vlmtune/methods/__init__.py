@@ -46,8 +46,18 @@ def build_method(ctx: MethodContext) -> Method | None:
 
 
 def _grpo(ctx: MethodContext) -> Method:
+    from vlmtune.errors import UserError
     from vlmtune.methods.grpo import GRPO
     from vlmtune.methods.rewards import load_rewards
+
+    if ctx.family is not None and ctx.family.image_grid == "cross_attention":
+        # Its cross_attention_mask has one entry per token and image tile: sampled completions would need it
+        # extended with the family's rule, which no test covers yet.
+        raise UserError(
+            f"method: grpo does not support {ctx.family.name} models yet (their cross-attention mask is per "
+            "token and would have to grow with each sampled completion); use a decoder-only VLM family such as "
+            "qwen2_5_vl, or method: sft / dpo"
+        )
 
     rewards = load_rewards(
         ctx.recipe.grpo.rewards, base_dir=ctx.recipe._base_dir, family=ctx.family, processor=ctx.processor

@@ -34,6 +34,8 @@ def _problems(data: dict | None = None, **sections) -> list[str]:
         (PROMPTS, {}, "data.train.0.format: prompt rows cannot train method sft"),
         (PAIRS, {"method": "dpo", "dpo": {"loss": "ipo", "label_smoothing": 0.1}},
          "dpo.label_smoothing: the ipo loss has no label smoothing"),
+        (PAIRS, {"method": "dpo", "train": {"output_dir": "out", "loss": "liger"}},
+         "train.loss: liger is the sft loss's kernel; method dpo computes its own loss"),
     ],
 )  # fmt: skip
 def test_each_mismatch_is_named(data, sections, expected):

@@ -258,3 +258,9 @@ def test_build_method_makes_grpo_with_the_recipes_rewards(peft_llm, tiny_recipe,
     assert isinstance(method, GRPO) and method.spec.loss == "dr_grpo"
     assert [(r.name, r.weight) for r in method.rewards] == [("accuracy", 2.0)]
     assert "reward/accuracy" in method.metric_names
+    # A family whose vision inputs have per-token cross-attention masks is refused, not trained wrongly.
+    from vlmtune.errors import UserError
+    from vlmtune.families import FAMILIES
+
+    with pytest.raises(UserError, match="does not support mllama models yet"):
+        build_method(MethodContext(recipe, acc, model, tok, family=FAMILIES["mllama"], output_dir=tmp_path))
