@@ -73,3 +73,26 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 def max_diff(x: dict, y: dict) -> float:
     assert x.keys() == y.keys()
     return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+def crash_in_step(monkeypatch, recipe: dict, step: int) -> None:
+    """Run `recipe` in this process until a simulated crash at the start of optimizer step `step` (1-based).
+
+    The run's checkpoints and logs stay as the crash left them; rerunning the recipe resumes it.
+    """
+    import pytest
+
+    from vlmtune.engine.loop import Trainer
+    from vlmtune.train import run
+
+    original = Trainer.train_step
+
+    def crashing(self, micro_batches):
+        if self.state.step == step - 1:
+            raise RuntimeError("simulated crash")
+        return original(self, micro_batches)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", crashing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(recipe)

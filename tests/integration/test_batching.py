@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmtune.engine.loop import Trainer
+from tests.integration.helpers import crash_in_step
 from vlmtune.errors import RecipeError
 from vlmtune.train import run
 
@@ -52,17 +52,7 @@ def test_packed_run_resumes_exactly_with_workers(tiny_recipe, tmp_path, monkeypa
     assert ref_records[1]["trained_tokens"] > 0 and all(r["loss"] > 0 for r in ref_records.values())
 
     crashing = _run(tiny_recipe, tmp_path, "crash", {**data, "num_workers": 1}, **sections)
-    original = Trainer.train_step
-
-    def crash_at_step_5(self, micro_batches):
-        if self.state.step == 4:
-            raise RuntimeError("simulated crash")
-        return original(self, micro_batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashing)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    crash_in_step(monkeypatch, crashing, 5)
     assert run(crashing).steps == 6
     got = _records(tmp_path / "crash")
     assert sorted(got) == sorted(ref_records)

@@ -18,8 +18,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.integration.helpers import REPO, cpu_config, launch, max_diff
-from vlmtune.engine.loop import Trainer
+from tests.integration.helpers import REPO, cpu_config, crash_in_step, launch, max_diff
 from vlmtune.testing.rl_data import preference_rows, write_jsonl, write_shape_pairs
 from vlmtune.train import run
 
@@ -134,17 +133,7 @@ def test_dpo_learns_the_pairs_and_plain_peft_loads_the_adapter(
 def test_dpo_resumes_exactly_after_a_crash(tiny_recipe, pair_files, tmp_path, monkeypatch):
     ref = run(_dpo_recipe(tiny_recipe, pair_files, tmp_path / "ref", max_steps=8)).output_dir
     crashing = _dpo_recipe(tiny_recipe, pair_files, tmp_path / "crash", max_steps=8)
-    original = Trainer.train_step
-
-    def crash_at_step_6(self, micro_batches):
-        if self.state.step == 5:
-            raise RuntimeError("simulated crash")
-        return original(self, micro_batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_6)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashing)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    crash_in_step(monkeypatch, crashing, 6)
     run(crashing)
 
     want = {r["step"]: r for r in _records(ref) if "loss" in r}

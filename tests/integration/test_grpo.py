@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.helpers import cpu_config, launch
-from vlmtune.engine.loop import Trainer
+from tests.integration.helpers import cpu_config, crash_in_step, launch
 from vlmtune.testing.rl_data import arithmetic_rows, write_box_set, write_jsonl
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 from vlmtune.train import run
@@ -82,17 +81,7 @@ def test_grpo_trains_logs_rollouts_and_resumes_exactly(grpo_recipe, tmp_path, mo
 
     # Crash in step 5 (after the checkpoint of step 3, whose rollouts step 4 reuses), then resume.
     crashing = grpo_recipe("crash")
-    original = Trainer.train_step
-
-    def crash_at_step_5(self, micro_batches):
-        if self.state.step == 4:
-            raise RuntimeError("simulated crash")
-        return original(self, micro_batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashing)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    crash_in_step(monkeypatch, crashing, 5)
     resumed = run(crashing)
     assert resumed.steps == 5
     got = _records(tmp_path / "crash")

@@ -9,6 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.integration.helpers import crash_in_step
 from vlmtune.engine.loop import Trainer
 from vlmtune.train import run
 
@@ -89,20 +90,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, tmp_path
 
     crashing = tiny_recipe(**sections)
     crashing["train"]["output_dir"] = str(tmp_path / "crash")
-    original = Trainer.train_step
-
-    def crash_at_step_7(self, micro_batches):
-        if self.state.step == 6:
-            raise RuntimeError("simulated crash")
-        return original(self, micro_batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_7)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashing)
+    crash_in_step(monkeypatch, crashing, 7)
     assert max(_losses(tmp_path / "crash")) == 6  # steps 5 and 6 were logged after the last checkpoint (4)
     # a half-written checkpoint from a crash during a later save must be ignored
     (tmp_path / "crash/checkpoints/step-8.partial/adapter").mkdir(parents=True)
-    monkeypatch.setattr(Trainer, "train_step", original)
 
     resumed = run(crashing)
     assert resumed.steps == 10
