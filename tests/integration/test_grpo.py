@@ -92,7 +92,7 @@ def test_grpo_trains_logs_rollouts_and_resumes_exactly(grpo_recipe, tmp_path, mo
             assert got[step][key] == pytest.approx(records[step][key], abs=1e-6), (step, key)
 
 
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp2", "ddp"])
+@pytest.mark.parametrize("strategy", ["zero3", "zero2", "fsdp2", "ddp"])
 def test_vision_language_grpo_under_two_processes_does_not_hang(strategy, tiny_vlm_root, tmp_path):
     model = build_tiny_vlm("qwen2_vl", tiny_vlm_root / "qwen2_vl")
     data = write_box_set(tmp_path / "boxes", n=8, seed=0)
