@@ -66,6 +66,8 @@ def test_grpo_trains_logs_rollouts_and_resumes_exactly(grpo_recipe, tmp_path, mo
     assert all("generation_tokens_per_sec" in records[s] for s in (1, 3, 5))
     assert "generation_tokens_per_sec" not in records[2]
     assert records[2]["reward"] == records[1]["reward"]  # the same rollouts, reused
+    # 16 prompts, 2 per step, each pair of prompts optimised for 2 steps: 16 steps per epoch, none skipped.
+    assert records[4]["epoch"] == 4 / 16
     assert all(0 < records[s]["completion_length"] <= 8 for s in records)
     # The held-out prompts are sampled and scored at the end (3 prompts: the second batch is one prompt).
     assert {"eval_loss", "eval_reward", "eval_reward/brevity", "eval_completion_length"} <= set(records[5])

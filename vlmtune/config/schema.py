@@ -475,7 +475,7 @@ class GrpoConfig(_Section):
     steps_per_generation: PositiveInt = Field(
         1,
         description="Optimizer steps that share one generation of rollouts (later steps use importance ratios "
-        "against the generating policy).",
+        "against the generating policy); they draw the same prompts, so an epoch has this many times the steps.",
     )
     rewards: list[RewardSpec] = Field(
         min_length=1, description="Reward functions, summed with their weights."

@@ -45,6 +45,8 @@ def build_sampler(
     common = {
         "grad_accum": t.grad_accum, "world_size": world_size, "seed": t.seed, "costs": costs,
         "balanced": d.balance_ranks,
+        # GRPO optimises each batch of rollouts for several steps: those steps draw the same prompts.
+        "repeat": recipe.grpo.steps_per_generation if recipe.method == "grpo" and recipe.grpo else 1,
     }  # fmt: skip
     if d.batching == "packed":
         capacity = d.pack_length or d.max_length

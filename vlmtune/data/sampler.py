@@ -40,6 +40,9 @@ class StepSampler:
         costs: Each row's work (tokens, image tokens counted again for the vision tower); with several processes,
             `rank_loads` reports each rank's share of a step from it.
         balanced: With `costs` and several processes, deal each step's items to ranks by cost instead of in order.
+        repeat: Consecutive optimizer steps that train on the same items (GRPO optimises one batch of rollouts
+            for `grpo.steps_per_generation` steps): an epoch has `repeat` times as many steps, and every item
+            is still drawn once per epoch.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class StepSampler:
         group_by_length: bool = False,
         costs: Sequence[int] | None = None,
         balanced: bool = False,
+        repeat: int = 1,
     ) -> None:
         self.units = units
         self.flatten_units = flatten_units
@@ -74,7 +78,9 @@ class StepSampler:
         # Length grouping already decides the micro-batches; balancing would break them up.
         self.balanced = balanced and self.costs is not None and not group_by_length
         self.global_batch = micro_batch * grad_accum * world_size
-        self.steps_per_epoch = math.ceil(n_items / self.global_batch)
+        self.repeat = repeat
+        self._batches_per_epoch = math.ceil(n_items / self.global_batch)
+        self.steps_per_epoch = self._batches_per_epoch * repeat
         self._cached: tuple[int, list[int]] | None = None
 
     def epoch_of(self, step: int) -> int:
@@ -84,7 +90,7 @@ class StepSampler:
         if self._cached is None or self._cached[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.n_rows, generator=g).tolist()
-            need = self.steps_per_epoch * self.global_batch
+            need = self._batches_per_epoch * self.global_batch
             order = (order * math.ceil(need / self.n_rows))[:need]
             if self.lengths is not None:
                 order = self._grouped(order, g)
@@ -125,7 +131,7 @@ class StepSampler:
     def _assigned(self, step: int) -> list[list[list[int]]]:
         """Items of step `step` per rank, per micro-batch: dealt in order, or balanced by cost."""
         order = self._order(self.epoch_of(step))
-        start = (step % self.steps_per_epoch) * self.global_batch
+        start = (step % self.steps_per_epoch) // self.repeat * self.global_batch
         items = order[start : start + self.global_batch]
         mb, ws = self.micro_batch, self.world_size
         if not self.balanced:

@@ -28,6 +28,18 @@ def test_every_row_once_per_epoch_padded_by_wraparound():
     assert all(len(mb) == 2 for step in range(3) for mb in s.micro_batches(step, 0))
 
 
+def test_repeated_steps_draw_the_same_rows_and_an_epoch_still_sees_every_row():
+    """GRPO's steps_per_generation: k steps share one batch of prompts; none is skipped."""
+    once = StepSampler(10, micro_batch=2, grad_accum=1, world_size=2, seed=0)
+    s = StepSampler(10, micro_batch=2, grad_accum=1, world_size=2, seed=0, repeat=3)
+    assert s.steps_per_epoch == 3 * once.steps_per_epoch == 9
+    for step in range(2 * s.steps_per_epoch):
+        assert _rows(s, step, 2) == _rows(once, step // 3, 2)
+    seen = Counter(row for step in range(0, s.steps_per_epoch, 3) for row in _rows(s, step, 2))
+    assert set(seen) == set(range(10))
+    assert s.epoch_of(9) == 1 and _rows(s, 9, 2) == _rows(once, 3, 2)
+
+
 def test_epochs_reshuffle_and_the_order_is_a_pure_function_of_seed_and_step():
     s = StepSampler(64, micro_batch=4, grad_accum=2, world_size=1, seed=1)
     epoch0 = [_rows(s, k, 1) for k in range(s.steps_per_epoch)]
