@@ -122,7 +122,8 @@ class GRPO:
                 records += rows
             if training and self.config.steps_per_generation > 1:
                 self.buffer, self.buffer_records = out, records
-                self.buffer_until = step + self.config.steps_per_generation
+                k = self.config.steps_per_generation  # the sampler's windows of k steps share these prompts
+                self.buffer_until = (step // k + 1) * k
         every = self.config.log_rollouts
         if training and every and (step + 1) % every == 0:
             self._log_rollouts(step + 1, records)
