@@ -61,7 +61,7 @@ CATALOGUE = {
     "nested typo": (lambda r: r["train"].update(lrr=1), "train.lrr: unknown key; did you mean `lr`?"),
     "wrong type": (
         lambda r: r["train"].update(micro_batch_size="four"),
-        "train.micro_batch_size: Input should be a valid integer",
+        "train.micro_batch_size: expected a positive integer or auto (got 'four')",
     ),
     "bad enum": (
         lambda r: r["train"].update(scheduler="cosin"),

@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 
 class _Section(BaseModel):
@@ -384,7 +385,7 @@ class TrainConfig(_Section):
         try:
             return handler(value)
         except ValidationError:
-            raise ValueError(f"expected a positive integer or auto (got {value!r})") from None
+            raise PydanticCustomError("count_or_auto", "expected a positive integer or auto") from None
 
 
 class CheckpointConfig(_Section):
