@@ -129,6 +129,16 @@ def test_dpo_learns_the_pairs_and_plain_peft_loads_the_adapter(
     assert margin.mean().item() == pytest.approx(evals[-1]["eval_rewards/margin"], abs=1e-4)
     assert (margin > 0).float().mean().item() == pytest.approx(evals[-1]["eval_rewards/accuracy"])
 
+    # `vlmtune merge` folds the DPO adapter into the base as for SFT: the same logits as base + adapter.
+    from vlmtune.checkpoint.merge import merge
+    from vlmtune.checkpoint.source import resolve_source
+
+    merged_dir = merge(resolve_source(out), tmp_path / "merged", dtype="float32").out
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    ids = tokenizer(rows[0]["prompt"] + rows[0]["chosen"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert max_diff({"l": merged(ids).logits}, {"l": tuned(ids).logits}) < 1e-4
+
 
 def test_dpo_resumes_exactly_after_a_crash(tiny_recipe, pair_files, tmp_path, monkeypatch):
     ref = run(_dpo_recipe(tiny_recipe, pair_files, tmp_path / "ref", max_steps=8)).output_dir

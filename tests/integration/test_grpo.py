@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.integration.helpers import cpu_config, crash_in_step, launch
+from vlmtune.engine.loop import Trainer
 from vlmtune.testing.rl_data import arithmetic_rows, write_box_set, write_jsonl
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
 from vlmtune.train import run
@@ -218,3 +219,30 @@ def _count_4bit_forwards(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", counted)
     return calls
+
+
+def test_grpo_stopped_by_a_stop_file_checkpoints_and_resumes_exactly(grpo_recipe, monkeypatch):
+    """Preemption mid-reuse (after step 3; steps 3 and 4 share rollouts): the rerun optimises the same ones."""
+    from vlmtune.errors import Preempted
+
+    want = _records(run(grpo_recipe("ref")).output_dir)
+    recipe = grpo_recipe("stopped")
+    recipe["checkpoint"]["every"] = 0
+    out = Path(recipe["train"]["output_dir"])
+    original = Trainer.train_step
+
+    def stop_during_step_3(self, micro_batches):
+        if self.state.step == 2:
+            (out / "STOP").touch()
+        return original(self, micro_batches)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_during_step_3)
+    with pytest.raises(Preempted, match="stopped at step 3"):
+        run(recipe)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run(recipe).steps == 5
+    got = _records(out)
+    for step in want:
+        for key in ("loss", "reward", "kl", "completion_length"):
+            assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
