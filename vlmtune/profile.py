@@ -51,7 +51,10 @@ class Profile:
 def _unique_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
-        st = t.untyped_storage()
+        # This rank's part: a ZeRO-3 parameter is an empty placeholder for its partition (`ds_tensor`), a
+        # sharded FSDP2 parameter a DTensor over its local shard.
+        t = getattr(t, "ds_tensor", t)
+        st = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())
             total += st.nbytes()

@@ -140,17 +140,19 @@ def test_profile_of_smollm2_agrees_with_the_plan(smollm2_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_under_ddp_profiles_each_rank(tiny_model_dir, tmp_path):
-    """Two gloo DDP processes on the CPU, launched as `vlmtune launch` would but running `vlmtune.profile`:
-    each rank writes its own profile, and each agrees with the plan for 2 processes."""
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp2"])
+def test_profile_on_two_processes_profiles_each_rank(strategy, tiny_model_dir, tmp_path):
+    """Two gloo processes on the CPU, launched as `vlmtune launch` would but running `vlmtune.profile`:
+    each rank writes its own profile, and each agrees with the plan for 2 processes of that sharding."""
     import subprocess
 
-    from tests.integration.helpers import free_port, tiny_recipe_for_processes
+    from tests.integration.helpers import cpu_config, free_port, tiny_recipe_for_processes
     from vlmtune.launch import plan_launch
 
     recipe = tiny_recipe_for_processes(
         tiny_model_dir, tmp_path / "run", grad_accum=2, max_steps=2, checkpoint={"every": 0, "keep_last": 1}
     )
+    recipe["launch"]["accelerate_config"] = str(cpu_config(strategy, tmp_path))
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     plan = plan_launch(str(path), [], procs_per_node=2, main_port=free_port())
@@ -165,6 +167,11 @@ def test_profile_under_ddp_profiles_each_rank(tiny_model_dir, tmp_path):
         report = json.loads((tmp_path / "run" / folder / "profile.json").read_text())
         assert report["world"] == 2 and report["rank"] == (1 if "rank-1" in folder else 0)
         measured, estimate = report["measured"], report["estimate"]
+        if strategy != "ddp":
+            # DeepSpeed / FSDP2 gather layers and hold gradient shards in buffers of their own, which the CPU
+            # meter does not see (measured 0, and the verdict says so); the rest of the step agrees.
+            unseen = estimate.pop("gathered layers") + estimate.pop("gradients")
+            estimate["total"] -= unseen
         assert abs(estimate["total"] - measured["total"]) <= TOLERANCE * measured["total"], (
             estimate,
             measured,

@@ -45,20 +45,26 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        outputs = [
-            t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type == self.device.type
-        ]
+        outputs = [s for s in map(self._storage, tree_leaves(out)) if s is not None]
         if outputs:
             # An output on an input's storage (a view, an in-place result) allocated nothing: of a tensor made
             # before tracking began (a weight, a batch) it must not be counted when first seen through a view.
-            inputs = {
-                t.untyped_storage().data_ptr()
-                for t in tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor) and t.device.type == self.device.type
-            }
-            for t in outputs:
-                self._track(t.untyped_storage(), inputs)
+            inputs = {s.data_ptr() for s in map(self._storage, tree_leaves((args, kwargs))) if s is not None}
+            for storage in outputs:
+                self._track(storage, inputs)
         return out
+
+    def _storage(self, t) -> torch.UntypedStorage | None:
+        """`t`'s storage on the tracked device; None for other values and for tensors with no real storage of
+        their own (a DTensor of FSDP2 is a wrapper: its local shard's ops are seen when they run)."""
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device.type:
+            return None
+        try:
+            storage = t.untyped_storage()
+            storage.data_ptr()
+        except RuntimeError:
+            return None
+        return storage
 
     def _track(self, storage: torch.UntypedStorage, inputs: set[int]) -> None:
         if storage in self._seen:  # counted once, however many tensors view it
@@ -163,8 +169,11 @@ class StepMeter:
         if self.head is not None:
             self._handles.append(self.head.register_forward_pre_hook(self._head_pre))
             self._handles.append(self.head.register_forward_hook(self._post(HEAD, keep_open=True)))
-        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.switch(OPTIMIZER, "forward")))
-        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.switch(OTHER, "forward")))
+        if hasattr(optimizer, "register_step_pre_hook"):
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.switch(OPTIMIZER, "forward")))
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.switch(OTHER, "forward")))
+        else:  # DeepSpeed's ZeRO optimizers are not torch optimizers: their step is wrapped instead
+            self._handles.append(_StepWrapper(optimizer, self))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -209,3 +218,22 @@ class StepMeter:
     def _head_pre(self, module, args) -> None:
         if not self._in_backward:
             self.switch(HEAD, "forward")
+
+
+class _StepWrapper:
+    """Times `optimizer.step` as the optimizer unit until `remove()` (a hook handle's interface)."""
+
+    def __init__(self, optimizer, tracker: StepMeter) -> None:
+        self.optimizer, step = optimizer, optimizer.step
+
+        def timed(*args, **kwargs):
+            tracker.switch(OPTIMIZER, "forward")
+            try:
+                return step(*args, **kwargs)
+            finally:
+                tracker.switch(OTHER, "forward")
+
+        optimizer.step = timed  # an instance attribute over the class's method
+
+    def remove(self) -> None:
+        del self.optimizer.step

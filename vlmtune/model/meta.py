@@ -8,6 +8,8 @@ not applied here; `vlmtune.plan.memory` accounts for it from the module list.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def build_meta_model(recipe: Recipe) -> MetaModel:
     config = load_config(recipe)
     family = get_family(recipe.model.family) if recipe.model.family else find_family(config)
     cls = AutoModelForCausalLM if family is None else family.load_class()
-    with torch.device("meta"):
+    with torch.device("meta"), _no_zero3_construction():
         try:
             model = cls.from_config(
                 config,
@@ -88,3 +90,24 @@ def build_meta_model(recipe: Recipe) -> MetaModel:
             vision=recipe.vision,
         )
     return MetaModel(model=model, config=config, family=family, unquantized=unquantized)
+
+
+@contextmanager
+def _no_zero3_construction() -> Iterator[None]:
+    """In a ZeRO-3 process (`vlmtune profile` plans there) transformers builds models partitioned, which a meta
+    model cannot be: its DeepSpeed config is set aside while the meta model is built."""
+    try:
+        import transformers.integrations.deepspeed as hf_ds
+    except ImportError:  # no deepspeed integration: nothing to set aside
+        yield
+        return
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(config)
