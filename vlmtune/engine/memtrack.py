@@ -170,7 +170,9 @@ class StepMeter:
             self._handles.append(self.head.register_forward_pre_hook(self._head_pre))
             self._handles.append(self.head.register_forward_hook(self._post(HEAD, keep_open=True)))
         if hasattr(optimizer, "register_step_pre_hook"):
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self.switch(OPTIMIZER, "forward")))
+            self._handles.append(
+                optimizer.register_step_pre_hook(lambda *_: self.switch(OPTIMIZER, "forward"))
+            )
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.switch(OTHER, "forward")))
         else:  # DeepSpeed's ZeRO optimizers are not torch optimizers: their step is wrapped instead
             self._handles.append(_StepWrapper(optimizer, self))
