@@ -137,7 +137,7 @@ def run(recipe, overrides: list[str] | dict | None = None, *, on_trainer=None) -
         configure_ddp(accelerator, model)
         model, optimizer = accelerator.prepare(model, optimizer)
         check_sharding(accelerator, model, launch)
-        keep_vision_in_step(accelerator, model, family, train_data, padded)
+        vision_inputs = keep_vision_in_step(accelerator, model, family, train_data, padded)
         set_collective_timeout(accelerator, STEP_TIMEOUT)
 
         if recipe.data.batching != "padded":
@@ -154,9 +154,8 @@ def run(recipe, overrides: list[str] | dict | None = None, *, on_trainer=None) -
             t.micro_batch_size, t.grad_accum, accelerator.num_processes,
         )  # fmt: skip
 
-        method = build_method(
-            MethodContext(recipe, accelerator, model, processor, family=family, output_dir=out)
-        )
+        context = MethodContext(recipe, accelerator, model, processor, family, out, vision_inputs)
+        method = build_method(context)
         checkpoints = CheckpointManager(
             out,
             accelerator,

@@ -154,3 +154,35 @@ def test_two_processes_train_like_one(name, two_process_recipe, one_process, tmp
     proc = launch(two_process_recipe, *args, procs=2)
     assert "at step 2" in proc.stderr
     assert max_diff(adapter(two), final) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def four_bit_recipe(two_process_recipe, tmp_path_factory) -> Path:
+    """The two-process recipe with a 4-bit teacher whose packed weights are stored in fp32 (so they can shard)."""
+    # 4-bit on CPU packs 64-wide blocks
+    teacher = build_tiny_llm(tmp_path_factory.mktemp("t4") / "t", seed=2, hidden_size=128)
+    recipe = yaml.safe_load(two_process_recipe.read_text())
+    quant = {"bits": 4, "compute_dtype": "float32", "storage_dtype": "float32"}
+    recipe["distill"].update(teacher=str(teacher), quant=quant)
+    recipe["train"]["max_steps"] = 2
+    recipe["checkpoint"]["every"] = 0
+    path = two_process_recipe.parent / "four_bit.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = path.parent / "four_bit_one"
+    recipe["train"].update(output_dir=str(out), micro_batch_size=4)
+    run(recipe)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_a_4bit_teacher_shards_like_the_student(name, four_bit_recipe, tmp_path):
+    two = tmp_path / "two"
+    args = (f"train.output_dir={two}", f"launch.accelerate_config={cpu_config(name, tmp_path)}")
+    proc = launch(four_bit_recipe, *args, procs=2)
+    assert "4-bit, torch.float32, sharded like the student)" in proc.stderr
+    one = four_bit_recipe.parent / "four_bit_one"
+    for key in ("loss", "kd_loss", "ce_loss"):
+        got, want = [r[key] for r in _records(two)], [r[key] for r in _records(one)]
+        assert got == pytest.approx(want, abs=1e-5), key
+    assert max_diff(adapter(two), adapter(one)) < 2e-5

@@ -122,6 +122,34 @@ def test_qlora_with_sharded_weights_matches_one_process(name, recipe_file, qlora
     assert max_diff(adapter(sharded), adapter(single)) < 2e-5
 
 
+PLUS = ("lora.plus_lr_ratio=16", "train.max_steps=3", "checkpoint.every=0")
+
+
+@pytest.fixture(scope="module")
+def plus_reference(recipe_file) -> Path:
+    out = recipe_file.parent / "plus-single"
+    launch(recipe_file, f"train.output_dir={out}", "train.micro_batch_size=4", *PLUS, procs=1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero2", "zero3", "fsdp2"])
+def test_lora_plus_keeps_its_learning_rates_when_sharded(name, recipe_file, plus_reference, tmp_path):
+    """DeepSpeed wraps the optimizer and FSDP2 swaps its parameters for shards: the B matrices' own group (and
+    its learning rate) must survive both, so the run equals one process's LoRA+ run."""
+    out = tmp_path / "run"
+    config = cpu_config(name, tmp_path)
+    proc = launch(
+        recipe_file, f"train.output_dir={out}", f"launch.accelerate_config={config}", *PLUS, procs=2
+    )
+    assert STRATEGIES[name] in proc.stderr
+    assert losses(out) == pytest.approx(losses(plus_reference), abs=1e-5)
+    trained = adapter(out)
+    # B starts at zero and Adam moves a weight at most about lr per step: past 3 × 1e-3 only at B's own rate.
+    assert max(t.abs().max().item() for k, t in trained.items() if "lora_B" in k) > 1e-2
+    assert max_diff(trained, adapter(plus_reference)) < 16 * 2e-5  # float noise, magnified 16× by B's lr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp2"])
 def test_chunked_loss_on_two_processes_matches_the_standard_loss_on_one(

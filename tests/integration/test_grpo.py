@@ -95,10 +95,17 @@ def test_grpo_trains_logs_rollouts_and_resumes_exactly(grpo_recipe, tmp_path, mo
             assert got[step][key] == pytest.approx(records[step][key], abs=1e-6), (step, key)
 
 
-@pytest.mark.parametrize("strategy", ["zero3", "zero2", "fsdp2", "ddp"])
+@pytest.mark.parametrize("strategy", ["zero3", "zero2", "fsdp2", "ddp", "zero3-mixed", "fsdp2-mixed"])
 def test_vision_language_grpo_under_two_processes_does_not_hang(strategy, tiny_vlm_root, tmp_path):
     model = build_tiny_vlm("qwen2_vl", tiny_vlm_root / "qwen2_vl")
     data = write_box_set(tmp_path / "boxes", n=8, seed=0)
+    strategy, mixed = strategy.removesuffix("-mixed"), strategy.endswith("-mixed")
+    if mixed:  # every other prompt has no image: a text-only rank must still run the vision tower in step
+        rows = [json.loads(x) for x in data.read_text().splitlines()]
+        for row in rows[::2]:
+            del row["images"]
+            row["prompt"] = [{"role": "user", "content": "Name a shape."}]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "rewards.py").write_text(REWARDS_PY)
     recipe = {
         "model": {"path": str(model), "dtype": "float32"},
@@ -133,6 +140,10 @@ def test_vision_language_grpo_under_two_processes_does_not_hang(strategy, tiny_v
     rows = [json.loads(x) for x in (tmp_path / "run/rollouts/step-2.jsonl").read_text().splitlines()]
     assert len(rows) == 4  # 2 ranks x 1 prompt x 2 completions, gathered on rank 0
     assert all(isinstance(r["prompt"], list) and "iou" in r["rewards"] for r in rows)
+    with_image = {isinstance(r["prompt"][0]["content"], list) for r in rows}
+    assert with_image == (
+        {True, False} if mixed else {True}
+    )  # mixed: one rank's prompt had an image, one not
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
 
 

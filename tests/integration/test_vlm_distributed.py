@@ -82,3 +82,28 @@ def test_mixed_image_and_text_batches_across_two_processes(name, vlm_recipe, vlm
     # row's process carries more tokens; the metric says how much.
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["rank_imbalance"] > 1.0 for r in records), records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_a_sharded_vlm_teacher_stays_in_step_on_mixed_batches(name, vlm_recipe, tiny_vlm_root, tmp_path):
+    """method: distill with a vision-language teacher sharded like the student: on the process whose batch has no
+    image the teacher runs its vision tower too (as the student does), so the two processes neither hang nor
+    mismatch collectives, and they distil like one process."""
+    recipe = yaml.safe_load(vlm_recipe.read_text())
+    teacher = build_tiny_vlm("qwen2_vl", tmp_path / "teacher", seed=1)
+    recipe.update(method="distill", distill={"teacher": str(teacher), "dtype": "float32", "alpha": 0.5})
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(path, f"train.output_dir={one}", "train.grad_accum=2", procs=1)
+    config = cpu_config(name, tmp_path)
+    proc = launch(path, f"train.output_dir={two}", f"launch.accelerate_config={config}", procs=2)
+    assert "sharded like the student" in proc.stderr
+    assert "text-only batches run the vision tower" in proc.stderr
+    assert "the teacher runs its vision tower on text-only batches too" in proc.stderr
+    for key in ("loss", "kd_loss", "ce_loss"):
+        got = [json.loads(line)[key] for line in (two / "metrics.jsonl").read_text().splitlines()]
+        want = [json.loads(line)[key] for line in (one / "metrics.jsonl").read_text().splitlines()]
+        assert got == pytest.approx(want, abs=1e-5), key
+    assert max_diff(adapter(two), adapter(one)) < 2e-5

@@ -19,6 +19,7 @@ import torch
 
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.engine.generate import generating_module, generation_mode, synced_gpus
+from vlmtune.engine.vision_sync import generating
 
 # Batch entries that are not model inputs (as in the loop's forward).
 _NOT_INPUTS = ("labels", "length", "n_tokens", "bad_rows")
@@ -108,14 +109,15 @@ class SampleWriter:
                     for k, v in p.batch.items()
                     if k not in _NOT_INPUTS
                 }
-                out = inner.generate(
-                    **inputs,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,  # training turned it off in the model's config (see model/load.py)
-                    synced_gpus=synced,
-                    pad_token_id=pad,
-                )
+                with generating(inner, images=any(k.startswith("pixel_values") for k in inputs)):
+                    out = inner.generate(
+                        **inputs,
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=False,
+                        use_cache=True,  # training turned it off in the model's config (see model/load.py)
+                        synced_gpus=synced,
+                        pad_token_id=pad,
+                    )
                 completion = self._text(out[0, inputs["input_ids"].shape[1] :].tolist())
                 records.append(
                     {"step": step, "prompt": p.prompt, "completion": completion, "reference": p.reference}

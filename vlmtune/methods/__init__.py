@@ -24,6 +24,9 @@ class MethodContext:
     processor: Any  # a text model's tokenizer, or a VLM's processor
     family: Any  # vlmtune.families.Family, None for a text model
     output_dir: Path
+    # The image a text-only batch runs through the vision tower so sharded processes stay in step
+    # (`engine.vision_sync`); None where the run needs none.
+    vision_inputs: dict[str, Any] | None = None
 
 
 def build_method(ctx: MethodContext) -> Method | None:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from vlmtune.engine.generate import generating_module, generation_mode
+from vlmtune.engine.vision_sync import generating, installed
 
 Batch = dict[str, torch.Tensor]
 
@@ -122,25 +123,27 @@ class HFGenerator:
 
         Text batches are expanded in one call (`num_return_sequences`); a batch with vision inputs is sampled `n`
         times as it is, since expanding a family's vision inputs row by row is family knowledge `generate` does
-        not have for every family.
+        not have for every family. So are text batches where processes mix image and text prompts, so that every
+        process makes the same calls (`engine.vision_sync.generating`).
         """
         inputs = {k: v for k, v in prompts.items() if k not in _NOT_GENERATE_INPUTS}
         prompt_len = inputs["input_ids"].shape[1]
-        text_only = set(inputs) <= {"input_ids", "attention_mask"}
+        images = any(k.startswith("pixel_values") for k in inputs)
         inner = generating_module(self.model)
         start = time.perf_counter()
         with generation_mode(self.model), sampling_rng(generator):
-            if text_only:
+            # Processes whose prompts mix images and text (a vision keep-alive is installed) must make the
+            # same generate calls: all of them sample one completion per call.
+            if not images and installed(inner) is None:
                 config = GenerationConfig(**{**self.config.to_diff_dict(), "num_return_sequences": n})
                 out = inner.generate(**inputs, generation_config=config, synced_gpus=self.synced)
                 ids = out[:, prompt_len:]
             else:
-                parts = [
-                    inner.generate(**inputs, generation_config=self.config, synced_gpus=self.synced)[
-                        :, prompt_len:
-                    ]
-                    for _ in range(n)
-                ]
+                parts = []
+                for _ in range(n):
+                    with generating(inner, images=images):
+                        out = inner.generate(**inputs, generation_config=self.config, synced_gpus=self.synced)
+                    parts.append(out[:, prompt_len:])
                 width = max(p.shape[1] for p in parts)
                 parts = [nn.functional.pad(p, (0, width - p.shape[1]), value=self.pad_id) for p in parts]
                 ids = torch.stack(parts, dim=1).flatten(0, 1)  # (B, n, C) → prompt-major rows

@@ -111,6 +111,15 @@ def load_teacher(ctx) -> nn.Module:
     )
     teacher = prepare_teacher(ctx.accelerator, teacher)
     sharded = any(is_sharded(p) for p in teacher.parameters())
+    if sharded and ctx.vision_inputs is not None:
+        # Its layers are gathered as they run, like the student's: on a text-only batch it must run its vision
+        # tower too, or the processes' collectives stop pairing up.
+        from vlmtune.engine.vision_sync import VisionKeepAlive
+
+        dtype = DTYPES[cfg.dtype]
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ctx.vision_inputs.items()}
+        VisionKeepAlive(unwrap(teacher), inputs)
+        log.info("distill: the teacher runs its vision tower on text-only batches too")
     hf = unwrap(teacher)  # as loaded, not as asked: the log shows what bitsandbytes did
     bits = (
         4 if getattr(hf, "is_loaded_in_4bit", False) else 8 if getattr(hf, "is_loaded_in_8bit", False) else 0

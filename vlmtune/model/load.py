@@ -21,7 +21,7 @@ from vlmtune.config.schema import ModelConfig, QuantConfig, VisionConfig
 from vlmtune.errors import UserError, first_line
 from vlmtune.families import Family, find_family, get_family, set_image_size
 from vlmtune.logging import get_logger
-from vlmtune.model.quant import bnb_config
+from vlmtune.model.quant import bnb_config, keep_compute_dtype_on_cpu
 
 log = get_logger(__name__)
 
@@ -146,6 +146,8 @@ def load_model(
             kwargs["device_map"] = {"": device}
     cls = AutoModelForCausalLM if family is None else family.load_class()
     model = from_pretrained_complete(cls, where, origin="model.path", **kwargs)
+    if quant is not None:
+        keep_compute_dtype_on_cpu(model)
     # The KV cache is useless in training and breaks gradient checkpointing; a vision-language model's language
     # model reads its own config's flag, and with a cache its mask ignores packed-sequence boundaries.
     for config in (model.config, getattr(model.config, "text_config", None)):

@@ -46,3 +46,16 @@ def unquantized_modules(model, q: QuantConfig | None = None, family: Family | No
     keep = getattr(model, "_keep_in_fp32_modules", None)
     skip = float_modules(q, family) if q is not None else None
     return HfQuantizer.get_modules_to_not_convert(model, skip, list(keep) if keep else None)
+
+
+def keep_compute_dtype_on_cpu(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference path for 4-bit layers.
+
+    On a CPU with AVX512-BF16, a 4-bit layer called in eval mode without autograd (a distillation teacher, any
+    evaluation) repacks its weights in place for a bf16 kernel: its outputs then move off the compute dtype
+    the recipe asks for (about 1e-3 in a loss), and differently once ZeRO-3 / FSDP2 shard the layer, which
+    skips the repacking. Every pass then runs the same dequantise-and-matmul path as training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

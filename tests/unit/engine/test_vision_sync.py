@@ -12,7 +12,7 @@ from PIL import Image
 from vlmtune.data import Collator, Encoder
 from vlmtune.data.formats import normalise
 from vlmtune.engine.loop import forward
-from vlmtune.engine.vision_sync import VisionKeepAlive
+from vlmtune.engine.vision_sync import VisionKeepAlive, generating
 from vlmtune.families import FAMILIES, get_family
 from vlmtune.model.parts import part_of
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
@@ -75,6 +75,34 @@ def test_text_only_forward_runs_the_vision_path(name, tiny_vlm_root, tmp_path):
     with torch.no_grad():
         forward(model, image_batch)
     assert len(tower_calls) == 2
+
+
+@pytest.mark.parametrize("name", SYNCED)
+def test_generating_runs_the_same_modules_in_the_same_order_with_or_without_images(
+    name, tiny_vlm_root, tmp_path
+):
+    """Under ZeRO-3 / FSDP2 every module's run is a collective: a process generating for a text-only prompt must
+    run the vision tower where one generating for an image prompt does (before or in the prefill), and no
+    process runs it in the decoding steps."""
+    family, model, collate, encoded = tiny_vlm_batch(name, tiny_vlm_root, tmp_path)
+    model.eval()
+    image_batch, text_batch = collate([encoded["image"]]), collate([encoded["text"]])
+    keep = VisionKeepAlive(model, {k: v for k, v in image_batch.items() if k in collate.vision})
+    events = []
+    dict(model.named_modules())[family.vision[0]].register_forward_hook(lambda *_: events.append("vision"))
+    model.get_input_embeddings().register_forward_hook(lambda *_: events.append("embed"))
+
+    def order(batch: dict, images: bool) -> list[str]:
+        events.clear()
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "length", "n_tokens", "bad_rows")}
+        with torch.no_grad(), generating(model, images=images):
+            model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        return list(events)
+
+    with_image = order(image_batch, True)
+    assert with_image.count("vision") >= 1 and with_image[-2:] == ["embed", "embed"]  # decoding: no vision
+    assert order(text_batch, False) == with_image
+    keep.remove()
 
 
 def test_installed_when_images_come_only_after_many_text_rows(tiny_vlm_root, tmp_path):
