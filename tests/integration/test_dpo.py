@@ -277,3 +277,30 @@ def _count_4bit_forwards(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", counted)
     return calls
+
+
+SHARDED_QLORA = {"bits": 4, "compute_dtype": "bfloat16", "storage_dtype": "bfloat16"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_dpo_with_sharded_qlora_bf16_and_checkpointing_on_two_processes(
+    name, tiny_recipe, pair_files, tmp_path
+):
+    """4-bit weights sharded by ZeRO-3 / FSDP2, bf16, gradient checkpointing: the reference pass (adapter off)
+    is the base itself (the first loss is ln 2) and the pairs are learnt."""
+    recipe = _dpo_recipe(
+        tiny_recipe, pair_files, tmp_path / "run", max_steps=6, eval_every=0, micro_batch_size=2,
+        mixed_precision="bf16", gradient_checkpointing=True,
+    )  # fmt: skip
+    recipe["model"]["dtype"] = "bfloat16"
+    recipe["quant"], recipe["checkpoint"]["every"] = SHARDED_QLORA, 0
+    recipe["launch"]["accelerate_config"] = str(cpu_config(name, tmp_path))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = launch(path, procs=2)
+    assert STRATEGIES[name] in proc.stderr
+    train = [r for r in _records(tmp_path / "run") if "loss" in r]
+    assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-2)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.05 and train[-1]["rewards/margin"] > 0, train
+    assert any(v.abs().max() > 0 for k, v in _adapter(tmp_path / "run").items() if "lora_B" in k)

@@ -257,3 +257,25 @@ def test_grpo_stopped_by_a_stop_file_checkpoints_and_resumes_exactly(grpo_recipe
     for step in want:
         for key in ("loss", "reward", "kl", "completion_length"):
             assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_grpo_with_sharded_qlora_bf16_and_checkpointing_on_two_processes(strategy, grpo_recipe, tmp_path):
+    """Rollouts with `synced_gpus`, the reference and the loss on 4-bit weights sharded by ZeRO-3 / FSDP2."""
+    recipe = grpo_recipe("sharded", steps_per_generation=1)
+    recipe["model"]["dtype"] = "bfloat16"
+    recipe["quant"] = {"bits": 4, "compute_dtype": "bfloat16", "storage_dtype": "bfloat16"}
+    recipe["train"].update(
+        mixed_precision="bf16", gradient_checkpointing=True, max_steps=3, micro_batch_size=1
+    )
+    recipe["checkpoint"]["every"] = 0
+    recipe["launch"]["accelerate_config"] = str(cpu_config(strategy, tmp_path))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    launch(path, procs=2)
+    records = _records(tmp_path / "sharded")
+    assert sorted(records) == [1, 2, 3]
+    assert all(r["kl"] >= 0 and r["completion_length"] > 0 for r in records.values())
+    assert records[1]["grad_norm"] > 0 and records[3]["kl"] > 0  # the adapter trained and moved the policy
+    assert (tmp_path / "sharded/adapter/adapter_model.safetensors").is_file()

@@ -168,3 +168,23 @@ def set_collective_timeout(accelerator, timeout: timedelta) -> None:
         dist.set_timeout(timeout)
     except (AttributeError, RuntimeError) as exc:  # older torch, or a backend without it
         log.warning("could not shorten the collective timeout (%s); keeping the loading timeout", exc)
+
+
+def fsdp2_lazy_init(model: torch.nn.Module) -> bool:
+    """Run FSDP2's lazy initialisation of `model` now, if it is an FSDP2 root; whether it is one.
+
+    FSDP2 initialises on the first forward, and fixes then each parameter group's gradient dtypes from the
+    parameters that require grad at that moment. A first forward with the LoRA adapter disabled (DPO's reference
+    pass: PEFT turns the adapter's `requires_grad` off) would leave mixed-dtype groups (fp32 LoRA weights beside
+    bf16 4-bit storage) without a dtype to reduce gradients to. An FSDP2 internal, guarded; every rank calls it.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    if not isinstance(model, FSDPModule):
+        return False
+    state = model._get_fsdp_state()
+    if hasattr(state, "_lazy_init"):
+        state._lazy_init()
+    return True

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from vlmtune.engine.distributed import strategy, zero_stage
+from vlmtune.engine.distributed import fsdp2_lazy_init, strategy, zero_stage
 
 
 def generating_module(model: nn.Module) -> nn.Module:
@@ -43,15 +43,8 @@ def generation_mode(model: nn.Module) -> Iterator[None]:
     """
     was_training = model.training
     model.eval()
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        FSDPModule = ()
-    fsdp = isinstance(model, FSDPModule)
+    fsdp = fsdp2_lazy_init(model)
     if fsdp:
-        state = model._get_fsdp_state()
-        if hasattr(state, "_lazy_init"):
-            state._lazy_init()
         model.unshard()
     try:
         yield

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmtune.data.encode import IGNORE_INDEX
+from vlmtune.engine.distributed import fsdp2_lazy_init
 from vlmtune.engine.loop import forward
 
 # Rows of float32 logits scored at once (with a 150k vocabulary: 600 MB per 1,024 rows).
@@ -115,6 +116,7 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
         raise TypeError(
             f"{type(inner).__name__} has no adapter to disable: the reference pass needs a PEFT (LoRA) model"
         )
+    fsdp2_lazy_init(inner)  # while the adapter still requires grad (see there)
     with inner.disable_adapter():
         yield
 
