@@ -130,6 +130,8 @@ def test_vision_language_grpo_under_two_processes_does_not_hang(strategy, tiny_v
         },
         "launch": {"accelerate_config": str(cpu_config(strategy, tmp_path))},
     }  # fmt: skip
+    if mixed:  # layer by layer (ZeRO-3 would otherwise gather the whole model): the ranks must stay in step
+        recipe["grpo"]["gather_for_generation"] = False
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     launch(path, procs=2)
@@ -279,3 +281,29 @@ def test_grpo_with_sharded_qlora_bf16_and_checkpointing_on_two_processes(strateg
     assert all(r["kl"] >= 0 and r["completion_length"] > 0 for r in records.values())
     assert records[1]["grad_norm"] > 0 and records[3]["kl"] > 0  # the adapter trained and moved the policy
     assert (tmp_path / "sharded/adapter/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_zero3_rollouts_from_the_gathered_model_equal_layer_by_layer_ones(grpo_recipe, tmp_path):
+    """`grpo.gather_for_generation` (ZeRO-3): the whole model gathered once per generation samples the same
+    completions, rewards and losses as the layers gathered one by one at every token with ranks in step."""
+    config = cpu_config("zero3", tmp_path)
+    runs = {}
+    for gather in (True, False):
+        name = f"gather-{gather}"
+        recipe = grpo_recipe(name, steps_per_generation=1, log_rollouts=1, gather_for_generation=gather)
+        recipe["train"].update(max_steps=2, micro_batch_size=1)
+        recipe["checkpoint"]["every"] = 0
+        recipe["launch"]["accelerate_config"] = str(config)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        proc = launch(path, procs=2)
+        assert ("whole model gathered" if gather else "layers gathered one by one") in proc.stderr
+        runs[gather] = tmp_path / name
+    got, want = _records(runs[True]), _records(runs[False])
+    for step in (1, 2):
+        for key in ("loss", "reward", "kl", "completion_length"):
+            assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
+    rollouts = [(runs[g] / "rollouts/step-2.jsonl").read_text() for g in (True, False)]
+    texts = [[json.loads(x)["completion"] for x in r.splitlines()] for r in rollouts]
+    assert texts[0] == texts[1] and len(texts[0]) == 8  # 2 ranks × 1 prompt × 4 completions

@@ -484,6 +484,12 @@ class GrpoConfig(_Section):
     log_rollouts: int = Field(
         0, ge=0, description="Write <output_dir>/rollouts/step-N.jsonl every N steps (0: never)."
     )
+    gather_for_generation: bool = Field(
+        True,
+        description="ZeRO-3 only: gather the whole model on every GPU once per generation (fast; needs room for "
+        "the full weights on each GPU, which `vlmtune plan` counts). false generates with the layers gathered one "
+        "by one at every token (slow, for models whose weights do not fit one GPU).",
+    )
 
 
 class DistillConfig(_Section):

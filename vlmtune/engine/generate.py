@@ -3,13 +3,15 @@
 `generate` runs inside the wrappers `accelerator.prepare` adds (DDP, the DeepSpeed engine, FSDP2), past the root
 module's forward hooks, in eval mode (no dropout; gradient checkpointing off, so the KV cache is used). Under
 ZeRO-3 and FSDP2 every forward is a collective (parameters are gathered layer by layer), so every rank generates
-and a rank whose sequences all ended early keeps stepping until every rank is done (`synced_gpus`).
+and a rank whose sequences all ended early keeps stepping until every rank is done (`synced_gpus`). Under ZeRO-3
+`whole_model_gathered` instead gathers every parameter once for a whole generation, so ranks generate on their
+own at full speed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
@@ -52,3 +54,19 @@ def generation_mode(model: nn.Module) -> Iterator[None]:
         if fsdp:
             model.reshard()
         model.train(was_training)
+
+
+def gathers_whole_model(accelerator, wanted: bool) -> bool:
+    """Whether generation gathers the whole model first: asked for, and ZeRO-3 over several processes."""
+    return wanted and zero_stage(accelerator) == 3 and accelerator.num_processes > 1
+
+
+def whole_model_gathered(model: nn.Module, gather: bool):
+    """With `gather`, the ZeRO-3 engine `model`'s parameters all gathered on this rank for the block, and
+    DeepSpeed's per-module fetch / release hooks off (DeepSpeed's own helper, which puts them back after);
+    otherwise nothing. Gathering is a collective: every rank enters together; inside, ranks run on their own."""
+    if not gather:
+        return nullcontext()
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(model)

@@ -32,9 +32,12 @@ import torch
 from vlmtune.config.schema import GrpoConfig
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.engine.method import Batch
+from vlmtune.logging import get_logger
 from vlmtune.methods.grpo_loss import LossSpec, group_advantages, loss_weight, reduce_loss, token_losses
 from vlmtune.methods.logps import completion_logps, reference_logps
 from vlmtune.methods.rollout import HFGenerator, Rollouts
+
+log = get_logger(__name__)
 
 # Entries a completion batch carries for the loss and the metrics, not for the model.
 METHOD_KEYS = ("advantages", "rewards", "reward_parts", "old_logps", "ref_logps", "generation", "live")
@@ -68,7 +71,7 @@ class GRPO:
         token_pad: Mapping[str, int] | None = None,
         generator: Any = None,
     ) -> None:
-        from vlmtune.engine.generate import synced_gpus
+        from vlmtune.engine.generate import gathers_whole_model, synced_gpus
         from vlmtune.engine.loop import weights_dtype
 
         self.config, self.model, self.acc, self.rewards = config, model, accelerator, rewards
@@ -85,6 +88,7 @@ class GRPO:
             max_completion_length=config.max_completion_length,
         )
         self.dtype = weights_dtype(model)
+        gather = gathers_whole_model(accelerator, config.gather_for_generation)
         self.generate = generator or HFGenerator(
             model,
             tokenizer,
@@ -92,7 +96,12 @@ class GRPO:
             temperature=config.temperature,
             top_p=config.top_p,
             synced=synced_gpus(accelerator),
+            gather=gather,
         )
+        if gather:
+            log.info("grpo: rollouts generated with the whole model gathered on each process (ZeRO-3)")
+        elif synced_gpus(accelerator):
+            log.info("grpo: rollouts generated with the layers gathered one by one, every process in step")
         self.names = [r.name for r in rewards]
         self.metric_names = (
             "completions", "reward", "reward_sq",

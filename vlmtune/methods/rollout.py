@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from vlmtune.engine.generate import generating_module, generation_mode
+from vlmtune.engine.generate import generating_module, generation_mode, whole_model_gathered
 from vlmtune.engine.vision_sync import generating, installed
 
 Batch = dict[str, torch.Tensor]
@@ -83,6 +83,8 @@ class HFGenerator:
         top_p: Nucleus sampling.
         synced: Keep every rank stepping until all ranks are done (ZeRO-3, FSDP2 with several processes).
         eos_ids: Tokens that end a completion (default: the model's generation config's and the tokenizer's).
+        gather: Gather the whole (ZeRO-3) model once per call instead of layer by layer at every token; ranks
+            then generate on their own (`synced` is not needed).
     """
 
     def __init__(
@@ -95,10 +97,12 @@ class HFGenerator:
         top_p: float,
         synced: bool,
         eos_ids: list[int] | None = None,
+        gather: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.synced = synced
+        self.gather = gather
+        self.synced = synced and not gather
         inner = generating_module(model)
         if eos_ids is None:
             eos_ids = _eos_ids(inner, tokenizer)
@@ -131,7 +135,11 @@ class HFGenerator:
         images = any(k.startswith("pixel_values") for k in inputs)
         inner = generating_module(self.model)
         start = time.perf_counter()
-        with generation_mode(self.model), sampling_rng(generator):
+        with (
+            generation_mode(self.model),
+            whole_model_gathered(self.model, self.gather),
+            sampling_rng(generator),
+        ):
             # Processes whose prompts mix images and text (a vision keep-alive is installed) must make the
             # same generate calls: all of them sample one completion per call.
             if not images and installed(inner) is None:

@@ -27,7 +27,7 @@ from vlmtune.plan.memory import (
     parameters,
     peak_gpu,
 )
-from vlmtune.plan.methods import BATCH_ITEMS, method_items, method_notes
+from vlmtune.plan.methods import BATCH_ITEMS, generation_gather_items, method_items, method_notes
 from vlmtune.plan.teacher import TEACHER_FORWARD, teacher_items
 from vlmtune.plan.vision import ImageTokens, VisionPlan, vision_plan
 
@@ -201,6 +201,7 @@ def estimate(
         ),
     ]
     items += method_items(recipe, sharding, shape, act.per_layer)
+    items += generation_gather_items(recipe, sharding, p.frozen_bytes + p.trainable_bytes, w_gpu + a_gpu)
     items += teacher_items(recipe, sharding)  # method: distill
     activations = {"checkpointed": both[True], "not_checkpointed": both[False]}
     return Estimate(items, p.total, p.trainable, activations, image_tokens, patches)

@@ -147,6 +147,30 @@ def method_items(recipe: Recipe, sharding: Sharding, shape: LayerShape, train_la
     return items
 
 
+def generation_gather_items(recipe: Recipe, sharding: Sharding, whole: int, own: int) -> list[Item]:
+    """GRPO under ZeRO-3 with `grpo.gather_for_generation`: the rest of the model, gathered on every GPU for
+    the rollouts (`whole`: all weights' bytes; `own`: what the GPU holds of them anyway)."""
+    from vlmtune.plan.memory import Item
+
+    if not (
+        recipe.method == "grpo"
+        and recipe.grpo.gather_for_generation
+        and sharding.strategy == "deepspeed"
+        and sharding.zero_stage == 3
+        and sharding.world > 1
+    ):
+        return []
+    return [
+        Item(
+            "rollout: gathered model",
+            max(whole - own, 0),
+            note="grpo.gather_for_generation: every weight on each GPU while generating (false: layer by layer, "
+            "slow)",
+            phase="rollout",
+        )
+    ]
+
+
 def method_notes(recipe: Recipe, items: list[Item]) -> list[str]:
     """How the step's phases add up, and the forward passes a step of dpo / grpo makes."""
     from vlmtune.plan.memory import GIB, phase_totals

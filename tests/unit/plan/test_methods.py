@@ -103,6 +103,29 @@ def test_grpo_beta_zero_drops_the_reference_pass(llama_1b, tmp_path, meta):
     assert _item(reuse, "old-policy forward").gpu == ref.gpu
 
 
+def test_grpo_under_zero3_counts_the_whole_model_gathered_for_generation(llama_1b, tmp_path, meta):
+    from pathlib import Path
+
+    zero3 = Path(__file__).resolve().parents[3] / "accelerate_configs/zero3.yaml"
+
+    def plan(**grpo):
+        recipe = _grpo(llama_1b, tmp_path, **grpo)
+        recipe = recipe.model_copy(
+            update={"launch": recipe.launch.model_copy(update={"accelerate_config": str(zero3)})}
+        )
+        return plan_recipe(recipe, gpus=4, meta=meta)
+
+    gathered, layer_by_layer = plan(), plan(gather_for_generation=False)
+    item = _item(gathered, "rollout: gathered model")
+    own = _item(gathered, "weights (frozen base)").gpu + _item(gathered, "trainable weights (LoRA)").gpu
+    assert item.phase == "rollout" and item.gpu == pytest.approx(
+        3 * own, rel=1e-3
+    )  # the other 3 GPUs' shards
+    assert _item(layer_by_layer, "rollout: gathered model") is None
+    assert gathered.total_gpu == layer_by_layer.total_gpu + item.gpu  # the rollout phase is the largest
+    assert _item(plan_recipe(_grpo(llama_1b, tmp_path), gpus=4, meta=meta), "rollout: gathered model") is None
+
+
 def test_dpo_counts_the_pair_and_the_reference_forward(llama_1b, tmp_path, meta):
     dpo = plan_recipe(_recipe(llama_1b, tmp_path, "dpo", micro_batch_size=2), meta=meta)
     sft = plan_recipe(_recipe(llama_1b, tmp_path, micro_batch_size=4), meta=meta)
