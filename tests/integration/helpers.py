@@ -96,3 +96,17 @@ def crash_in_step(monkeypatch, recipe: dict, step: int) -> None:
         patch.setattr(Trainer, "train_step", crashing)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run(recipe)
+
+
+def count_4bit_forwards(monkeypatch) -> list[int]:
+    """A one-element list counting the bitsandbytes 4-bit layer forwards from now on (proof a run is on 4-bit)."""
+    import bitsandbytes as bnb
+
+    calls, forward = [0], bnb.nn.Linear4bit.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", counted)
+    return calls

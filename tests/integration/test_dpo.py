@@ -18,7 +18,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.integration.helpers import REPO, cpu_config, crash_in_step, launch, max_diff
+from tests.integration.helpers import REPO, count_4bit_forwards, cpu_config, crash_in_step, launch, max_diff
 from vlmtune.testing.rl_data import preference_rows, write_jsonl, write_shape_pairs
 from vlmtune.train import run
 
@@ -258,25 +258,12 @@ def test_dpo_trains_with_qlora_bf16_and_gradient_checkpointing(
         mixed_precision="bf16", gradient_checkpointing=True,
     )  # fmt: skip
     recipe["quant"] = {"bits": 4, "compute_dtype": "bfloat16"}
-    calls = _count_4bit_forwards(monkeypatch)
+    calls = count_4bit_forwards(monkeypatch)
     train = [r for r in _records(run(recipe).output_dir) if "loss" in r]
     assert calls[0] > 0  # really on 4-bit weights
     assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-2)  # the reference is the 4-bit base itself
     assert train[-1]["loss"] < train[0]["loss"] - 0.1, train
     assert train[-1]["rewards/margin"] > 0
-
-
-def _count_4bit_forwards(monkeypatch) -> list[int]:
-    import bitsandbytes as bnb
-
-    calls, forward = [0], bnb.nn.Linear4bit.forward
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", counted)
-    return calls
 
 
 SHARDED_QLORA = {"bits": 4, "compute_dtype": "bfloat16", "storage_dtype": "bfloat16"}

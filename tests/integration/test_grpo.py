@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.helpers import cpu_config, crash_in_step, launch
+from tests.integration.helpers import count_4bit_forwards, cpu_config, crash_in_step, launch
 from vlmtune.engine.loop import Trainer
 from vlmtune.testing.rl_data import arithmetic_rows, write_box_set, write_jsonl
 from vlmtune.testing.tiny_vlm import build_tiny_vlm
@@ -204,7 +204,7 @@ def test_grpo_trains_with_qlora_bf16_and_gradient_checkpointing(grpo_recipe, mon
     recipe["quant"] = {"bits": 4, "compute_dtype": "bfloat16"}
     recipe["train"].update(mixed_precision="bf16", gradient_checkpointing=True, max_steps=3)
     recipe["checkpoint"]["every"] = 0
-    calls = _count_4bit_forwards(monkeypatch)
+    calls = count_4bit_forwards(monkeypatch)
     result = run(recipe)
     assert calls[0] > 0  # really on 4-bit weights
     records = _records(result.output_dir)
@@ -219,19 +219,6 @@ def test_grpo_trains_with_qlora_bf16_and_gradient_checkpointing(grpo_recipe, mon
         if "lora_B" in k
     ]
     assert any(v.abs().max() > 0 for v in lora_b)
-
-
-def _count_4bit_forwards(monkeypatch) -> list[int]:
-    import bitsandbytes as bnb
-
-    calls, forward = [0], bnb.nn.Linear4bit.forward
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", counted)
-    return calls
 
 
 def test_grpo_stopped_by_a_stop_file_checkpoints_and_resumes_exactly(grpo_recipe, monkeypatch):

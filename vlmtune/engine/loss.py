@@ -166,7 +166,7 @@ def plain_linear(head: nn.Module) -> nn.Linear | None:
     return plain_linear(copies[active[0]]) if len(active) == 1 else None
 
 
-def _is_sharded(p: torch.Tensor) -> bool:
+def is_sharded(p: torch.Tensor) -> bool:
     """Partitioned by ZeRO-3 (`ds_id`) or sharded by FSDP2 (a DTensor)."""
     from torch.distributed.tensor import DTensor
 
@@ -185,7 +185,7 @@ def full_weights(linear: nn.Linear, dtype: torch.dtype) -> Iterator[tuple[torch.
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield tuple(None if p is None else p.detach().to(dtype) for p in (linear.weight, linear.bias))
         return
-    if any(_is_sharded(p) for p in params):
+    if any(is_sharded(p) for p in params):
         yield tuple(
             None if p is None else p.detach().full_tensor().to(dtype) for p in (linear.weight, linear.bias)
         )
@@ -199,6 +199,15 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformers model's backbone (whose first output is the last hidden state) and output head, or None
+    for a model without them as separate modules."""
+    hf = unwrap(model)
+    backbone = getattr(hf, "base_model", hf)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    return None if backbone is hf or head is None else (backbone, head)
 
 
 def final_logit_softcap(model: nn.Module) -> float | None:
@@ -224,18 +233,17 @@ class LeanLoss:
     """
 
     def __init__(self, model: nn.Module, kind: str, chunk: int) -> None:
-        hf = unwrap(model)
-        backbone = getattr(hf, "base_model", hf)
-        head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-        if backbone is hf or head is None:
+        hf, parts = unwrap(model), backbone_and_head(model)
+        if parts is None:
             raise UserError(
                 f"train.loss: {kind} needs a model with a backbone and an output head; "
                 f"{type(hf).__name__} has none; use train.loss: standard"
             )
+        backbone, head = parts
         self.kind, self.chunk, self.head = kind, chunk, head
         self.linear = plain_linear(head)
         self.softcap = final_logit_softcap(hf)
-        sharded = any(_is_sharded(p) for p in head.parameters())
+        sharded = any(is_sharded(p) for p in head.parameters())
         if sharded and (self.linear is None or any(p.requires_grad for p in self.linear.parameters())):
             raise UserError(
                 f"train.loss: {kind} under ZeRO-3 / FSDP2 needs a frozen, plain linear output head, and this "

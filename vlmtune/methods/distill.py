@@ -31,10 +31,17 @@ from torch import nn
 
 from vlmtune.config.schema import DistillConfig
 from vlmtune.engine.loop import forward, trained_tokens, weights_dtype
-from vlmtune.engine.loss import final_logit_softcap, full_weights, plain_linear, trained_rows, unwrap
+from vlmtune.engine.loss import (
+    backbone_and_head,
+    final_logit_softcap,
+    full_weights,
+    is_sharded,
+    plain_linear,
+    trained_rows,
+    unwrap,
+)
 from vlmtune.engine.method import Batch
 from vlmtune.errors import UserError
-from vlmtune.methods.teacher import is_sharded
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # hidden rows (n, hidden) → fp32 logits (n, vocab)
 
@@ -182,14 +189,13 @@ class HeadOf:
     """
 
     def __init__(self, model: nn.Module, role: str) -> None:
-        hf = unwrap(model)
-        backbone = getattr(hf, "base_model", hf)
-        head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-        if backbone is hf or head is None:
+        hf, parts = unwrap(model), backbone_and_head(model)
+        if parts is None:
             raise UserError(
                 f"method: distill needs the {role} to have a backbone and an output head; "
                 f"{type(hf).__name__} has none"
             )
+        backbone, head = parts
         self.role, self.head, self.linear = role, head, plain_linear(head)
         self.softcap = final_logit_softcap(hf)
         self.out_features = _full_rows(head)

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from vlmtune.config.schema import DistillConfig
 from vlmtune.engine.distributed import strategy, zero_stage
-from vlmtune.engine.loss import unwrap
+from vlmtune.engine.loss import is_sharded, unwrap
 from vlmtune.errors import UserError, first_line
 from vlmtune.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def is_sharded(p: torch.Tensor) -> bool:
-    """Partitioned by ZeRO-3 (`ds_id`) or sharded by FSDP2 (a DTensor)."""
-    from torch.distributed.tensor import DTensor
-
-    return hasattr(p, "ds_id") or isinstance(p, DTensor)
 
 
 def check_vocabulary(student_tokenizer, teacher_location: str, *, trust_remote_code: bool = False) -> None:
